@@ -1,0 +1,387 @@
+//! Settings: `config/default.toml` (compiled in), then an optional file given
+//! with `--config`, then `SENDGATE__SECTION__KEY` environment variables, then
+//! `DATABASE_URL` and `AMQP_URL`.
+//!
+//! Every section denies unknown keys and [`Settings::validate`] checks ranges,
+//! so a typo or a bad value stops start-up with a message naming the setting.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use config::{Config, Environment, File, FileFormat};
+use serde::Deserialize;
+
+/// The defaults, compiled into the binary so it runs from any directory.
+pub const DEFAULT_TOML: &str = include_str!("../config/default.toml");
+
+/// Why settings could not be loaded. The message always names the setting.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("configuration: {0}")]
+    Load(#[from] config::ConfigError),
+    #[error("configuration: setting `{setting}` {problem}")]
+    Invalid {
+        setting: &'static str,
+        problem: String,
+    },
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Settings {
+    pub database: DatabaseSettings,
+    pub amqp: AmqpSettings,
+    pub http: HttpSettings,
+    pub plans: PlanSettings,
+    pub jobs: JobSettings,
+    pub gate: GateSettings,
+    pub shutdown: ShutdownSettings,
+    pub log: LogSettings,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DatabaseSettings {
+    pub url: Secret,
+    pub max_connections: u32,
+    pub acquire_timeout_ms: u64,
+    pub statement_timeout_ms: u64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AmqpSettings {
+    pub url: Secret,
+    pub send_queue: String,
+    pub delivery_queue: String,
+    pub dead_letter_exchange: String,
+    pub dead_letter_queue: String,
+    pub prefetch: u16,
+    pub delivery_limit: u32,
+    pub heartbeat_secs: u16,
+    pub publish_timeout_ms: u64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpSettings {
+    pub listen: SocketAddr,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PlanSettings {
+    pub free: FreePlanSettings,
+    pub pro: ProPlanSettings,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FreePlanSettings {
+    pub signup_credits: u32,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProPlanSettings {
+    pub daily_sends: u32,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JobSettings {
+    pub max_body_bytes: usize,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GateSettings {
+    pub batch_size: usize,
+    pub batch_wait_ms: u64,
+    pub workers: usize,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ShutdownSettings {
+    pub grace_period_secs: u64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogSettings {
+    pub format: LogFormat,
+    pub level: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Pretty,
+    Json,
+}
+
+/// A connection string that never prints its password.
+#[derive(Clone, Deserialize)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: impl Into<String>) -> Self {
+        Self(value.into())
+    }
+
+    /// The full value, password included: only for opening connections.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+
+    /// The value with any password replaced by `***`, fit for logs.
+    pub fn redacted(&self) -> String {
+        match url::Url::parse(&self.0) {
+            Ok(mut url) if url.password().is_some() => {
+                // Setting a password only fails for URLs that cannot have one,
+                // and this one just had one.
+                let _ = url.set_password(Some("***"));
+                url.to_string()
+            }
+            Ok(url) => url.to_string(),
+            Err(_) => "<unparsable connection string>".to_owned(),
+        }
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.redacted())
+    }
+}
+
+impl Settings {
+    /// Loads the layered settings: defaults, `file`, `SENDGATE__…`, then
+    /// `DATABASE_URL` and `AMQP_URL`.
+    ///
+    /// # Errors
+    /// A missing or unreadable file, an unknown key, a value of the wrong type
+    /// or out of range; the message names the setting.
+    pub fn load(file: Option<&Path>) -> Result<Self, ConfigError> {
+        Self::load_from(file, |name| std::env::var(name).ok(), std::env::vars())
+    }
+
+    /// [`Settings::load`] with the environment passed in, for tests.
+    ///
+    /// # Errors
+    /// As [`Settings::load`].
+    pub fn load_from(
+        file: Option<&Path>,
+        var: impl Fn(&str) -> Option<String>,
+        vars: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Self, ConfigError> {
+        let mut builder =
+            Config::builder().add_source(File::from_str(DEFAULT_TOML, FileFormat::Toml));
+        if let Some(path) = file {
+            builder = builder.add_source(File::from(path).format(FileFormat::Toml).required(true));
+        }
+        let env: config::Map<String, String> = vars
+            .into_iter()
+            .filter(|(key, _)| key.starts_with("SENDGATE__"))
+            .collect();
+        builder = builder.add_source(
+            Environment::with_prefix("SENDGATE")
+                .prefix_separator("__")
+                .separator("__")
+                .try_parsing(true)
+                .source(Some(env)),
+        );
+        if let Some(url) = var("DATABASE_URL") {
+            builder = builder.set_override("database.url", url)?;
+        }
+        if let Some(url) = var("AMQP_URL") {
+            builder = builder.set_override("amqp.url", url)?;
+        }
+        let settings: Settings = builder.build()?.try_deserialize()?;
+        settings.validate()?;
+        Ok(settings)
+    }
+
+    /// Checks what the types alone cannot.
+    ///
+    /// # Errors
+    /// The first setting out of its range.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        fn invalid(setting: &'static str, problem: impl Into<String>) -> ConfigError {
+            ConfigError::Invalid {
+                setting,
+                problem: problem.into(),
+            }
+        }
+        let url_scheme =
+            |value: &Secret, setting: &'static str, schemes: &[&str]| match url::Url::parse(
+                value.expose(),
+            ) {
+                Ok(url) if schemes.contains(&url.scheme()) => Ok(()),
+                Ok(url) => Err(invalid(
+                    setting,
+                    format!(
+                        "has scheme `{}`, expected one of {}",
+                        url.scheme(),
+                        schemes.join(", ")
+                    ),
+                )),
+                Err(err) => Err(invalid(setting, format!("is not a URL: {err}"))),
+            };
+        url_scheme(
+            &self.database.url,
+            "database.url",
+            &["postgres", "postgresql"],
+        )?;
+        url_scheme(&self.amqp.url, "amqp.url", &["amqp", "amqps"])?;
+        if self.database.max_connections == 0 {
+            return Err(invalid("database.max_connections", "must be at least 1"));
+        }
+        for (setting, name) in [
+            ("amqp.send_queue", &self.amqp.send_queue),
+            ("amqp.delivery_queue", &self.amqp.delivery_queue),
+            ("amqp.dead_letter_exchange", &self.amqp.dead_letter_exchange),
+            ("amqp.dead_letter_queue", &self.amqp.dead_letter_queue),
+        ] {
+            if name.is_empty() || name.len() > 255 {
+                return Err(invalid(setting, "must be 1 to 255 bytes long"));
+            }
+        }
+        if self.amqp.send_queue == self.amqp.delivery_queue {
+            return Err(invalid(
+                "amqp.delivery_queue",
+                "must differ from amqp.send_queue",
+            ));
+        }
+        if self.amqp.prefetch == 0 {
+            return Err(invalid("amqp.prefetch", "must be at least 1"));
+        }
+        if self.amqp.delivery_limit == 0 {
+            return Err(invalid("amqp.delivery_limit", "must be at least 1"));
+        }
+        if self.amqp.publish_timeout_ms == 0 {
+            return Err(invalid("amqp.publish_timeout_ms", "must be at least 1"));
+        }
+        if self.jobs.max_body_bytes == 0 {
+            return Err(invalid("jobs.max_body_bytes", "must be at least 1"));
+        }
+        if self.gate.batch_size == 0 || self.gate.batch_size > 10_000 {
+            return Err(invalid("gate.batch_size", "must be between 1 and 10000"));
+        }
+        if self.gate.workers == 0 || self.gate.workers > 64 {
+            return Err(invalid("gate.workers", "must be between 1 and 64"));
+        }
+        if tracing_subscriber::EnvFilter::try_new(&self.log.level).is_err() {
+            return Err(invalid(
+                "log.level",
+                format!("`{}` is not a level filter", self.log.level),
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl DatabaseSettings {
+    pub fn acquire_timeout(&self) -> Duration {
+        Duration::from_millis(self.acquire_timeout_ms)
+    }
+}
+
+impl AmqpSettings {
+    pub fn publish_timeout(&self) -> Duration {
+        Duration::from_millis(self.publish_timeout_ms)
+    }
+}
+
+impl GateSettings {
+    pub fn batch_wait(&self) -> Duration {
+        Duration::from_millis(self.batch_wait_ms)
+    }
+}
+
+impl ShutdownSettings {
+    pub fn grace_period(&self) -> Duration {
+        Duration::from_secs(self.grace_period_secs)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(env: &[(&str, &str)]) -> Result<Settings, ConfigError> {
+        let env: Vec<(String, String)> = env
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect();
+        let lookup = env.clone();
+        Settings::load_from(
+            None,
+            move |name| {
+                lookup
+                    .iter()
+                    .find(|(k, _)| k == name)
+                    .map(|(_, v)| v.clone())
+            },
+            env,
+        )
+    }
+
+    #[test]
+    fn defaults_load_and_match_the_contract() {
+        let settings = load(&[]).expect("defaults are valid");
+        assert_eq!(settings.http.listen.to_string(), "0.0.0.0:9400");
+        assert_eq!(settings.amqp.send_queue, "sendgate.send");
+        assert_eq!(settings.amqp.prefetch, 500);
+        assert_eq!(settings.plans.free.signup_credits, 20);
+        assert_eq!(settings.plans.pro.daily_sends, 20);
+        assert_eq!(settings.jobs.max_body_bytes, 65536);
+    }
+
+    #[test]
+    fn environment_overrides_nested_settings() {
+        let settings = load(&[
+            ("SENDGATE__AMQP__PREFETCH", "42"),
+            ("SENDGATE__PLANS__FREE__SIGNUP_CREDITS", "3"),
+            ("SENDGATE__HTTP__LISTEN", "127.0.0.1:1234"),
+            ("DATABASE_URL", "postgres://u:p@db:5432/x"),
+        ])
+        .expect("valid overrides");
+        assert_eq!(settings.amqp.prefetch, 42);
+        assert_eq!(settings.plans.free.signup_credits, 3);
+        assert_eq!(settings.http.listen.to_string(), "127.0.0.1:1234");
+        assert_eq!(settings.database.url.expose(), "postgres://u:p@db:5432/x");
+    }
+
+    #[test]
+    fn an_unknown_setting_is_named() {
+        let err = load(&[("SENDGATE__AMQP__PREFECTH", "1")]).expect_err("typo is refused");
+        assert!(err.to_string().contains("prefecth"), "{err}");
+    }
+
+    #[test]
+    fn a_value_of_the_wrong_type_is_named() {
+        let err = load(&[("SENDGATE__AMQP__PREFETCH", "lots")]).expect_err("refused");
+        assert!(err.to_string().contains("amqp.prefetch"), "{err}");
+    }
+
+    #[test]
+    fn an_out_of_range_value_is_named() {
+        let err = load(&[("SENDGATE__GATE__BATCH_SIZE", "0")]).expect_err("refused");
+        assert!(err.to_string().contains("gate.batch_size"), "{err}");
+    }
+
+    #[test]
+    fn secrets_are_redacted_when_printed() {
+        let secret = Secret::new("postgres://user:hunter2@db:5432/sendgate");
+        assert_eq!(
+            format!("{secret:?}"),
+            "postgres://user:***@db:5432/sendgate"
+        );
+        assert!(!secret.redacted().contains("hunter2"));
+    }
+}

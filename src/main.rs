@@ -1,0 +1,200 @@
+//! The `sendgate` command: parses arguments and hands over to the library.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use sendgate::clock::{Clock, SystemClock};
+use sendgate::config::Settings;
+use sendgate::plan::{Plan, parse_timezone};
+use sendgate::store::{AccountSummary, Created, Store};
+use tokio_util::sync::CancellationToken;
+
+#[derive(Parser)]
+#[command(version, about = "Credit gate for voice-note send jobs")]
+struct Cli {
+    /// A TOML file layered over config/default.toml.
+    #[arg(long, global = true, value_name = "FILE")]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Apply migrations, declare the queues, serve HTTP and gate jobs until
+    /// SIGTERM or SIGINT.
+    Run,
+    /// Apply pending database migrations and exit.
+    Migrate,
+    /// Create, change and inspect accounts.
+    #[command(subcommand)]
+    Accounts(AccountsCommand),
+}
+
+#[derive(Subcommand)]
+enum AccountsCommand {
+    /// Create an account; a free one gets its signup credits exactly once.
+    Create {
+        id: String,
+        #[arg(long, value_parser = parse_plan)]
+        plan: Plan,
+        /// IANA time zone of the account's calendar day (Pro daily limit).
+        #[arg(long, default_value = "UTC", value_parser = check_timezone)]
+        timezone: String,
+    },
+    /// Change an account's plan; it applies from the next job on.
+    SetPlan {
+        id: String,
+        #[arg(value_parser = parse_plan)]
+        plan: Plan,
+    },
+    /// Show plan, credit balance, today's usage and the recent ledger.
+    Show {
+        id: String,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn parse_plan(value: &str) -> Result<Plan, String> {
+    value.parse::<Plan>().map_err(|err| err.to_string())
+}
+
+fn check_timezone(value: &str) -> Result<String, String> {
+    parse_timezone(value).map(|_| value.to_owned())
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let settings = match Settings::load(cli.config.as_deref()) {
+        Ok(settings) => settings,
+        Err(err) => {
+            eprintln!("sendgate: {err}");
+            return ExitCode::from(2);
+        }
+    };
+    sendgate::telemetry::init(&settings.log);
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime,
+        Err(err) => {
+            eprintln!("sendgate: cannot start the async runtime: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(execute(cli.command, settings)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("sendgate: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn execute(command: Command, settings: Settings) -> anyhow::Result<()> {
+    match command {
+        Command::Run => {
+            let stop = CancellationToken::new();
+            sendgate::shutdown::on_signal(stop.clone());
+            let app = sendgate::app::App::build(settings, Arc::new(SystemClock), &stop).await?;
+            tracing::info!(http = %app.http_addr()?, "sendgate started");
+            app.run(stop).await
+        }
+        Command::Migrate => {
+            open_store(&settings).await?;
+            tracing::info!("migrations applied");
+            Ok(())
+        }
+        Command::Accounts(command) => accounts(command, &settings).await,
+    }
+}
+
+/// Creates and migrates the database if needed, for one-shot commands.
+async fn open_store(settings: &Settings) -> anyhow::Result<Store> {
+    let url = settings.database.url.redacted();
+    Store::create_database_if_missing(settings.database.url.expose())
+        .await
+        .with_context(|| format!("cannot reach the database at {url}"))?;
+    let store = Store::connect_lazy(&settings.database, sendgate::app::limits(settings))?;
+    store
+        .migrate()
+        .await
+        .with_context(|| format!("cannot migrate the database at {url}"))?;
+    Ok(store)
+}
+
+async fn accounts(command: AccountsCommand, settings: &Settings) -> anyhow::Result<()> {
+    let store = open_store(settings).await?;
+    let mut out = std::io::stdout().lock();
+    match command {
+        AccountsCommand::Create { id, plan, timezone } => {
+            match store.create_account(&id, plan, &timezone).await? {
+                Created::New { granted } if plan == Plan::Free => writeln!(
+                    out,
+                    "created account {id} on the free plan with {granted} signup credits"
+                )?,
+                Created::New { .. } => writeln!(out, "created account {id} on the {plan} plan")?,
+                Created::Existing => writeln!(
+                    out,
+                    "account {id} already exists on the {plan} plan; nothing changed"
+                )?,
+            }
+        }
+        AccountsCommand::SetPlan { id, plan } => {
+            store.set_plan(&id, plan).await?;
+            writeln!(out, "account {id} is now on the {plan} plan")?;
+        }
+        AccountsCommand::Show { id, json } => {
+            let summary = store.account_summary(&id, SystemClock.now(), 20).await?;
+            if json {
+                serde_json::to_writer_pretty(&mut out, &summary)?;
+                writeln!(out)?;
+            } else {
+                print_summary(&mut out, &summary)?;
+            }
+        }
+    }
+    store.close().await;
+    Ok(())
+}
+
+fn print_summary(out: &mut impl Write, s: &AccountSummary) -> std::io::Result<()> {
+    writeln!(out, "account      {}", s.id)?;
+    writeln!(out, "plan         {}", s.plan)?;
+    writeln!(out, "time zone    {}", s.timezone)?;
+    writeln!(out, "credits      {}", s.credit_balance)?;
+    match (s.plan, s.limit_today) {
+        (Plan::Pro, Some(limit)) => writeln!(
+            out,
+            "today        {} of {} daily sends used ({})",
+            s.sends_today, limit, s.today
+        )?,
+        _ => writeln!(out, "today        {} sends ({})", s.sends_today, s.today)?,
+    }
+    writeln!(out)?;
+    writeln!(out, "recent credit ledger (newest first)")?;
+    writeln!(
+        out,
+        "{:<25}  {:<12}  {:>6}  {:>8}  idempotency key",
+        "at", "kind", "delta", "balance"
+    )?;
+    for entry in &s.recent_ledger {
+        writeln!(
+            out,
+            "{:<25}  {:<12}  {:>+6}  {:>8}  {}",
+            entry.at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+            entry.kind,
+            entry.delta,
+            entry.balance_after,
+            entry.idempotency_key.as_deref().unwrap_or("-")
+        )?;
+    }
+    if s.recent_ledger.is_empty() {
+        writeln!(out, "(no ledger rows)")?;
+    }
+    Ok(())
+}

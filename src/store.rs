@@ -1,0 +1,575 @@
+//! Postgres: owns every SQL statement.
+//!
+//! A batch of jobs is decided in one transaction: lock the batch's accounts in
+//! id order (so workers never deadlock), read their Pro usage and the earlier
+//! reservations under the batch's keys, let [`decide_batch`] decide, and write
+//! every reservation, ledger row, balance and usage change in one statement.
+//! That is a handful of round trips per batch, whatever its size.
+
+use std::collections::HashMap;
+use std::str::FromStr;
+use std::time::Duration;
+
+use chrono::{DateTime, NaiveDate, Utc};
+use chrono_tz::Tz;
+use sqlx::migrate::MigrateDatabase;
+use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
+use sqlx::{Postgres, Row};
+use uuid::Uuid;
+
+use crate::config::DatabaseSettings;
+use crate::decision::{AccountState, Decision, PriorReservation, decide_batch};
+use crate::job::Job;
+use crate::plan::{Charge, Limits, Plan, local_day, parse_timezone};
+
+static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
+
+/// Why a store call failed, and whether retrying can help.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The database is unreachable, restarting, or timed a statement out:
+    /// retry later.
+    #[error("database unavailable: {0}")]
+    Unavailable(sqlx::Error),
+    #[error("account `{0}` does not exist")]
+    UnknownAccount(String),
+    #[error("account `{id}` already exists on the {plan} plan")]
+    AccountExists { id: String, plan: Plan },
+    #[error("invalid account: {0}")]
+    InvalidAccount(String),
+    /// A named constraint refused a write: a bug, never retried blindly.
+    #[error("database constraint `{constraint}` violated: {message}")]
+    Constraint { constraint: String, message: String },
+    #[error("database migration failed: {0}")]
+    Migrate(sqlx::migrate::MigrateError),
+    #[error("database error: {0}")]
+    Other(sqlx::Error),
+}
+
+impl StoreError {
+    /// True when the same call may succeed later.
+    pub fn is_transient(&self) -> bool {
+        matches!(self, StoreError::Unavailable(_))
+    }
+
+    /// A bounded label for metrics.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            StoreError::Unavailable(_) => "unavailable",
+            StoreError::UnknownAccount(_) => "unknown_account",
+            StoreError::AccountExists { .. } => "account_exists",
+            StoreError::InvalidAccount(_) => "invalid_account",
+            StoreError::Constraint { .. } => "constraint",
+            StoreError::Migrate(_) => "migrate",
+            StoreError::Other(_) => "other",
+        }
+    }
+}
+
+impl From<sqlx::Error> for StoreError {
+    fn from(err: sqlx::Error) -> Self {
+        match &err {
+            sqlx::Error::Io(_)
+            | sqlx::Error::Tls(_)
+            | sqlx::Error::Protocol(_)
+            | sqlx::Error::PoolTimedOut
+            | sqlx::Error::PoolClosed
+            | sqlx::Error::WorkerCrashed => StoreError::Unavailable(err),
+            sqlx::Error::Database(db) => {
+                let code = db.code().unwrap_or_default();
+                if is_transient_sqlstate(&code) {
+                    return StoreError::Unavailable(err);
+                }
+                if let Some(constraint) = db.constraint() {
+                    return StoreError::Constraint {
+                        constraint: constraint.to_owned(),
+                        message: db.message().to_owned(),
+                    };
+                }
+                StoreError::Other(err)
+            }
+            _ => StoreError::Other(err),
+        }
+    }
+}
+
+/// SQLSTATEs after which the same transaction may succeed: connection
+/// failures (08), serialization failures and deadlocks (40), lock and
+/// statement timeouts, resource shortages (53) and server shutdown (57P).
+fn is_transient_sqlstate(code: &str) -> bool {
+    code.starts_with("08")
+        || code.starts_with("40")
+        || code.starts_with("53")
+        || code.starts_with("57P")
+        || code == "55P03"
+        || code == "57014"
+}
+
+/// What `accounts create` did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Created {
+    /// A new account; `granted` signup credits were given.
+    New { granted: i64 },
+    /// It already existed with the same plan; nothing changed.
+    Existing,
+}
+
+/// One row of the credit ledger.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct LedgerEntry {
+    pub id: i64,
+    pub delta: i64,
+    pub kind: String,
+    pub balance_after: i64,
+    pub idempotency_key: Option<String>,
+    pub reservation_id: Option<Uuid>,
+    pub at: DateTime<Utc>,
+}
+
+/// What `accounts show` prints.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct AccountSummary {
+    pub id: String,
+    pub plan: Plan,
+    pub timezone: String,
+    pub credit_balance: i64,
+    /// Sum of the ledger; always equals `credit_balance`.
+    pub ledger_sum: i64,
+    pub today: NaiveDate,
+    pub sends_today: i64,
+    /// The daily limit on pro, the balance on free, none on scale.
+    pub limit_today: Option<i64>,
+    pub recent_ledger: Vec<LedgerEntry>,
+}
+
+/// The database of one sendgate process.
+#[derive(Debug, Clone)]
+pub struct Store {
+    pool: PgPool,
+    limits: Limits,
+}
+
+impl Store {
+    /// Opens a pool without touching the database yet: the gate starts even
+    /// when Postgres is down, and reports not ready until it is back.
+    ///
+    /// # Errors
+    /// An unparsable connection string.
+    pub fn connect_lazy(settings: &DatabaseSettings, limits: Limits) -> Result<Self, StoreError> {
+        let options = PgConnectOptions::from_str(settings.url.expose())
+            .map_err(StoreError::Other)?
+            .application_name("sendgate")
+            .options([(
+                "statement_timeout",
+                format!("{}ms", settings.statement_timeout_ms),
+            )]);
+        let pool = PgPoolOptions::new()
+            .max_connections(settings.max_connections)
+            .acquire_timeout(settings.acquire_timeout())
+            .connect_lazy_with(options);
+        Ok(Self { pool, limits })
+    }
+
+    /// Creates the database named in `url` when it does not exist yet.
+    ///
+    /// # Errors
+    /// The server is unreachable or refuses to create it.
+    pub async fn create_database_if_missing(url: &str) -> Result<(), StoreError> {
+        if Postgres::database_exists(url).await? {
+            return Ok(());
+        }
+        match Postgres::create_database(url).await {
+            Ok(()) => Ok(()),
+            // Another process created it between the check and here.
+            Err(sqlx::Error::Database(db)) if db.code().as_deref() == Some("42P04") => Ok(()),
+            Err(err) => Err(err.into()),
+        }
+    }
+
+    /// Applies pending migrations (embedded in the binary).
+    ///
+    /// # Errors
+    /// The database is unreachable or a migration fails.
+    pub async fn migrate(&self) -> Result<(), StoreError> {
+        MIGRATOR.run(&self.pool).await.map_err(|err| match err {
+            sqlx::migrate::MigrateError::Execute(inner) => StoreError::from(inner),
+            other => StoreError::Migrate(other),
+        })
+    }
+
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    pub fn limits(&self) -> Limits {
+        self.limits
+    }
+
+    /// True when a connection answers within `timeout`.
+    pub async fn ping(&self, timeout: Duration) -> bool {
+        let probe = sqlx::query("SELECT 1").execute(&self.pool);
+        matches!(tokio::time::timeout(timeout, probe).await, Ok(Ok(_)))
+    }
+
+    pub async fn close(&self) {
+        self.pool.close().await;
+    }
+
+    /// Creates an account; a free one gets its signup grant as a ledger row.
+    /// Creating the same account again changes nothing and grants nothing.
+    ///
+    /// # Errors
+    /// [`StoreError::AccountExists`] when it exists on another plan or time
+    /// zone; [`StoreError::InvalidAccount`] for a bad id or time zone.
+    pub async fn create_account(
+        &self,
+        id: &str,
+        plan: Plan,
+        timezone: &str,
+    ) -> Result<Created, StoreError> {
+        validate_account_id(id)?;
+        parse_timezone(timezone).map_err(StoreError::InvalidAccount)?;
+        let granted = if plan == Plan::Free {
+            self.limits.signup_credits
+        } else {
+            0
+        };
+        let mut tx = self.pool.begin().await?;
+        let inserted = sqlx::query(
+            "INSERT INTO accounts (id, plan, timezone, credit_balance) VALUES ($1, $2, $3, $4)
+             ON CONFLICT (id) DO NOTHING",
+        )
+        .bind(id)
+        .bind(plan.as_str())
+        .bind(timezone)
+        .bind(granted)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        if inserted == 0 {
+            let row = sqlx::query("SELECT plan, timezone FROM accounts WHERE id = $1")
+                .bind(id)
+                .fetch_one(&mut *tx)
+                .await?;
+            let existing: Plan = parse_plan(row.try_get("plan")?)?;
+            let existing_tz: String = row.try_get("timezone")?;
+            if existing != plan || existing_tz != timezone {
+                return Err(StoreError::AccountExists {
+                    id: id.to_owned(),
+                    plan: existing,
+                });
+            }
+            return Ok(Created::Existing);
+        }
+        if plan == Plan::Free {
+            sqlx::query(
+                "INSERT INTO credit_ledger (account_id, delta, kind, balance_after, note)
+                 VALUES ($1, $2, 'signup_grant', $2, 'signup grant')",
+            )
+            .bind(id)
+            .bind(granted)
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(Created::New { granted })
+    }
+
+    /// Changes an account's plan; it applies from the next job on. Credits
+    /// are kept on record and never granted by a plan change.
+    ///
+    /// # Errors
+    /// [`StoreError::UnknownAccount`].
+    pub async fn set_plan(&self, id: &str, plan: Plan) -> Result<(), StoreError> {
+        let updated =
+            sqlx::query("UPDATE accounts SET plan = $2, updated_at = now() WHERE id = $1")
+                .bind(id)
+                .bind(plan.as_str())
+                .execute(&self.pool)
+                .await?
+                .rows_affected();
+        if updated == 0 {
+            return Err(StoreError::UnknownAccount(id.to_owned()));
+        }
+        Ok(())
+    }
+
+    /// An account's plan, balance, usage today and recent ledger rows.
+    ///
+    /// # Errors
+    /// [`StoreError::UnknownAccount`].
+    pub async fn account_summary(
+        &self,
+        id: &str,
+        now: DateTime<Utc>,
+        ledger_rows: i64,
+    ) -> Result<AccountSummary, StoreError> {
+        let row = sqlx::query(
+            "SELECT a.plan, a.timezone, a.credit_balance,
+                    (SELECT coalesce(sum(delta), 0)::int8 FROM credit_ledger WHERE account_id = a.id) AS ledger_sum
+             FROM accounts a WHERE a.id = $1",
+        )
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await?
+        .ok_or_else(|| StoreError::UnknownAccount(id.to_owned()))?;
+        let plan = parse_plan(row.try_get("plan")?)?;
+        let timezone: String = row.try_get("timezone")?;
+        let tz = parse_timezone(&timezone).map_err(StoreError::InvalidAccount)?;
+        let credit_balance: i64 = row.try_get("credit_balance")?;
+        let today = local_day(now, tz);
+        let sends_today: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM reservations
+             WHERE account_id = $1 AND created_at >= $2 AND created_at < $3",
+        )
+        .bind(id)
+        .bind(crate::plan::next_day_start(now, tz) - chrono::Duration::days(1))
+        .bind(crate::plan::next_day_start(now, tz))
+        .fetch_one(&self.pool)
+        .await?;
+        let pro_used: Option<i32> =
+            sqlx::query_scalar("SELECT used FROM daily_usage WHERE account_id = $1 AND day = $2")
+                .bind(id)
+                .bind(today)
+                .fetch_optional(&self.pool)
+                .await?;
+        let (sends_today, limit_today) = match plan {
+            Plan::Pro => (
+                i64::from(pro_used.unwrap_or(0)),
+                Some(self.limits.daily_sends),
+            ),
+            Plan::Free => (sends_today, Some(credit_balance)),
+            Plan::Scale => (sends_today, None),
+        };
+        let recent_ledger = sqlx::query(
+            "SELECT id, delta, kind, balance_after, idempotency_key, reservation_id, created_at
+             FROM credit_ledger WHERE account_id = $1 ORDER BY id DESC LIMIT $2",
+        )
+        .bind(id)
+        .bind(ledger_rows)
+        .fetch_all(&self.pool)
+        .await?
+        .into_iter()
+        .map(|row| {
+            Ok(LedgerEntry {
+                id: row.try_get("id")?,
+                delta: row.try_get("delta")?,
+                kind: row.try_get("kind")?,
+                balance_after: row.try_get("balance_after")?,
+                idempotency_key: row.try_get("idempotency_key")?,
+                reservation_id: row.try_get("reservation_id")?,
+                at: row.try_get("created_at")?,
+            })
+        })
+        .collect::<Result<Vec<_>, sqlx::Error>>()?;
+        Ok(AccountSummary {
+            id: id.to_owned(),
+            plan,
+            timezone,
+            credit_balance,
+            ledger_sum: row.try_get("ledger_sum")?,
+            today,
+            sends_today,
+            limit_today,
+            recent_ledger,
+        })
+    }
+
+    /// Decides and records a batch of valid jobs in one transaction; the
+    /// decisions come back in the jobs' order.
+    ///
+    /// # Errors
+    /// [`StoreError::Unavailable`] when the batch should be retried; nothing
+    /// was recorded then.
+    pub async fn decide(
+        &self,
+        jobs: &[Job],
+        now: DateTime<Utc>,
+    ) -> Result<Vec<Decision>, StoreError> {
+        if jobs.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut account_ids: Vec<&str> = jobs.iter().map(|j| j.account_id.as_str()).collect();
+        account_ids.sort_unstable();
+        account_ids.dedup();
+
+        let mut tx = self.pool.begin().await?;
+
+        // Lock in id order: every worker takes locks in the same order. Rows
+        // read after waiting for a lock are the committed ones.
+        let rows = sqlx::query(
+            "SELECT id, plan, timezone, credit_balance FROM accounts
+             WHERE id = ANY($1) ORDER BY id FOR UPDATE",
+        )
+        .bind(&account_ids)
+        .fetch_all(&mut *tx)
+        .await?;
+        let mut accounts: HashMap<String, AccountState> = HashMap::with_capacity(rows.len());
+        for row in rows {
+            let timezone: String = row.try_get("timezone")?;
+            // Time zones are validated on the way in; UTC is the safe fallback
+            // for a row edited by hand.
+            let tz = parse_timezone(&timezone).unwrap_or(Tz::UTC);
+            accounts.insert(
+                row.try_get("id")?,
+                AccountState {
+                    plan: parse_plan(row.try_get("plan")?)?,
+                    timezone: tz,
+                    credit_balance: row.try_get("credit_balance")?,
+                    today: local_day(now, tz),
+                    used_today: 0,
+                },
+            );
+        }
+
+        // Pro usage is read in its own statement, after the locks are held:
+        // in READ COMMITTED each statement sees what committed before it
+        // began, so a join in the locking statement could see a stale count.
+        let (pro_ids, pro_days): (Vec<&str>, Vec<NaiveDate>) = accounts
+            .iter()
+            .filter(|(_, a)| a.plan == Plan::Pro)
+            .map(|(id, a)| (id.as_str(), a.today))
+            .unzip();
+        if !pro_ids.is_empty() {
+            let used: Vec<(String, i32)> = sqlx::query_as(
+                "SELECT u.account_id, u.used FROM daily_usage u
+                 WHERE (u.account_id, u.day) IN (SELECT * FROM unnest($1::text[], $2::date[]))",
+            )
+            .bind(&pro_ids)
+            .bind(&pro_days)
+            .fetch_all(&mut *tx)
+            .await?;
+            for (id, used) in used {
+                if let Some(account) = accounts.get_mut(&id) {
+                    account.used_today = i64::from(used);
+                }
+            }
+        }
+
+        let (key_accounts, keys): (Vec<&str>, Vec<&str>) = jobs
+            .iter()
+            .map(|j| (j.account_id.as_str(), j.idempotency_key.as_str()))
+            .unzip();
+        let prior_rows = sqlx::query(
+            "SELECT r.account_id, r.idempotency_key, r.id, r.payload_sha256, r.plan, r.charge,
+                    r.remaining, r.forward_confirmed
+             FROM reservations r
+             WHERE (r.account_id, r.idempotency_key) IN
+                   (SELECT * FROM unnest($1::text[], $2::text[]))",
+        )
+        .bind(&key_accounts)
+        .bind(&keys)
+        .fetch_all(&mut *tx)
+        .await?;
+        let mut prior = HashMap::with_capacity(prior_rows.len());
+        for row in prior_rows {
+            let hash: Vec<u8> = row.try_get("payload_sha256")?;
+            let charge: String = row.try_get("charge")?;
+            prior.insert(
+                (row.try_get("account_id")?, row.try_get("idempotency_key")?),
+                PriorReservation {
+                    id: row.try_get("id")?,
+                    payload_sha256: hash.try_into().unwrap_or([0; 32]),
+                    plan: parse_plan(row.try_get("plan")?)?,
+                    charge: Charge::from_str(&charge).map_err(StoreError::InvalidAccount)?,
+                    remaining: row.try_get("remaining")?,
+                    forward_confirmed: row.try_get("forward_confirmed")?,
+                },
+            );
+        }
+
+        let (decisions, effects) =
+            decide_batch(jobs, &accounts, &prior, self.limits, now, Uuid::now_v7);
+
+        if !effects.is_empty() {
+            let r = &effects.reservations;
+            let l = &effects.ledger;
+            sqlx::query(
+                "WITH new_reservations AS (
+                     INSERT INTO reservations
+                         (id, account_id, idempotency_key, payload_sha256, plan, charge, usage_day, remaining)
+                     SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::bytea[],
+                                          $5::text[], $6::text[], $7::date[], $8::int8[])
+                 ), ledger AS (
+                     INSERT INTO credit_ledger
+                         (account_id, delta, kind, balance_after, idempotency_key, reservation_id)
+                     SELECT account_id, -1, 'send', balance_after, idempotency_key, reservation_id
+                     FROM unnest($9::text[], $10::int8[], $11::text[], $12::uuid[])
+                          AS t(account_id, balance_after, idempotency_key, reservation_id)
+                 ), balances AS (
+                     UPDATE accounts a SET credit_balance = b.balance, updated_at = now()
+                     FROM unnest($13::text[], $14::int8[]) AS b(id, balance)
+                     WHERE a.id = b.id
+                 )
+                 INSERT INTO daily_usage (account_id, day, used, daily_limit)
+                 SELECT account_id, day, used, $18
+                 FROM unnest($15::text[], $16::date[], $17::int4[]) AS u(account_id, day, used)
+                 ON CONFLICT (account_id, day)
+                 DO UPDATE SET used = EXCLUDED.used, daily_limit = EXCLUDED.daily_limit",
+            )
+            .bind(r.iter().map(|x| x.id).collect::<Vec<_>>())
+            .bind(r.iter().map(|x| x.account_id.as_str()).collect::<Vec<_>>())
+            .bind(r.iter().map(|x| x.idempotency_key.as_str()).collect::<Vec<_>>())
+            .bind(r.iter().map(|x| x.payload_sha256.to_vec()).collect::<Vec<_>>())
+            .bind(r.iter().map(|x| x.plan.as_str()).collect::<Vec<_>>())
+            .bind(r.iter().map(|x| x.charge.as_str()).collect::<Vec<_>>())
+            .bind(r.iter().map(|x| x.usage_day).collect::<Vec<_>>())
+            .bind(r.iter().map(|x| x.remaining).collect::<Vec<_>>())
+            .bind(l.iter().map(|x| x.account_id.as_str()).collect::<Vec<_>>())
+            .bind(l.iter().map(|x| x.balance_after).collect::<Vec<_>>())
+            .bind(l.iter().map(|x| x.idempotency_key.as_str()).collect::<Vec<_>>())
+            .bind(l.iter().map(|x| x.reservation_id).collect::<Vec<_>>())
+            .bind(effects.balances.iter().map(|x| x.0.as_str()).collect::<Vec<_>>())
+            .bind(effects.balances.iter().map(|x| x.1).collect::<Vec<_>>())
+            .bind(effects.usage.iter().map(|x| x.0.as_str()).collect::<Vec<_>>())
+            .bind(effects.usage.iter().map(|x| x.1).collect::<Vec<_>>())
+            .bind(
+                effects
+                    .usage
+                    .iter()
+                    .map(|x| i32::try_from(x.2).unwrap_or(i32::MAX))
+                    .collect::<Vec<_>>(),
+            )
+            .bind(i32::try_from(self.limits.daily_sends).unwrap_or(i32::MAX))
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(decisions)
+    }
+
+    /// Records that the broker confirmed these reservations' forwards, so a
+    /// later copy of the job is dropped as a duplicate instead of forwarded.
+    ///
+    /// # Errors
+    /// [`StoreError::Unavailable`] when it should be retried.
+    pub async fn confirm_forwards(&self, reservation_ids: &[Uuid]) -> Result<(), StoreError> {
+        if reservation_ids.is_empty() {
+            return Ok(());
+        }
+        sqlx::query(
+            "UPDATE reservations SET forward_confirmed = true, confirmed_at = now()
+             WHERE id = ANY($1) AND NOT forward_confirmed",
+        )
+        .bind(reservation_ids)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+}
+
+fn parse_plan(name: String) -> Result<Plan, StoreError> {
+    name.parse()
+        .map_err(|err: crate::plan::UnknownPlan| StoreError::InvalidAccount(err.to_string()))
+}
+
+fn validate_account_id(id: &str) -> Result<(), StoreError> {
+    let chars = id.chars().count();
+    if chars == 0 || chars > crate::job::MAX_ACCOUNT_ID_CHARS || id.chars().any(char::is_control) {
+        return Err(StoreError::InvalidAccount(format!(
+            "account id {id:?} must be 1 to {} printable characters",
+            crate::job::MAX_ACCOUNT_ID_CHARS
+        )));
+    }
+    Ok(())
+}
