@@ -286,3 +286,413 @@ fn conflict(job: &Job) -> Decision {
         ),
     )
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashSet;
+
+    use chrono::Duration;
+    use proptest::prelude::*;
+
+    use super::*;
+    use crate::plan::local_day;
+
+    const LIMITS: Limits = Limits {
+        signup_credits: 5,
+        daily_sends: 3,
+    };
+
+    fn at(s: &str) -> DateTime<Utc> {
+        DateTime::parse_from_rfc3339(s)
+            .expect("valid timestamp")
+            .with_timezone(&Utc)
+    }
+
+    fn job(account: &str, key: &str, payload: u8) -> Job {
+        Job {
+            account_id: account.to_owned(),
+            idempotency_key: key.to_owned(),
+            payload_sha256: [payload; 32],
+        }
+    }
+
+    fn account(plan: Plan, balance: i64, used_today: i64, now: DateTime<Utc>) -> AccountState {
+        AccountState {
+            plan,
+            timezone: Tz::UTC,
+            credit_balance: balance,
+            today: local_day(now, Tz::UTC),
+            used_today,
+        }
+    }
+
+    fn decide(
+        jobs: &[Job],
+        accounts: &[(&str, AccountState)],
+        prior: &HashMap<(String, String), PriorReservation>,
+        now: DateTime<Utc>,
+    ) -> (Vec<Decision>, Effects) {
+        let accounts = accounts
+            .iter()
+            .map(|(id, a)| ((*id).to_owned(), a.clone()))
+            .collect();
+        decide_batch(jobs, &accounts, prior, LIMITS, now, Uuid::new_v4)
+    }
+
+    fn reason(decision: &Decision) -> Option<Reason> {
+        match decision {
+            Decision::DeadLetter(dead) => Some(dead.reason),
+            _ => None,
+        }
+    }
+
+    #[test]
+    fn a_free_account_runs_out_mid_batch_and_the_earliest_jobs_win() {
+        let now = at("2026-01-01T12:00:00Z");
+        let jobs: Vec<Job> = (0..4).map(|i| job("a", &format!("k{i}"), 1)).collect();
+        let (decisions, effects) = decide(
+            &jobs,
+            &[("a", account(Plan::Free, 2, 0, now))],
+            &HashMap::new(),
+            now,
+        );
+        assert!(matches!(
+            decisions[0],
+            Decision::Forward(Forward {
+                remaining: Some(1),
+                ..
+            })
+        ));
+        assert!(matches!(
+            decisions[1],
+            Decision::Forward(Forward {
+                remaining: Some(0),
+                ..
+            })
+        ));
+        assert_eq!(reason(&decisions[2]), Some(Reason::OutOfCredits));
+        assert_eq!(reason(&decisions[3]), Some(Reason::OutOfCredits));
+        assert_eq!(effects.balances, vec![("a".to_owned(), 0)]);
+        assert_eq!(effects.ledger.len(), 2);
+        assert_eq!(effects.ledger[1].balance_after, 0);
+    }
+
+    #[test]
+    fn a_pro_account_at_its_limit_is_told_when_the_next_day_starts() {
+        let now = at("2026-01-01T12:00:00Z");
+        let (decisions, effects) = decide(
+            &[job("p", "k", 1)],
+            &[("p", account(Plan::Pro, 0, 3, now))],
+            &HashMap::new(),
+            now,
+        );
+        let Decision::DeadLetter(dead) = &decisions[0] else {
+            panic!("expected a refusal, got {decisions:?}");
+        };
+        assert_eq!(dead.reason, Reason::DailyLimitReached);
+        assert_eq!(dead.retry_after, Some(at("2026-01-02T00:00:00Z")));
+        assert!(effects.is_empty());
+    }
+
+    #[test]
+    fn a_second_copy_in_one_batch_is_a_duplicate_or_a_conflict() {
+        let now = at("2026-01-01T12:00:00Z");
+        let jobs = [job("a", "k", 1), job("a", "k", 1), job("a", "k", 2)];
+        let (decisions, effects) = decide(
+            &jobs,
+            &[("a", account(Plan::Free, 5, 0, now))],
+            &HashMap::new(),
+            now,
+        );
+        assert!(matches!(decisions[0], Decision::Forward(_)));
+        assert_eq!(decisions[1], Decision::Duplicate);
+        assert_eq!(reason(&decisions[2]), Some(Reason::IdempotencyConflict));
+        assert_eq!(effects.reservations.len(), 1);
+    }
+
+    #[test]
+    fn an_earlier_charge_is_forwarded_again_or_dropped_but_never_charged_again() {
+        let now = at("2026-01-01T12:00:00Z");
+        let earlier = |confirmed| PriorReservation {
+            id: Uuid::nil(),
+            payload_sha256: [1; 32],
+            plan: Plan::Free,
+            charge: Charge::Credit,
+            remaining: Some(4),
+            forward_confirmed: confirmed,
+        };
+        let key = ("a".to_owned(), "k".to_owned());
+        let accounts = [("a", account(Plan::Free, 4, 0, now))];
+
+        let prior = HashMap::from([(key.clone(), earlier(false))]);
+        let (decisions, effects) = decide(&[job("a", "k", 1)], &accounts, &prior, now);
+        assert_eq!(
+            decisions[0],
+            Decision::Forward(Forward {
+                reservation_id: Uuid::nil(),
+                plan: Plan::Free,
+                charge: Charge::Credit,
+                remaining: Some(4),
+                fresh: false,
+            })
+        );
+        assert_eq!(effects, Effects::default());
+
+        let prior = HashMap::from([(key.clone(), earlier(true))]);
+        let (decisions, _) = decide(&[job("a", "k", 1)], &accounts, &prior, now);
+        assert_eq!(decisions[0], Decision::Duplicate);
+
+        let (decisions, _) = decide(&[job("a", "k", 2)], &accounts, &prior, now);
+        assert_eq!(reason(&decisions[0]), Some(Reason::IdempotencyConflict));
+    }
+
+    #[test]
+    fn an_unknown_account_is_refused_by_name() {
+        let now = at("2026-01-01T12:00:00Z");
+        let (decisions, _) = decide(&[job("ghost", "k", 1)], &[], &HashMap::new(), now);
+        let Decision::DeadLetter(dead) = &decisions[0] else {
+            panic!("expected a refusal");
+        };
+        assert_eq!(dead.reason, Reason::UnknownAccount);
+        assert!(dead.detail.contains("ghost"));
+    }
+
+    /// What the model below can do between batches.
+    #[derive(Debug, Clone)]
+    enum Op {
+        Job {
+            account: usize,
+            key: u8,
+            payload: u8,
+        },
+        SetPlan {
+            account: usize,
+            plan: Plan,
+        },
+        Advance {
+            hours: i64,
+        },
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        prop_oneof![
+            8 => (0usize..4, 0u8..12, 0u8..2).prop_map(|(account, key, payload)| Op::Job { account, key, payload }),
+            1 => (0usize..3, prop::sample::select(Plan::ALL.to_vec())).prop_map(|(account, plan)| Op::SetPlan { account, plan }),
+            1 => (1i64..30).prop_map(|hours| Op::Advance { hours }),
+        ]
+    }
+
+    /// An in-memory store that applies [`Effects`] as the SQL does, and
+    /// checks the invariants of SPEC §8 after every batch.
+    struct Model {
+        accounts: HashMap<String, (Plan, Tz, i64)>,
+        usage: HashMap<(String, NaiveDate), i64>,
+        reservations: HashMap<(String, String), (PriorReservation, Option<NaiveDate>)>,
+        ledger: Vec<(String, i64, i64)>,
+    }
+
+    impl Model {
+        fn new() -> Self {
+            let mut accounts = HashMap::new();
+            accounts.insert(
+                "a0".to_owned(),
+                (Plan::Free, Tz::UTC, LIMITS.signup_credits),
+            );
+            accounts.insert("a1".to_owned(), (Plan::Pro, Tz::America__New_York, 0));
+            accounts.insert("a2".to_owned(), (Plan::Scale, Tz::Asia__Kolkata, 0));
+            let ledger = vec![(
+                "a0".to_owned(),
+                LIMITS.signup_credits,
+                LIMITS.signup_credits,
+            )];
+            Model {
+                accounts,
+                usage: HashMap::new(),
+                reservations: HashMap::new(),
+                ledger,
+            }
+        }
+
+        fn run(
+            &mut self,
+            jobs: &[Job],
+            now: DateTime<Utc>,
+            confirm: bool,
+        ) -> Result<(), TestCaseError> {
+            let states: HashMap<String, AccountState> = self
+                .accounts
+                .iter()
+                .map(|(id, (plan, tz, balance))| {
+                    let today = local_day(now, *tz);
+                    let used = self.usage.get(&(id.clone(), today)).copied().unwrap_or(0);
+                    (
+                        id.clone(),
+                        AccountState {
+                            plan: *plan,
+                            timezone: *tz,
+                            credit_balance: *balance,
+                            today,
+                            used_today: used,
+                        },
+                    )
+                })
+                .collect();
+            let prior: HashMap<_, _> = self
+                .reservations
+                .iter()
+                .map(|(k, (r, _))| (k.clone(), r.clone()))
+                .collect();
+            let (decisions, effects) =
+                decide_batch(jobs, &states, &prior, LIMITS, now, Uuid::new_v4);
+            prop_assert_eq!(decisions.len(), jobs.len());
+
+            for (job, decision) in jobs.iter().zip(&decisions) {
+                let key = (job.account_id.clone(), job.idempotency_key.clone());
+                match decision {
+                    Decision::Duplicate => {
+                        let earlier_same = prior
+                            .get(&key)
+                            .is_some_and(|r| r.payload_sha256 == job.payload_sha256);
+                        let in_batch = effects
+                            .reservations
+                            .iter()
+                            .any(|r| r.account_id == key.0 && r.idempotency_key == key.1)
+                            || prior.contains_key(&key);
+                        prop_assert!(earlier_same || in_batch);
+                    }
+                    Decision::Forward(f) if !f.fresh => {
+                        prop_assert!(
+                            prior
+                                .get(&key)
+                                .is_some_and(|r| !r.forward_confirmed && r.id == f.reservation_id)
+                        );
+                    }
+                    _ => {}
+                }
+            }
+            // I2: a key is charged at most once, ever.
+            for r in &effects.reservations {
+                let key = (r.account_id.clone(), r.idempotency_key.clone());
+                prop_assert!(
+                    !self.reservations.contains_key(&key),
+                    "charged twice: {:?}",
+                    key
+                );
+                self.reservations.insert(
+                    key,
+                    (
+                        PriorReservation {
+                            id: r.id,
+                            payload_sha256: r.payload_sha256,
+                            plan: r.plan,
+                            charge: r.charge,
+                            remaining: r.remaining,
+                            forward_confirmed: false,
+                        },
+                        r.usage_day,
+                    ),
+                );
+            }
+            for l in &effects.ledger {
+                self.ledger
+                    .push((l.account_id.clone(), -1, l.balance_after));
+            }
+            for (id, balance) in &effects.balances {
+                if let Some(account) = self.accounts.get_mut(id) {
+                    account.2 = *balance;
+                }
+            }
+            for (id, day, used) in &effects.usage {
+                self.usage.insert((id.clone(), *day), *used);
+            }
+            if confirm {
+                let forwarded: HashSet<Uuid> = decisions
+                    .iter()
+                    .filter_map(|d| match d {
+                        Decision::Forward(f) => Some(f.reservation_id),
+                        _ => None,
+                    })
+                    .collect();
+                for (r, _) in self.reservations.values_mut() {
+                    if forwarded.contains(&r.id) {
+                        r.forward_confirmed = true;
+                    }
+                }
+            }
+            self.check()
+        }
+
+        fn check(&self) -> Result<(), TestCaseError> {
+            for (id, (_, _, balance)) in &self.accounts {
+                // I3: never below zero, equal to the ledger, one send row per credit charge.
+                prop_assert!(*balance >= 0);
+                let sum: i64 = self.ledger.iter().filter(|l| &l.0 == id).map(|l| l.1).sum();
+                prop_assert_eq!(sum, *balance);
+                let sends = self
+                    .ledger
+                    .iter()
+                    .filter(|l| &l.0 == id && l.1 == -1)
+                    .count();
+                let credit_charges = self
+                    .reservations
+                    .iter()
+                    .filter(|((a, _), (r, _))| a == id && r.charge == Charge::Credit)
+                    .count();
+                prop_assert_eq!(sends, credit_charges);
+            }
+            // I4: per pro account and day, charges within the limit and equal to the usage row.
+            for ((id, day), used) in &self.usage {
+                prop_assert!(*used <= LIMITS.daily_sends);
+                let charged = self
+                    .reservations
+                    .iter()
+                    .filter(|((a, _), (_, d))| a == id && *d == Some(*day))
+                    .count() as i64;
+                prop_assert_eq!(charged, *used);
+            }
+            Ok(())
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(200))]
+
+        #[test]
+        fn invariants_hold_for_any_interleaving_of_jobs_plan_changes_and_days(
+            ops in prop::collection::vec(op(), 1..120),
+            batch_sizes in prop::collection::vec(1usize..8, 1..40),
+            confirms in prop::collection::vec(any::<bool>(), 1..40),
+        ) {
+            let mut model = Model::new();
+            let mut now = at("2026-03-08T03:00:00Z");
+            let mut pending: Vec<Job> = Vec::new();
+            let mut batch_no = 0usize;
+            let flush = |model: &mut Model, pending: &mut Vec<Job>, now, batch_no: &mut usize| -> Result<(), TestCaseError> {
+                let mut rest = std::mem::take(pending);
+                while !rest.is_empty() {
+                    let size = batch_sizes[*batch_no % batch_sizes.len()].min(rest.len());
+                    let batch: Vec<Job> = rest.drain(..size).collect();
+                    model.run(&batch, now, confirms[*batch_no % confirms.len()])?;
+                    *batch_no += 1;
+                }
+                Ok(())
+            };
+            for op in ops {
+                match op {
+                    Op::Job { account, key, payload } => pending.push(job(&format!("a{account}"), &format!("k{key}"), payload)),
+                    Op::SetPlan { account, plan } => {
+                        flush(&mut model, &mut pending, now, &mut batch_no)?;
+                        if let Some(a) = model.accounts.get_mut(&format!("a{account}")) {
+                            a.0 = plan;
+                        }
+                    }
+                    Op::Advance { hours } => {
+                        flush(&mut model, &mut pending, now, &mut batch_no)?;
+                        now += Duration::hours(hours);
+                    }
+                }
+            }
+            flush(&mut model, &mut pending, now, &mut batch_no)?;
+        }
+    }
+}
