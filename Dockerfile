@@ -1,0 +1,21 @@
+# syntax=docker/dockerfile:1
+# Build stage: a release binary, with dependencies cached in their own layer.
+FROM rust:1.95-slim-bookworm AS build
+WORKDIR /src
+COPY Cargo.toml Cargo.lock ./
+RUN mkdir src && echo 'fn main() {}' > src/main.rs && touch src/lib.rs \
+    && cargo build --release --locked \
+    && rm -rf src
+COPY src src
+COPY migrations migrations
+COPY config config
+RUN touch src/main.rs src/lib.rs && cargo build --release --locked
+
+# Runtime stage: a small Debian with the binary, run as an unprivileged user.
+FROM debian:bookworm-slim
+RUN useradd --system --uid 10001 --no-create-home --shell /usr/sbin/nologin sendgate
+COPY --from=build /src/target/release/sendgate /usr/local/bin/sendgate
+USER 10001
+EXPOSE 9400
+ENTRYPOINT ["/usr/local/bin/sendgate"]
+CMD ["run"]
