@@ -389,26 +389,29 @@ impl Gate {
             .collect();
         let mut backoff = retry_backoff();
         while !pending.is_empty() {
+            // Sending and confirming share one deadline: lapin can hang when
+            // the broker goes away mid-publish.
+            let deadline = tokio::time::Instant::now() + timeout;
             let mut confirms = Vec::with_capacity(pending.len());
             for &i in &pending {
                 let Some(message) = &outgoing[i] else {
                     continue;
                 };
-                let confirm = channel
-                    .basic_publish(
-                        message.exchange.clone(),
-                        message.routing_key.clone(),
-                        BasicPublishOptions {
-                            mandatory: true,
-                            ..BasicPublishOptions::default()
-                        },
-                        &batch[i].delivery.data,
-                        message.properties.clone(),
-                    )
-                    .await?;
+                let publish = channel.basic_publish(
+                    message.exchange.clone(),
+                    message.routing_key.clone(),
+                    BasicPublishOptions {
+                        mandatory: true,
+                        ..BasicPublishOptions::default()
+                    },
+                    &batch[i].delivery.data,
+                    message.properties.clone(),
+                );
+                let confirm = tokio::time::timeout_at(deadline, publish)
+                    .await
+                    .map_err(|_| SessionError::ConfirmTimeout(timeout))??;
                 confirms.push((i, confirm));
             }
-            let deadline = tokio::time::Instant::now() + timeout;
             let mut failed = Vec::new();
             for (i, confirm) in confirms {
                 let confirmation = tokio::time::timeout_at(deadline, confirm)

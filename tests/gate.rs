@@ -558,3 +558,69 @@ async fn an_upgrade_lets_a_refused_job_pass_when_it_is_published_again() {
     gate.shutdown().await;
     env.cleanup().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_send_queue_dead_letters_rejected_and_endlessly_redelivered_jobs() {
+    let mut env = TestEnv::new();
+    env.set("SENDGATE__AMQP__DELIVERY_LIMIT", "2");
+    // Start once to declare the topology, then stop: a raw consumer plays a
+    // worker that keeps failing on a job.
+    env.start_gate(Arc::new(SystemClock)).await.shutdown().await;
+    let broker = env.broker().await;
+    let queue = env.send_queue();
+
+    let poison = job_body("whoever", "poison");
+    broker.publish(&queue, &poison, None).await;
+    let mut attempts = 0;
+    loop {
+        let Some(message) = broker
+            .channel
+            .basic_get(
+                queue.as_str().into(),
+                lapin::options::BasicGetOptions::default(),
+            )
+            .await
+            .unwrap()
+        else {
+            break;
+        };
+        attempts += 1;
+        message
+            .delivery
+            .nack(lapin::options::BasicNackOptions {
+                requeue: true,
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        assert!(attempts < 10, "the delivery limit never took effect");
+    }
+    let dead = broker.take(&env.dead_queue(), 1, WAIT).await;
+    assert_eq!(dead[0].routing_key.as_str(), "delivery_limit");
+    assert_eq!(dead[0].data, poison);
+    assert!(
+        attempts <= 3,
+        "dead-lettered after the limit: {attempts} attempts"
+    );
+
+    // A reject without requeue goes the same way.
+    broker.publish(&queue, b"rejected", None).await;
+    let message = broker
+        .channel
+        .basic_get(
+            queue.as_str().into(),
+            lapin::options::BasicGetOptions::default(),
+        )
+        .await
+        .unwrap()
+        .unwrap();
+    message
+        .delivery
+        .reject(lapin::options::BasicRejectOptions { requeue: false })
+        .await
+        .unwrap();
+    let dead = broker.take(&env.dead_queue(), 1, WAIT).await;
+    assert_eq!(dead[0].data, b"rejected".to_vec());
+
+    env.cleanup().await;
+}
