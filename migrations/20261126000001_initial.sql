@@ -64,8 +64,9 @@ CREATE TABLE reservations (
     forward_confirmed boolean     NOT NULL DEFAULT false,
     created_at        timestamptz NOT NULL DEFAULT now(),
     confirmed_at      timestamptz,
-    CONSTRAINT reservations_pkey PRIMARY KEY (id),
-    CONSTRAINT reservations_account_key_unique UNIQUE (account_id, idempotency_key),
+    -- One charge per (account, key), ever. The reservation id travels in
+    -- headers and the ledger; nothing looks a reservation up by it.
+    CONSTRAINT reservations_pkey PRIMARY KEY (account_id, idempotency_key),
     CONSTRAINT reservations_account_fkey FOREIGN KEY (account_id) REFERENCES accounts (id),
     CONSTRAINT reservations_plan_known CHECK (plan IN ('free', 'pro', 'scale')),
     CONSTRAINT reservations_charge_known CHECK (charge IN ('credit', 'daily_slot', 'unmetered')),

@@ -12,7 +12,7 @@ use tracing::{info, warn};
 
 use crate::clock::Clock;
 use crate::config::Settings;
-use crate::gate::Gate;
+use crate::gate::{Gate, Marks};
 use crate::health::Health;
 use crate::plan::Limits;
 use crate::store::Store;
@@ -22,6 +22,8 @@ use crate::store::Store;
 pub struct App {
     gate: Arc<Gate>,
     listener: TcpListener,
+    marker: tokio::task::JoinHandle<()>,
+    close_marker: CancellationToken,
 }
 
 impl App {
@@ -43,14 +45,19 @@ impl App {
             .with_context(|| format!("cannot listen on http.listen = {}", settings.http.listen))?;
         let health = Arc::new(Health::new(settings.gate.workers));
         health.set_database_ok(true);
+        let close_marker = CancellationToken::new();
+        let (marks, marker) = Marks::spawn(store.clone(), close_marker.clone());
         Ok(App {
             gate: Arc::new(Gate {
                 settings,
                 store,
                 clock,
                 health,
+                marks,
             }),
             listener,
+            marker,
+            close_marker,
         })
     }
 
@@ -69,7 +76,12 @@ impl App {
     /// # Errors
     /// The HTTP server failed.
     pub async fn run(self, stop: CancellationToken) -> anyhow::Result<()> {
-        let App { gate, listener } = self;
+        let App {
+            gate,
+            listener,
+            marker,
+            close_marker,
+        } = self;
         let metrics = crate::metrics::install();
         let http_stop = CancellationToken::new();
         let router = crate::http::router(metrics.clone(), gate.health.clone(), gate.store.clone());
@@ -112,6 +124,8 @@ impl App {
                 "grace period ran out; unfinished jobs are left unacknowledged for redelivery");
             workers.shutdown().await;
         }
+        close_marker.cancel();
+        let _ = marker.await;
         http_stop.cancel();
         let _ = upkeep.await;
         match http.await {

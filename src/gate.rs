@@ -9,10 +9,14 @@
 //! 3. publish the outcomes, pipelined, and wait for all their confirms; an
 //!    outcome that is nacked, returned unroutable or not confirmed in time is
 //!    retried with backoff, after re-declaring the topology;
-//! 4. mark the confirmed forwards, so later copies are dropped as duplicates;
-//! 5. ack the batch (one `multiple` ack). Nothing is acked before its outcome
+//! 4. ack the batch (one `multiple` ack). Nothing is acked before its outcome
 //!    is confirmed, and a transient failure never requeues a job: the worker
-//!    holds its deliveries and retries, so it stops pulling new work.
+//!    holds its deliveries and retries, so it stops pulling new work;
+//! 5. mark the confirmed forwards (in the background, many batches in one
+//!    statement), so later copies are dropped as duplicates.
+//!
+//! Deciding, publishing and acking run as three stages of a pipeline, so a
+//! worker's database and broker round trips overlap.
 //!
 //! A worker that loses its broker connection drops its batch (the broker
 //! redelivers it) and reconnects with exponential backoff and jitter.
@@ -30,9 +34,9 @@ use lapin::options::{
 };
 use lapin::types::FieldTable;
 use lapin::{Channel, Confirmation, Connection};
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
-use uuid::Uuid;
 
 use crate::amqp::{self, Outgoing};
 use crate::clock::Clock;
@@ -50,6 +54,79 @@ pub struct Gate {
     pub store: Store,
     pub clock: Arc<dyn Clock>,
     pub health: Arc<Health>,
+    pub marks: Marks,
+}
+
+/// Records confirmed forwards in the background: each worker hands over the
+/// keys of a confirmed batch, and one task marks everything that piled up
+/// in one statement, so a busy gate spends one transaction on many batches.
+#[derive(Clone)]
+pub struct Marks(mpsc::UnboundedSender<Vec<(String, String)>>);
+
+impl Marks {
+    /// Starts the marking task; it ends, after marking what is left, once
+    /// `close` is cancelled.
+    pub fn spawn(store: Store, close: CancellationToken) -> (Marks, tokio::task::JoinHandle<()>) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        (Marks(tx), tokio::spawn(mark_forwards(store, rx, close)))
+    }
+
+    fn confirmed(&self, keys: Vec<(String, String)>) {
+        if !keys.is_empty() {
+            // Only fails once the task is gone, at the very end of shutdown.
+            let _ = self.0.send(keys);
+        }
+    }
+}
+
+async fn mark_forwards(
+    store: Store,
+    mut rx: mpsc::UnboundedReceiver<Vec<(String, String)>>,
+    close: CancellationToken,
+) {
+    loop {
+        let first = tokio::select! {
+            biased;
+            keys = rx.recv() => keys,
+            _ = close.cancelled() => None,
+        };
+        let mut keys = match first {
+            Some(keys) => keys,
+            None => {
+                // Closing: mark what is still queued, then stop.
+                let mut rest = Vec::new();
+                while let Ok(keys) = rx.try_recv() {
+                    rest.extend(keys);
+                }
+                mark(&store, &rest).await;
+                return;
+            }
+        };
+        // Let a few more batches join this statement.
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        while let Ok(more) = rx.try_recv() {
+            keys.extend(more);
+        }
+        mark(&store, &keys).await;
+    }
+}
+
+/// Best effort with retries: if this never lands, a later copy of a job is
+/// forwarded once more (same `message_id` and reservation), never charged.
+async fn mark(store: &Store, keys: &[(String, String)]) {
+    let refs: Vec<(&str, &str)> = keys.iter().map(|(a, k)| (a.as_str(), k.as_str())).collect();
+    let mut backoff = retry_backoff();
+    for _ in 0..5 {
+        match store.confirm_forwards(&refs).await {
+            Ok(()) => return,
+            Err(err) => {
+                metrics::db_error(err.kind());
+                let delay = next_delay(&mut backoff);
+                warn!(error = %err, retry_in = ?delay, "cannot mark forwards as confirmed");
+                tokio::time::sleep(delay).await;
+            }
+        }
+    }
 }
 
 /// Why a worker must drop its broker session and start a new one.
@@ -69,6 +146,45 @@ enum SessionError {
 struct Received {
     delivery: Delivery,
     at: Instant,
+}
+
+/// A batch on its way from the deciding stage to the publishing stage.
+enum Decided {
+    Outcomes(Outcomes),
+    /// The database refused the batch for a reason retrying cannot fix.
+    Requeue {
+        batch: Vec<Received>,
+        in_flight: InFlight,
+    },
+}
+
+struct Outcomes {
+    batch: Vec<Received>,
+    decisions: Vec<Decision>,
+    /// (account, key) of each delivery, as far as it could be read.
+    keys: Vec<(Option<String>, Option<String>)>,
+    outgoing: Vec<Option<Outgoing>>,
+    decide_time: Duration,
+    _in_flight: InFlight,
+}
+
+/// A batch whose outcomes were published, on its way to the ack stage.
+enum Sent {
+    Outcomes {
+        done: Outcomes,
+        confirms: Confirms,
+        started: Instant,
+    },
+    Requeue {
+        batch: Vec<Received>,
+        in_flight: InFlight,
+    },
+}
+
+/// Publisher confirms still to come, by outcome index.
+struct Confirms {
+    pending: Vec<(usize, lapin::PublisherConfirm)>,
+    deadline: tokio::time::Instant,
 }
 
 /// The jobs-in-flight gauge follows a batch's life, however it ends.
@@ -180,56 +296,108 @@ impl Gate {
     }
 
     /// Consumes until `stop` (then `Ok`) or a broker failure (then `Err`).
+    ///
+    /// Three stages run side by side, so the database and the broker work
+    /// at the same time: one gathers and decides batch N+2, one publishes
+    /// batch N+1, and one waits for batch N's confirms and acks it. Batches
+    /// pass from stage to stage in order, which keeps the `multiple` ack of
+    /// each batch exact.
     async fn consume(
         &self,
         worker: usize,
         channel: &Channel,
-        mut consumer: lapin::Consumer,
+        consumer: lapin::Consumer,
         stop: &CancellationToken,
     ) -> Result<(), SessionError> {
-        let batch_size = self.settings.gate.batch_size;
-        let batch_wait = self.settings.gate.batch_wait();
-        loop {
-            let first = tokio::select! {
-                biased;
-                _ = stop.cancelled() => {
-                    let _ = channel
-                        .basic_cancel(consumer.tag(), BasicCancelOptions::default())
-                        .await;
-                    return Ok(());
-                }
-                next = consumer.next() => next,
-            };
-            let mut batch = vec![Received {
-                delivery: first.ok_or(SessionError::ConsumerEnded)??,
-                at: Instant::now(),
-            }];
-            let deadline = tokio::time::Instant::now() + batch_wait;
-            while batch.len() < batch_size {
-                match tokio::time::timeout_at(deadline, consumer.next()).await {
-                    Err(_elapsed) => break,
-                    Ok(next) => batch.push(Received {
-                        delivery: next.ok_or(SessionError::ConsumerEnded)??,
-                        at: Instant::now(),
-                    }),
+        let (decided_tx, mut decided_rx) = mpsc::channel::<Decided>(1);
+        let (sent_tx, mut sent_rx) = mpsc::channel::<Sent>(4);
+        let decide_stage = async move {
+            let mut consumer = consumer;
+            while let Some(batch) = self.gather(channel, &mut consumer, stop).await? {
+                let decided = self.decide_batch(worker, batch).await;
+                if decided_tx.send(decided).await.is_err() {
+                    break;
                 }
             }
-            self.process(worker, channel, batch).await?;
-        }
+            Ok::<(), SessionError>(())
+        };
+        let publish_stage = async move {
+            while let Some(decided) = decided_rx.recv().await {
+                let sent = match decided {
+                    Decided::Requeue { batch, in_flight } => Sent::Requeue { batch, in_flight },
+                    Decided::Outcomes(done) => {
+                        let pending: Vec<usize> = (0..done.outgoing.len())
+                            .filter(|i| done.outgoing[*i].is_some())
+                            .collect();
+                        let started = Instant::now();
+                        let confirms = self
+                            .send_outcomes(channel, &done.batch, &done.outgoing, &pending)
+                            .await?;
+                        Sent::Outcomes {
+                            done,
+                            confirms,
+                            started,
+                        }
+                    }
+                };
+                if sent_tx.send(sent).await.is_err() {
+                    break;
+                }
+            }
+            Ok::<(), SessionError>(())
+        };
+        let ack_stage = async {
+            while let Some(sent) = sent_rx.recv().await {
+                self.complete(worker, channel, sent).await?;
+            }
+            Ok::<(), SessionError>(())
+        };
+        tokio::try_join!(decide_stage, publish_stage, ack_stage).map(|_| ())
     }
 
-    /// Takes one batch from receipt to ack.
-    async fn process(
+    /// The next batch: the first delivery, then whatever arrives within the
+    /// batch wait, up to the batch size. `None` once `stop` is cancelled (the
+    /// consumer is cancelled then, so no more deliveries come).
+    async fn gather(
         &self,
-        worker: usize,
         channel: &Channel,
-        batch: Vec<Received>,
-    ) -> Result<(), SessionError> {
-        let _in_flight = InFlight::new(batch.len());
+        consumer: &mut lapin::Consumer,
+        stop: &CancellationToken,
+    ) -> Result<Option<Vec<Received>>, SessionError> {
+        let batch_size = self.settings.gate.batch_size;
+        let first = tokio::select! {
+            biased;
+            _ = stop.cancelled() => {
+                let _ = channel
+                    .basic_cancel(consumer.tag(), BasicCancelOptions::default())
+                    .await;
+                return Ok(None);
+            }
+            next = consumer.next() => next,
+        };
+        let mut batch = vec![Received {
+            delivery: first.ok_or(SessionError::ConsumerEnded)??,
+            at: Instant::now(),
+        }];
+        let deadline = tokio::time::Instant::now() + self.settings.gate.batch_wait();
+        while batch.len() < batch_size {
+            match tokio::time::timeout_at(deadline, consumer.next()).await {
+                Err(_elapsed) => break,
+                Ok(next) => batch.push(Received {
+                    delivery: next.ok_or(SessionError::ConsumerEnded)??,
+                    at: Instant::now(),
+                }),
+            }
+        }
+        Ok(Some(batch))
+    }
+
+    /// Parses a batch and decides it in one transaction.
+    async fn decide_batch(&self, worker: usize, batch: Vec<Received>) -> Decided {
+        let in_flight = InFlight::new(batch.len());
         metrics::jobs_received(batch.len());
         let max_body = self.settings.jobs.max_body_bytes;
 
-        // 1. Parse.
         let mut decisions: Vec<Option<Decision>> = Vec::with_capacity(batch.len());
         // (account, key) of each delivery, as far as it could be read.
         let mut keys: Vec<(Option<String>, Option<String>)> = Vec::with_capacity(batch.len());
@@ -259,11 +427,13 @@ impl Gate {
             }
         }
 
-        // 2. Decide and record, in one transaction.
+        let started = Instant::now();
         let decided = match self.decide(&jobs).await {
             Ok(decided) => decided,
             Err(err) => {
-                return self.requeue_after_error(worker, &batch, &err).await;
+                error!(worker, error = %err, jobs = batch.len(),
+                    "cannot record the batch; returning it to the queue");
+                return Decided::Requeue { batch, in_flight };
             }
         };
         metrics::batch_decided(jobs.len());
@@ -274,8 +444,6 @@ impl Gate {
             .into_iter()
             .map(|d| d.unwrap_or(Decision::Duplicate))
             .collect();
-
-        // 3. Publish every outcome and wait for the broker's confirms.
         let outgoing: Vec<Option<Outgoing>> = batch
             .iter()
             .zip(&decisions)
@@ -289,27 +457,83 @@ impl Gate {
                 )
             })
             .collect();
-        self.publish_confirmed(worker, channel, &batch, &outgoing)
-            .await?;
+        Decided::Outcomes(Outcomes {
+            batch,
+            decisions,
+            keys,
+            outgoing,
+            decide_time: started.elapsed(),
+            _in_flight: in_flight,
+        })
+    }
 
-        // 4. Remember which forwards the broker confirmed.
-        let confirmed: Vec<Uuid> = decisions
+    /// Waits for a published batch's confirms (publishing again what the
+    /// broker refused), marks the confirmed forwards and acks the batch.
+    async fn complete(
+        &self,
+        worker: usize,
+        channel: &Channel,
+        sent: Sent,
+    ) -> Result<(), SessionError> {
+        let (done, confirms, started) = match sent {
+            Sent::Requeue { batch, in_flight } => {
+                let result = self.requeue_after_error(&batch).await;
+                drop(in_flight);
+                return result;
+            }
+            Sent::Outcomes {
+                done,
+                confirms,
+                started,
+            } => (done, confirms, started),
+        };
+        let mut failed = self.await_outcomes(worker, confirms).await?;
+        let mut backoff = retry_backoff();
+        while !failed.is_empty() {
+            let delay = next_delay(&mut backoff);
+            warn!(worker, failed = failed.len(), retry_in = ?delay,
+                "outcomes not accepted by the broker; re-declaring the topology and retrying");
+            tokio::time::sleep(delay).await;
+            amqp::declare_topology(channel, &self.settings.amqp).await?;
+            let confirms = self
+                .send_outcomes(channel, &done.batch, &done.outgoing, &failed)
+                .await?;
+            failed = self.await_outcomes(worker, confirms).await?;
+        }
+        let publish_time = started.elapsed();
+
+        // The confirmed forwards are marked in the background, off the ack
+        // path; if a mark is lost, a later copy is forwarded again (same
+        // reservation), never charged again.
+        let confirmed: Vec<(String, String)> = done
+            .decisions
             .iter()
-            .filter_map(|d| match d {
-                Decision::Forward(f) => Some(f.reservation_id),
+            .zip(&done.keys)
+            .filter_map(|(d, (account, key))| match (d, account, key) {
+                (Decision::Forward(_), Some(account), Some(key)) => {
+                    Some((account.clone(), key.clone()))
+                }
                 _ => None,
             })
             .collect();
-        self.confirm_forwards(&confirmed).await;
-
-        // 5. Ack the whole batch at once: on this channel every earlier
-        // delivery belongs to an earlier, already acked batch.
-        let last = &batch[batch.len() - 1].delivery;
-        let acked = last.acker.ack(BasicAckOptions { multiple: true }).await?;
-        if !acked {
+        // Every earlier delivery on this channel belongs to an earlier batch,
+        // already acked: one `multiple` ack covers exactly this batch.
+        let last = &done.batch[done.batch.len() - 1].delivery;
+        if !last.acker.ack(BasicAckOptions { multiple: true }).await? {
             return Err(SessionError::AckFailed);
         }
-        for ((received, decision), (account, key)) in batch.iter().zip(&decisions).zip(&keys) {
+        self.marks.confirmed(confirmed);
+        debug!(
+            worker,
+            jobs = done.batch.len(),
+            waited = ?done.batch[0].at.elapsed().saturating_sub(done.decide_time + publish_time),
+            decide = ?done.decide_time,
+            publish = ?publish_time,
+            "batch done"
+        );
+        for ((received, decision), (account, key)) in
+            done.batch.iter().zip(&done.decisions).zip(&done.keys)
+        {
             self.record(
                 worker,
                 received,
@@ -350,14 +574,7 @@ impl Gate {
     /// A permanent database error is a bug, not bad input: give the jobs back
     /// to the broker after a pause (never in a hot loop). The send queue's
     /// delivery limit dead-letters a job that keeps failing.
-    async fn requeue_after_error(
-        &self,
-        worker: usize,
-        batch: &[Received],
-        err: &StoreError,
-    ) -> Result<(), SessionError> {
-        error!(worker, error = %err, jobs = batch.len(),
-            "cannot record the batch; returning it to the queue");
+    async fn requeue_after_error(&self, batch: &[Received]) -> Result<(), SessionError> {
         tokio::time::sleep(Duration::from_secs(1)).await;
         let last = &batch[batch.len() - 1].delivery;
         let nacked = last
@@ -374,92 +591,72 @@ impl Gate {
         }
     }
 
-    /// Publishes the outcomes and waits for every confirm; outcomes the broker
-    /// refused or returned are published again after a backoff.
-    async fn publish_confirmed(
+    /// Publishes the outcomes at `indices` (mandatory, so an unroutable one
+    /// comes back) and returns their pending confirms with a deadline.
+    async fn send_outcomes(
         &self,
-        worker: usize,
         channel: &Channel,
         batch: &[Received],
         outgoing: &[Option<Outgoing>],
-    ) -> Result<(), SessionError> {
+        indices: &[usize],
+    ) -> Result<Confirms, SessionError> {
         let timeout = self.settings.amqp.publish_timeout();
-        let mut pending: Vec<usize> = (0..outgoing.len())
-            .filter(|i| outgoing[*i].is_some())
-            .collect();
-        let mut backoff = retry_backoff();
-        while !pending.is_empty() {
-            // Sending and confirming share one deadline: lapin can hang when
-            // the broker goes away mid-publish.
-            let deadline = tokio::time::Instant::now() + timeout;
-            let mut confirms = Vec::with_capacity(pending.len());
-            for &i in &pending {
-                let Some(message) = &outgoing[i] else {
-                    continue;
-                };
-                let publish = channel.basic_publish(
-                    message.exchange.clone(),
-                    message.routing_key.clone(),
-                    BasicPublishOptions {
-                        mandatory: true,
-                        ..BasicPublishOptions::default()
-                    },
-                    &batch[i].delivery.data,
-                    message.properties.clone(),
-                );
-                let confirm = tokio::time::timeout_at(deadline, publish)
-                    .await
-                    .map_err(|_| SessionError::ConfirmTimeout(timeout))??;
-                confirms.push((i, confirm));
-            }
-            let mut failed = Vec::new();
-            for (i, confirm) in confirms {
-                let confirmation = tokio::time::timeout_at(deadline, confirm)
-                    .await
-                    .map_err(|_| SessionError::ConfirmTimeout(timeout))??;
-                match confirmation {
-                    Confirmation::Ack(None) | Confirmation::NotRequested => {}
-                    Confirmation::Ack(Some(returned)) | Confirmation::Nack(Some(returned)) => {
-                        metrics::publish_failed();
-                        warn!(worker, routing_key = %returned.delivery.routing_key,
-                            reply = %returned.reply_text, "outcome returned unroutable");
-                        failed.push(i);
-                    }
-                    Confirmation::Nack(None) => {
-                        metrics::publish_failed();
-                        warn!(worker, "broker nacked an outcome");
-                        failed.push(i);
-                    }
-                }
-            }
-            if failed.is_empty() {
-                return Ok(());
-            }
-            let delay = next_delay(&mut backoff);
-            warn!(worker, failed = failed.len(), retry_in = ?delay,
-                "outcomes not accepted by the broker; re-declaring the topology and retrying");
-            tokio::time::sleep(delay).await;
-            amqp::declare_topology(channel, &self.settings.amqp).await?;
-            pending = failed;
+        // Sending and confirming share one deadline: lapin can hang when the
+        // broker goes away mid-publish.
+        let deadline = tokio::time::Instant::now() + timeout;
+        let mut pending = Vec::with_capacity(indices.len());
+        for &i in indices {
+            let Some(message) = &outgoing[i] else {
+                continue;
+            };
+            let publish = channel.basic_publish(
+                message.exchange.clone(),
+                message.routing_key.clone(),
+                BasicPublishOptions {
+                    mandatory: true,
+                    ..BasicPublishOptions::default()
+                },
+                &batch[i].delivery.data,
+                message.properties.clone(),
+            );
+            let confirm = tokio::time::timeout_at(deadline, publish)
+                .await
+                .map_err(|_| SessionError::ConfirmTimeout(timeout))??;
+            pending.push((i, confirm));
         }
-        Ok(())
+        Ok(Confirms { pending, deadline })
     }
 
-    /// Best effort with retries: if this never lands, a redelivered copy is
-    /// forwarded once more (same `message_id`), never charged again.
-    async fn confirm_forwards(&self, ids: &[Uuid]) {
-        let mut backoff = retry_backoff();
-        for _ in 0..5 {
-            match self.store.confirm_forwards(ids).await {
-                Ok(()) => return,
-                Err(err) => {
-                    metrics::db_error(err.kind());
-                    let delay = next_delay(&mut backoff);
-                    warn!(error = %err, retry_in = ?delay, "cannot mark forwards as confirmed");
-                    tokio::time::sleep(delay).await;
+    /// Waits for the confirms; returns the outcomes the broker nacked or
+    /// returned unroutable. A confirm that does not come in time fails the
+    /// session: nothing is acked on a guess.
+    async fn await_outcomes(
+        &self,
+        worker: usize,
+        confirms: Confirms,
+    ) -> Result<Vec<usize>, SessionError> {
+        let timeout = self.settings.amqp.publish_timeout();
+        let mut failed = Vec::new();
+        for (i, confirm) in confirms.pending {
+            let confirmation = tokio::time::timeout_at(confirms.deadline, confirm)
+                .await
+                .map_err(|_| SessionError::ConfirmTimeout(timeout))??;
+            match confirmation {
+                Confirmation::Ack(None) | Confirmation::NotRequested => {}
+                Confirmation::Ack(Some(returned)) | Confirmation::Nack(Some(returned)) => {
+                    metrics::publish_failed();
+                    warn!(worker, routing_key = %returned.delivery.routing_key,
+                        reply = %returned.reply_text, "outcome returned unroutable");
+                    failed.push(i);
+                }
+                Confirmation::Nack(None) => {
+                    metrics::publish_failed();
+                    warn!(worker, "broker nacked an outcome");
+                    failed.push(i);
                 }
             }
         }
+        Ok(failed)
     }
 
     fn record(

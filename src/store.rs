@@ -389,31 +389,72 @@ impl Store {
         if jobs.is_empty() {
             return Ok(Vec::new());
         }
+        // A scale account is not locked, so two workers may charge the same
+        // new key at once: the second insert then finds the first one's row,
+        // and deciding the batch again (now seeing that row) is the answer.
+        for _ in 0..3 {
+            if let Some(decisions) = self.try_decide(jobs, now).await? {
+                return Ok(decisions);
+            }
+        }
+        Err(StoreError::Unavailable(sqlx::Error::Protocol(
+            "the batch kept racing another worker on the same keys".to_owned(),
+        )))
+    }
+
+    /// One attempt at [`Store::decide`]; `None` when a concurrent charge of
+    /// the same key won and the batch must be decided again.
+    async fn try_decide(
+        &self,
+        jobs: &[Job],
+        now: DateTime<Utc>,
+    ) -> Result<Option<Vec<Decision>>, StoreError> {
         let mut account_ids: Vec<&str> = jobs.iter().map(|j| j.account_id.as_str()).collect();
         account_ids.sort_unstable();
         account_ids.dedup();
 
         let mut tx = self.pool.begin().await?;
 
-        // Lock in id order: every worker takes locks in the same order. Rows
-        // read after waiting for a lock are the committed ones.
+        // Metered accounts (free, pro) are locked, in id order so workers never
+        // deadlock; rows read after waiting for a lock are the committed ones.
+        // Scale accounts have no balance to protect and stay unlocked, so a
+        // hot scale account does not serialize its workers.
         let rows = sqlx::query(
-            "SELECT id, plan, timezone, credit_balance FROM accounts
-             WHERE id = ANY($1) ORDER BY id FOR UPDATE",
+            "WITH metered AS (
+                 SELECT id, plan, timezone, credit_balance FROM accounts
+                 WHERE id = ANY($1) AND plan <> 'scale'
+                 ORDER BY id FOR UPDATE
+             )
+             SELECT a.id, coalesce(m.plan, a.plan) AS plan,
+                    coalesce(m.timezone, a.timezone) AS timezone,
+                    coalesce(m.credit_balance, a.credit_balance) AS credit_balance,
+                    (m.id IS NOT NULL) AS locked
+             FROM accounts a LEFT JOIN metered m ON m.id = a.id
+             WHERE a.id = ANY($1)",
         )
         .bind(&account_ids)
         .fetch_all(&mut *tx)
         .await?;
+        // Rows the lock waited for come back as committed after the wait (the
+        // `metered` columns); the outer scan's snapshot may be older, so only
+        // locked values are trusted for metered accounts.
         let mut accounts: HashMap<String, AccountState> = HashMap::with_capacity(rows.len());
+        let mut unlocked_metered = Vec::new();
         for row in rows {
+            let id: String = row.try_get("id")?;
+            let plan = parse_plan(row.try_get("plan")?)?;
+            if plan != Plan::Scale && !row.try_get::<bool, _>("locked")? {
+                // It changed plan while we waited: read it again, locked.
+                unlocked_metered.push(id.clone());
+            }
             let timezone: String = row.try_get("timezone")?;
             // Time zones are validated on the way in; UTC is the safe fallback
             // for a row edited by hand.
             let tz = parse_timezone(&timezone).unwrap_or(Tz::UTC);
             accounts.insert(
-                row.try_get("id")?,
+                id,
                 AccountState {
-                    plan: parse_plan(row.try_get("plan")?)?,
+                    plan,
                     timezone: tz,
                     credit_balance: row.try_get("credit_balance")?,
                     today: local_day(now, tz),
@@ -421,52 +462,66 @@ impl Store {
                 },
             );
         }
+        if !unlocked_metered.is_empty() {
+            let fresh: Vec<(String, String, i64)> = sqlx::query_as(
+                "SELECT id, plan, credit_balance FROM accounts WHERE id = ANY($1)
+                 ORDER BY id FOR UPDATE",
+            )
+            .bind(&unlocked_metered)
+            .fetch_all(&mut *tx)
+            .await?;
+            for (id, plan, balance) in fresh {
+                if let Some(account) = accounts.get_mut(&id) {
+                    account.plan = parse_plan(plan)?;
+                    account.credit_balance = balance;
+                }
+            }
+        }
 
-        // Pro usage is read in its own statement, after the locks are held:
-        // in READ COMMITTED each statement sees what committed before it
-        // began, so a join in the locking statement could see a stale count.
+        // Pro usage and earlier reservations, read after the locks are held.
         let (pro_ids, pro_days): (Vec<&str>, Vec<NaiveDate>) = accounts
             .iter()
             .filter(|(_, a)| a.plan == Plan::Pro)
             .map(|(id, a)| (id.as_str(), a.today))
             .unzip();
-        if !pro_ids.is_empty() {
-            let used: Vec<(String, i32)> = sqlx::query_as(
-                "SELECT u.account_id, u.used FROM daily_usage u
-                 WHERE (u.account_id, u.day) IN (SELECT * FROM unnest($1::text[], $2::date[]))",
-            )
-            .bind(&pro_ids)
-            .bind(&pro_days)
-            .fetch_all(&mut *tx)
-            .await?;
-            for (id, used) in used {
-                if let Some(account) = accounts.get_mut(&id) {
-                    account.used_today = i64::from(used);
-                }
-            }
-        }
-
         let (key_accounts, keys): (Vec<&str>, Vec<&str>) = jobs
             .iter()
             .map(|j| (j.account_id.as_str(), j.idempotency_key.as_str()))
             .unzip();
-        let prior_rows = sqlx::query(
-            "SELECT r.account_id, r.idempotency_key, r.id, r.payload_sha256, r.plan, r.charge,
-                    r.remaining, r.forward_confirmed
+        let rows = sqlx::query(
+            "SELECT 'usage' AS kind, u.account_id, NULL::text AS idempotency_key,
+                    u.used::int8 AS used, NULL::uuid AS id, NULL::bytea AS payload_sha256,
+                    NULL::text AS plan, NULL::text AS charge, NULL::int8 AS remaining,
+                    NULL::bool AS forward_confirmed
+             FROM daily_usage u
+             WHERE (u.account_id, u.day) IN (SELECT * FROM unnest($1::text[], $2::date[]))
+             UNION ALL
+             SELECT 'reservation', r.account_id, r.idempotency_key, NULL, r.id, r.payload_sha256,
+                    r.plan, r.charge, r.remaining, r.forward_confirmed
              FROM reservations r
              WHERE (r.account_id, r.idempotency_key) IN
-                   (SELECT * FROM unnest($1::text[], $2::text[]))",
+                   (SELECT * FROM unnest($3::text[], $4::text[]))",
         )
+        .bind(&pro_ids)
+        .bind(&pro_days)
         .bind(&key_accounts)
         .bind(&keys)
         .fetch_all(&mut *tx)
         .await?;
-        let mut prior = HashMap::with_capacity(prior_rows.len());
-        for row in prior_rows {
+        let mut prior = HashMap::new();
+        for row in rows {
+            let kind: &str = row.try_get("kind")?;
+            let account_id: String = row.try_get("account_id")?;
+            if kind == "usage" {
+                if let Some(account) = accounts.get_mut(&account_id) {
+                    account.used_today = row.try_get::<i64, _>("used")?;
+                }
+                continue;
+            }
             let hash: Vec<u8> = row.try_get("payload_sha256")?;
             let charge: String = row.try_get("charge")?;
             prior.insert(
-                (row.try_get("account_id")?, row.try_get("idempotency_key")?),
+                (account_id, row.try_get("idempotency_key")?),
                 PriorReservation {
                     id: row.try_get("id")?,
                     payload_sha256: hash.try_into().unwrap_or([0; 32]),
@@ -484,12 +539,14 @@ impl Store {
         if !effects.is_empty() {
             let r = &effects.reservations;
             let l = &effects.ledger;
-            sqlx::query(
+            let inserted: i64 = sqlx::query_scalar(
                 "WITH new_reservations AS (
                      INSERT INTO reservations
                          (id, account_id, idempotency_key, payload_sha256, plan, charge, usage_day, remaining)
                      SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::bytea[],
                                           $5::text[], $6::text[], $7::date[], $8::int8[])
+                     ON CONFLICT (account_id, idempotency_key) DO NOTHING
+                     RETURNING 1
                  ), ledger AS (
                      INSERT INTO credit_ledger
                          (account_id, delta, kind, balance_after, idempotency_key, reservation_id)
@@ -500,12 +557,14 @@ impl Store {
                      UPDATE accounts a SET credit_balance = b.balance, updated_at = now()
                      FROM unnest($13::text[], $14::int8[]) AS b(id, balance)
                      WHERE a.id = b.id
+                 ), usage AS (
+                     INSERT INTO daily_usage (account_id, day, used, daily_limit)
+                     SELECT account_id, day, used, $18
+                     FROM unnest($15::text[], $16::date[], $17::int4[]) AS u(account_id, day, used)
+                     ON CONFLICT (account_id, day)
+                     DO UPDATE SET used = EXCLUDED.used, daily_limit = EXCLUDED.daily_limit
                  )
-                 INSERT INTO daily_usage (account_id, day, used, daily_limit)
-                 SELECT account_id, day, used, $18
-                 FROM unnest($15::text[], $16::date[], $17::int4[]) AS u(account_id, day, used)
-                 ON CONFLICT (account_id, day)
-                 DO UPDATE SET used = EXCLUDED.used, daily_limit = EXCLUDED.daily_limit",
+                 SELECT count(*) FROM new_reservations",
             )
             .bind(r.iter().map(|x| x.id).collect::<Vec<_>>())
             .bind(r.iter().map(|x| x.account_id.as_str()).collect::<Vec<_>>())
@@ -531,27 +590,35 @@ impl Store {
                     .collect::<Vec<_>>(),
             )
             .bind(i32::try_from(self.limits.daily_sends).unwrap_or(i32::MAX))
-            .execute(&mut *tx)
+            .fetch_one(&mut *tx)
             .await?;
+            if inserted != r.len() as i64 {
+                tx.rollback().await?;
+                return Ok(None);
+            }
         }
         tx.commit().await?;
-        Ok(decisions)
+        Ok(Some(decisions))
     }
 
-    /// Records that the broker confirmed these reservations' forwards, so a
-    /// later copy of the job is dropped as a duplicate instead of forwarded.
+    /// Records that the broker confirmed these forwards, so a later copy of
+    /// the job is dropped as a duplicate instead of forwarded again.
     ///
     /// # Errors
     /// [`StoreError::Unavailable`] when it should be retried.
-    pub async fn confirm_forwards(&self, reservation_ids: &[Uuid]) -> Result<(), StoreError> {
-        if reservation_ids.is_empty() {
+    pub async fn confirm_forwards(&self, keys: &[(&str, &str)]) -> Result<(), StoreError> {
+        if keys.is_empty() {
             return Ok(());
         }
+        let (accounts, keys): (Vec<&str>, Vec<&str>) = keys.iter().copied().unzip();
         sqlx::query(
-            "UPDATE reservations SET forward_confirmed = true, confirmed_at = now()
-             WHERE id = ANY($1) AND NOT forward_confirmed",
+            "UPDATE reservations r SET forward_confirmed = true, confirmed_at = now()
+             FROM unnest($1::text[], $2::text[]) AS k(account_id, idempotency_key)
+             WHERE r.account_id = k.account_id AND r.idempotency_key = k.idempotency_key
+               AND NOT r.forward_confirmed",
         )
-        .bind(reservation_ids)
+        .bind(&accounts)
+        .bind(&keys)
         .execute(&self.pool)
         .await?;
         Ok(())
