@@ -106,6 +106,13 @@ impl App {
             }
         });
 
+        let depth = gate.settings.amqp.depth_poll().map(|interval| {
+            tokio::spawn(crate::depth::poll(
+                gate.settings.amqp.clone(),
+                interval,
+                http_stop.clone(),
+            ))
+        });
         let mut workers = tokio::task::JoinSet::new();
         for worker in 0..gate.settings.gate.workers {
             workers.spawn(gate.clone().run_worker(worker, stop.clone()));
@@ -128,6 +135,9 @@ impl App {
         let _ = marker.await;
         http_stop.cancel();
         let _ = upkeep.await;
+        if let Some(depth) = depth {
+            let _ = depth.await;
+        }
         match http.await {
             Ok(result) => result.context("HTTP server failed")?,
             Err(err) => warn!(error = %err, "HTTP task ended abnormally"),

@@ -11,7 +11,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use config::{Config, Environment, File, FileFormat};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 /// The defaults, compiled into the binary so it runs from any directory.
 pub const DEFAULT_TOML: &str = include_str!("../config/default.toml");
@@ -28,7 +28,7 @@ pub enum ConfigError {
     },
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Settings {
     pub database: DatabaseSettings,
@@ -41,7 +41,7 @@ pub struct Settings {
     pub log: LogSettings,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct DatabaseSettings {
     pub url: Secret,
@@ -50,7 +50,7 @@ pub struct DatabaseSettings {
     pub statement_timeout_ms: u64,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct AmqpSettings {
     pub url: Secret,
@@ -62,40 +62,41 @@ pub struct AmqpSettings {
     pub delivery_limit: u32,
     pub heartbeat_secs: u16,
     pub publish_timeout_ms: u64,
+    pub depth_poll_secs: u64,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct HttpSettings {
     pub listen: SocketAddr,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct PlanSettings {
     pub free: FreePlanSettings,
     pub pro: ProPlanSettings,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct FreePlanSettings {
     pub signup_credits: u32,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct ProPlanSettings {
     pub daily_sends: u32,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct JobSettings {
     pub max_body_bytes: usize,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct GateSettings {
     pub batch_size: usize,
@@ -103,30 +104,46 @@ pub struct GateSettings {
     pub workers: usize,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct ShutdownSettings {
     pub grace_period_secs: u64,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct LogSettings {
     pub format: LogFormat,
     pub level: String,
+    pub decisions: DecisionLogLevel,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+/// The level of the one log line each job's decision gets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DecisionLogLevel {
+    Debug,
+    Info,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum LogFormat {
     Pretty,
     Json,
 }
 
-/// A connection string that never prints its password.
+/// A connection string that never prints its password: `Debug` and
+/// `Serialize` (config dumps) both show it redacted.
 #[derive(Clone, Deserialize)]
 #[serde(transparent)]
 pub struct Secret(String);
+
+impl Serialize for Secret {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(&self.redacted())
+    }
+}
 
 impl Secret {
     pub fn new(value: impl Into<String>) -> Self {
@@ -292,6 +309,11 @@ impl DatabaseSettings {
 }
 
 impl AmqpSettings {
+    /// `None` when polling queue depths is switched off.
+    pub fn depth_poll(&self) -> Option<Duration> {
+        (self.depth_poll_secs > 0).then(|| Duration::from_secs(self.depth_poll_secs))
+    }
+
     pub fn publish_timeout(&self) -> Duration {
         Duration::from_millis(self.publish_timeout_ms)
     }
@@ -373,6 +395,14 @@ mod tests {
     fn an_out_of_range_value_is_named() {
         let err = load(&[("SENDGATE__GATE__BATCH_SIZE", "0")]).expect_err("refused");
         assert!(err.to_string().contains("gate.batch_size"), "{err}");
+    }
+
+    #[test]
+    fn a_config_dump_redacts_passwords() {
+        let settings = load(&[("DATABASE_URL", "postgres://u:hunter2@db/x")]).expect("valid");
+        let dump = serde_json::to_string(&settings).expect("serializable");
+        assert!(!dump.contains("hunter2"), "{dump}");
+        assert!(dump.contains("postgres://u:***@db/x"), "{dump}");
     }
 
     #[test]

@@ -40,7 +40,7 @@ use tracing::{debug, error, info, warn};
 
 use crate::amqp::{self, Outgoing};
 use crate::clock::Clock;
-use crate::config::Settings;
+use crate::config::{DecisionLogLevel, Settings};
 use crate::decision::Decision;
 use crate::health::Health;
 use crate::job::Job;
@@ -671,31 +671,42 @@ impl Gate {
         metrics::job_done(elapsed);
         let (account, key) = (account.unwrap_or(""), key.unwrap_or(""));
         let redelivered = received.delivery.redelivered;
-        match decision {
+        let (outcome, plan, charge, reason, detail) = match decision {
             Decision::Forward(forward) => {
                 metrics::job_forwarded(forward.plan, forward.charge);
-                debug!(worker, account, key, decision = "forwarded", plan = %forward.plan,
-                    charge = forward.charge.as_str(), remaining = forward.remaining,
-                    fresh_charge = forward.fresh, redelivered, ?elapsed, "job decided");
+                (
+                    "forwarded",
+                    forward.plan.as_str(),
+                    forward.charge.as_str(),
+                    "",
+                    "",
+                )
             }
             Decision::DeadLetter(dead) => {
                 metrics::job_dead_lettered(dead.reason);
-                debug!(worker, account, key, decision = "dead_lettered",
-                    reason = dead.reason.as_str(), detail = %dead.detail, redelivered,
-                    ?elapsed, "job decided");
+                (
+                    "dead_lettered",
+                    "",
+                    "",
+                    dead.reason.as_str(),
+                    dead.detail.as_str(),
+                )
             }
             Decision::Duplicate => {
                 metrics::job_duplicate();
-                debug!(
-                    worker,
-                    account,
-                    key,
-                    decision = "duplicate",
-                    redelivered,
-                    ?elapsed,
-                    "job decided"
-                );
+                ("duplicate", "", "", "", "")
             }
+        };
+        // One line per decision, at the level `[log] decisions` asks for.
+        macro_rules! decided {
+            ($level:expr) => {
+                tracing::event!($level, worker, account, key, decision = outcome, plan,
+                    charge, reason, detail, redelivered, duration = ?elapsed, "job decided")
+            };
+        }
+        match self.settings.log.decisions {
+            DecisionLogLevel::Info => decided!(tracing::Level::INFO),
+            DecisionLogLevel::Debug => decided!(tracing::Level::DEBUG),
         }
     }
 }

@@ -25,7 +25,8 @@
 //! - [`app`] wires it together for `sendgate run` and drains on shutdown;
 //!   [`http`] serves `/metrics`, `/healthz`, `/readyz`; [`health`] holds the
 //!   readiness the workers report.
-//! - [`metrics`] owns every metric name; [`config`] the layered settings;
+//! - [`depth`] polls queue depths for the metrics;
+//! - [`metrics`] owns every metric name (and `docs/metrics.md`); [`config`] the layered settings;
 //!   [`telemetry`] logging; [`shutdown`] signals; [`clock`] the source of
 //!   "now", replaceable in tests.
 
@@ -36,6 +37,7 @@ pub mod app;
 pub mod clock;
 pub mod config;
 pub mod decision;
+pub mod depth;
 pub mod gate;
 pub mod health;
 pub mod http;

@@ -33,6 +33,8 @@ enum Command {
     /// Create, change and inspect accounts.
     #[command(subcommand)]
     Accounts(AccountsCommand),
+    /// Print the effective configuration as JSON (passwords redacted).
+    Config,
 }
 
 #[derive(Subcommand)]
@@ -79,6 +81,7 @@ fn main() -> ExitCode {
         }
     };
     sendgate::telemetry::init(&settings.log);
+    let json_logs = settings.log.format == sendgate::config::LogFormat::Json;
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(runtime) => runtime,
         Err(err) => {
@@ -89,7 +92,12 @@ fn main() -> ExitCode {
     match runtime.block_on(execute(cli.command, settings)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
-            eprintln!("sendgate: {err:#}");
+            // One line either way; JSON when log pipelines read stderr.
+            if json_logs {
+                tracing::error!(error = %format!("{err:#}"), "sendgate failed");
+            } else {
+                eprintln!("sendgate: {err:#}");
+            }
             ExitCode::FAILURE
         }
     }
@@ -100,7 +108,16 @@ async fn execute(command: Command, settings: Settings) -> anyhow::Result<()> {
         Command::Run => {
             let stop = CancellationToken::new();
             sendgate::shutdown::on_signal(stop.clone());
-            let app = sendgate::app::App::build(settings, Arc::new(SystemClock), &stop).await?;
+            let app = match sendgate::app::App::build(settings, Arc::new(SystemClock), &stop).await
+            {
+                Ok(app) => app,
+                // Asked to stop before it could start: a normal stop.
+                Err(_) if stop.is_cancelled() => {
+                    tracing::info!("stopped before start-up finished");
+                    return Ok(());
+                }
+                Err(err) => return Err(err),
+            };
             tracing::info!(http = %app.http_addr()?, "sendgate started");
             app.run(stop).await
         }
@@ -110,6 +127,12 @@ async fn execute(command: Command, settings: Settings) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Accounts(command) => accounts(command, &settings).await,
+        Command::Config => {
+            let mut out = std::io::stdout().lock();
+            serde_json::to_writer_pretty(&mut out, &settings)?;
+            writeln!(out)?;
+            Ok(())
+        }
     }
 }
 

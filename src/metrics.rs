@@ -20,8 +20,178 @@ pub const JOBS_IN_FLIGHT: &str = "sendgate_jobs_in_flight";
 pub const AMQP_RECONNECTS: &str = "sendgate_amqp_reconnects_total";
 pub const DB_ERRORS: &str = "sendgate_db_errors_total";
 pub const PUBLISH_FAILURES: &str = "sendgate_publish_failures_total";
+pub const QUEUE_MESSAGES: &str = "sendgate_queue_messages";
 pub const READY: &str = "sendgate_ready";
 pub const BUILD_INFO: &str = "sendgate_build_info";
+
+/// What kind of series a metric is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Counter,
+    Gauge,
+    Histogram,
+}
+
+impl Kind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Kind::Counter => "counter",
+            Kind::Gauge => "gauge",
+            Kind::Histogram => "histogram",
+        }
+    }
+}
+
+/// One exported metric, as documented in `docs/metrics.md`.
+#[derive(Debug, Clone, Copy)]
+pub struct MetricDoc {
+    pub name: &'static str,
+    pub kind: Kind,
+    /// Label names and their possible values.
+    pub labels: &'static [(&'static str, &'static str)],
+    pub unit: &'static str,
+    pub help: &'static str,
+}
+
+/// Every metric sendgate exports. `describe()` registers them from here,
+/// and a test keeps `docs/metrics.md` equal to [`catalogue_markdown`].
+pub const CATALOGUE: &[MetricDoc] = &[
+    MetricDoc {
+        name: JOBS_RECEIVED,
+        kind: Kind::Counter,
+        labels: &[],
+        unit: "jobs",
+        help: "Send jobs taken from the send queue (redeliveries included).",
+    },
+    MetricDoc {
+        name: JOBS_FORWARDED,
+        kind: Kind::Counter,
+        labels: &[
+            ("plan", "free, pro, scale"),
+            ("charge", "credit, daily_slot, unmetered"),
+        ],
+        unit: "jobs",
+        help: "Jobs forwarded to the delivery queue and acknowledged.",
+    },
+    MetricDoc {
+        name: JOBS_DEAD_LETTERED,
+        kind: Kind::Counter,
+        labels: &[(
+            "reason",
+            "out_of_credits, daily_limit_reached, unknown_account, invalid_job, idempotency_conflict",
+        )],
+        unit: "jobs",
+        help: "Jobs dead-lettered and acknowledged.",
+    },
+    MetricDoc {
+        name: JOBS_DUPLICATE,
+        kind: Kind::Counter,
+        labels: &[],
+        unit: "jobs",
+        help: "Jobs acknowledged and dropped because the same job was already charged and forwarded.",
+    },
+    MetricDoc {
+        name: JOB_DURATION,
+        kind: Kind::Histogram,
+        labels: &[],
+        unit: "seconds",
+        help: "Time from receiving a job to acknowledging it.",
+    },
+    MetricDoc {
+        name: BATCH_SIZE,
+        kind: Kind::Histogram,
+        labels: &[],
+        unit: "jobs",
+        help: "Jobs decided per database transaction.",
+    },
+    MetricDoc {
+        name: JOBS_IN_FLIGHT,
+        kind: Kind::Gauge,
+        labels: &[],
+        unit: "jobs",
+        help: "Jobs received and not yet acknowledged.",
+    },
+    MetricDoc {
+        name: AMQP_RECONNECTS,
+        kind: Kind::Counter,
+        labels: &[],
+        unit: "connections",
+        help: "Broker connections re-established after a failure.",
+    },
+    MetricDoc {
+        name: DB_ERRORS,
+        kind: Kind::Counter,
+        labels: &[(
+            "kind",
+            "unavailable, constraint, other, unknown_account, account_exists, invalid_account, migrate",
+        )],
+        unit: "errors",
+        help: "Database calls that failed; `unavailable` ones (outage, timeout, lock wait) are retried.",
+    },
+    MetricDoc {
+        name: PUBLISH_FAILURES,
+        kind: Kind::Counter,
+        labels: &[],
+        unit: "messages",
+        help: "Outcome publishes the broker nacked or returned unroutable; they are published again.",
+    },
+    MetricDoc {
+        name: QUEUE_MESSAGES,
+        kind: Kind::Gauge,
+        labels: &[("queue", "send, delivery, dead_letter")],
+        unit: "messages",
+        help: "Messages ready in each queue, polled with a passive declare.",
+    },
+    MetricDoc {
+        name: READY,
+        kind: Kind::Gauge,
+        labels: &[],
+        unit: "boolean",
+        help: "1 when every worker is connected to the broker, the database answers and the process is not draining.",
+    },
+    MetricDoc {
+        name: BUILD_INFO,
+        kind: Kind::Gauge,
+        labels: &[("version", "the crate version")],
+        unit: "",
+        help: "Always 1; the version label names the build.",
+    },
+];
+
+/// `docs/metrics.md`, generated from [`CATALOGUE`].
+pub fn catalogue_markdown() -> String {
+    let mut out = String::from(
+        "# sendgate metrics\n\n\
+         Generated from `src/metrics.rs` (`CATALOGUE`); a test fails when this file\n\
+         and the code disagree. Regenerate with\n\
+         `UPDATE_DOCS=1 cargo test --lib metrics`.\n\n\
+         All metrics are served on `GET /metrics` in the Prometheus text format.\n\
+         Labels are bounded sets; an account id or idempotency key is never a label.\n\
+         Histograms also export `_bucket`, `_sum` and `_count` series.\n\n\
+         | metric | type | labels | unit | meaning |\n|---|---|---|---|---|\n",
+    );
+    for m in CATALOGUE {
+        let labels = if m.labels.is_empty() {
+            "—".to_owned()
+        } else {
+            m.labels
+                .iter()
+                .map(|(name, values)| format!("`{name}`: {values}"))
+                .collect::<Vec<_>>()
+                .join("; ")
+        };
+        let unit = if m.unit.is_empty() { "—" } else { m.unit };
+        out.push_str(&format!(
+            "| `{}` | {} | {} | {} | {} |\n",
+            m.name,
+            m.kind.as_str(),
+            labels,
+            unit,
+            m.help
+        ));
+    }
+    out
+}
 
 const DURATION_BUCKETS: &[f64] = &[
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
@@ -63,40 +233,24 @@ pub fn install() -> PrometheusHandle {
 
 fn describe() {
     use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
-    describe_counter!(JOBS_RECEIVED, "Send jobs taken from the send queue.");
-    describe_counter!(
-        JOBS_FORWARDED,
-        "Jobs forwarded to the delivery queue, by plan and charge."
-    );
-    describe_counter!(JOBS_DEAD_LETTERED, "Jobs dead-lettered, by reason.");
-    describe_counter!(
-        JOBS_DUPLICATE,
-        "Jobs dropped because the same job was already charged and forwarded."
-    );
-    describe_histogram!(
-        JOB_DURATION,
-        Unit::Seconds,
-        "Time from receiving a job to acknowledging it."
-    );
-    describe_histogram!(BATCH_SIZE, "Jobs decided per database transaction.");
-    describe_gauge!(JOBS_IN_FLIGHT, "Jobs received and not yet acknowledged.");
-    describe_counter!(AMQP_RECONNECTS, "Connections to RabbitMQ re-established.");
-    describe_counter!(DB_ERRORS, "Database calls that failed, by kind.");
-    describe_counter!(
-        PUBLISH_FAILURES,
-        "Outcome publishes not confirmed by the broker (nack, returned or timed out)."
-    );
-    describe_gauge!(
-        READY,
-        "1 when connected to both the broker and the database."
-    );
-    describe_gauge!(BUILD_INFO, "Always 1; the version label names the build.");
+    for m in CATALOGUE {
+        match m.kind {
+            Kind::Counter => describe_counter!(m.name, m.help),
+            Kind::Gauge => describe_gauge!(m.name, m.help),
+            Kind::Histogram if m.unit == "seconds" => {
+                describe_histogram!(m.name, Unit::Seconds, m.help)
+            }
+            Kind::Histogram => describe_histogram!(m.name, m.help),
+        }
+    }
     gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
     // Zero every labelled series up front so dashboards and rate() see them
     // before the first event.
     counter!(JOBS_RECEIVED).absolute(0);
     counter!(JOBS_DUPLICATE).absolute(0);
     counter!(AMQP_RECONNECTS).absolute(0);
+    counter!(PUBLISH_FAILURES).absolute(0);
+    counter!(DB_ERRORS, "kind" => "unavailable").absolute(0);
     for plan in Plan::ALL {
         let charge = Charge::for_plan(plan);
         counter!(JOBS_FORWARDED, "plan" => plan.as_str(), "charge" => charge.as_str()).absolute(0);
@@ -150,6 +304,44 @@ pub fn publish_failed() {
     counter!(PUBLISH_FAILURES).increment(1);
 }
 
+/// A queue's depth; `role` is `send`, `delivery` or `dead_letter`.
+pub fn queue_messages(role: &'static str, messages: u32) {
+    gauge!(QUEUE_MESSAGES, "queue" => role).set(f64::from(messages));
+}
+
 pub fn set_ready(ready: bool) {
     gauge!(READY).set(if ready { 1.0 } else { 0.0 });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_metrics_document_matches_the_code() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/docs/metrics.md");
+        let expected = catalogue_markdown();
+        if std::env::var_os("UPDATE_DOCS").is_some() {
+            std::fs::write(path, &expected).expect("docs/metrics.md is writable");
+        }
+        let actual = std::fs::read_to_string(path).unwrap_or_default();
+        assert!(
+            actual == expected,
+            "docs/metrics.md is out of date: run UPDATE_DOCS=1 cargo test --lib metrics"
+        );
+    }
+
+    #[test]
+    fn every_metric_name_follows_the_conventions() {
+        for m in CATALOGUE {
+            assert!(m.name.starts_with("sendgate_"), "{}", m.name);
+            match m.kind {
+                Kind::Counter => assert!(m.name.ends_with("_total"), "{}", m.name),
+                _ => assert!(!m.name.ends_with("_total"), "{}", m.name),
+            }
+            if m.unit == "seconds" {
+                assert!(m.name.ends_with("_seconds"), "{}", m.name);
+            }
+        }
+    }
 }

@@ -45,6 +45,7 @@ impl TestEnv {
         sendgate::telemetry::init(&sendgate::config::LogSettings {
             format: sendgate::config::LogFormat::Pretty,
             level: "warn".to_owned(),
+            decisions: sendgate::config::DecisionLogLevel::Debug,
         });
         let id = uuid::Uuid::new_v4().simple().to_string()[..12].to_owned();
         let db_url = format!("{}/sendgate_test_{id}", pg_base_url());

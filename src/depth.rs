@@ -1,0 +1,68 @@
+//! Queue depths for dashboards and alerts: the send, delivery and
+//! dead-letter queues are polled with passive declares (cheap: no consumer,
+//! no message moves) on a connection of their own, so a slow or failing
+//! poll never touches the gate's channels.
+
+use std::time::Duration;
+
+use lapin::options::QueueDeclareOptions;
+use lapin::types::FieldTable;
+use tokio_util::sync::CancellationToken;
+use tracing::debug;
+
+use crate::config::AmqpSettings;
+
+/// Polls every `interval` until `stop`; reconnects quietly when the broker
+/// goes away (the gate's workers already log and count that).
+pub async fn poll(settings: AmqpSettings, interval: Duration, stop: CancellationToken) {
+    let queues = [
+        ("send", settings.send_queue.clone()),
+        ("delivery", settings.delivery_queue.clone()),
+        ("dead_letter", settings.dead_letter_queue.clone()),
+    ];
+    let mut tick = tokio::time::interval(interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut connection: Option<lapin::Connection> = None;
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => break,
+            _ = tick.tick() => {}
+        }
+        if connection.as_ref().is_none_or(|c| !c.status().connected()) {
+            connection = crate::amqp::connect(&settings, "sendgate queue depth")
+                .await
+                .map_err(|err| debug!(error = %err, "queue depth: cannot connect"))
+                .ok();
+        }
+        let Some(conn) = &connection else { continue };
+        // A passive declare of a missing queue closes its channel, so each
+        // round uses a fresh one.
+        let Ok(channel) = conn.create_channel().await else {
+            connection = None;
+            continue;
+        };
+        for (role, name) in &queues {
+            let declared = channel
+                .queue_declare(
+                    name.as_str().into(),
+                    QueueDeclareOptions {
+                        passive: true,
+                        ..QueueDeclareOptions::default()
+                    },
+                    FieldTable::default(),
+                )
+                .await;
+            match declared {
+                Ok(queue) => crate::metrics::queue_messages(role, queue.message_count()),
+                Err(err) => {
+                    debug!(queue = %name, error = %err, "queue depth: cannot read");
+                    break;
+                }
+            }
+        }
+        let _ = channel.close(200, "done".into()).await;
+    }
+    if let Some(conn) = connection {
+        let _ = conn.close(200, "sendgate shutting down".into()).await;
+    }
+}
