@@ -80,6 +80,9 @@ pub async fn declare_topology(channel: &Channel, settings: &AmqpSettings) -> lap
     channel
         .queue_declare(settings.delivery_queue.as_str().into(), durable, quorum())
         .await?;
+    channel
+        .queue_declare(settings.outcomes_queue.as_str().into(), durable, quorum())
+        .await?;
     let mut send_arguments = quorum();
     send_arguments
         .insert(

@@ -12,7 +12,7 @@ use tracing::{info, warn};
 
 use crate::clock::Clock;
 use crate::config::Settings;
-use crate::gate::{Gate, Marks};
+use crate::gate::{Gate, Marks, Role};
 use crate::health::Health;
 use crate::plan::Limits;
 use crate::store::Store;
@@ -43,7 +43,8 @@ impl App {
         let listener = TcpListener::bind(settings.http.listen)
             .await
             .with_context(|| format!("cannot listen on http.listen = {}", settings.http.listen))?;
-        let health = Arc::new(Health::new(settings.gate.workers));
+        // The job workers and the one outcomes worker.
+        let health = Arc::new(Health::new(settings.gate.workers + 1));
         health.set_database_ok(true);
         let close_marker = CancellationToken::new();
         let (marks, marker) = Marks::spawn(store.clone(), close_marker.clone());
@@ -115,8 +116,18 @@ impl App {
         });
         let mut workers = tokio::task::JoinSet::new();
         for worker in 0..gate.settings.gate.workers {
-            workers.spawn(gate.clone().run_worker(worker, stop.clone()));
+            workers.spawn(gate.clone().run_worker(worker, Role::Jobs, stop.clone()));
         }
+        workers.spawn(gate.clone().run_worker(
+            gate.settings.gate.workers,
+            Role::Outcomes,
+            stop.clone(),
+        ));
+        let sweeper = tokio::spawn(sweep_expired_holds(
+            gate.store.clone(),
+            gate.settings.reservations.clone(),
+            stop.clone(),
+        ));
 
         stop.cancelled().await;
         gate.health.set_draining();
@@ -131,6 +142,7 @@ impl App {
                 "grace period ran out; unfinished jobs are left unacknowledged for redelivery");
             workers.shutdown().await;
         }
+        let _ = sweeper.await;
         close_marker.cancel();
         let _ = marker.await;
         http_stop.cancel();
@@ -145,6 +157,41 @@ impl App {
         gate.store.close().await;
         info!("stopped");
         Ok(())
+    }
+}
+
+/// Commits holds that got no outcome within the hold time, every sweep
+/// interval, until `stop`. Every process sweeps; `SKIP LOCKED` keeps them
+/// from doing the same rows twice.
+async fn sweep_expired_holds(
+    store: Store,
+    settings: crate::config::ReservationSettings,
+    stop: CancellationToken,
+) {
+    let mut tick = tokio::time::interval(settings.sweep_interval());
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        loop {
+            match store.expire_holds(settings.hold(), 1000).await {
+                Ok(0) => break,
+                Ok(n) => {
+                    crate::metrics::holds_expired(n);
+                    info!(committed = n, "expired holds committed");
+                    if n < 1000 {
+                        break;
+                    }
+                }
+                Err(err) => {
+                    crate::metrics::db_error(err.kind());
+                    warn!(error = %err, "cannot sweep expired holds; trying again next interval");
+                    break;
+                }
+            }
+        }
     }
 }
 

@@ -39,6 +39,24 @@ pub struct Settings {
     pub gate: GateSettings,
     pub shutdown: ShutdownSettings,
     pub log: LogSettings,
+    pub reservations: ReservationSettings,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReservationSettings {
+    pub hold_secs: u64,
+    pub sweep_interval_secs: u64,
+}
+
+impl ReservationSettings {
+    pub fn hold(&self) -> Duration {
+        Duration::from_secs(self.hold_secs)
+    }
+
+    pub fn sweep_interval(&self) -> Duration {
+        Duration::from_secs(self.sweep_interval_secs.max(1))
+    }
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -63,6 +81,7 @@ pub struct AmqpSettings {
     pub heartbeat_secs: u16,
     pub publish_timeout_ms: u64,
     pub depth_poll_secs: u64,
+    pub outcomes_queue: String,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -263,6 +282,7 @@ impl Settings {
             ("amqp.delivery_queue", &self.amqp.delivery_queue),
             ("amqp.dead_letter_exchange", &self.amqp.dead_letter_exchange),
             ("amqp.dead_letter_queue", &self.amqp.dead_letter_queue),
+            ("amqp.outcomes_queue", &self.amqp.outcomes_queue),
         ] {
             if name.is_empty() || name.len() > 255 {
                 return Err(invalid(setting, "must be 1 to 255 bytes long"));

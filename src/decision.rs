@@ -37,6 +37,9 @@ pub struct PriorReservation {
     pub charge: Charge,
     pub remaining: Option<i64>,
     pub forward_confirmed: bool,
+    /// Its delivery failed and the charge was given back: the same job
+    /// sent again is a new attempt, charged afresh.
+    pub released: bool,
 }
 
 /// The job passed; forward it with these headers.
@@ -145,7 +148,10 @@ pub fn decide_batch(
             continue;
         }
         let prior_key = (job.account_id.clone(), job.idempotency_key.clone());
-        if let Some(earlier) = prior.get(&prior_key) {
+        let earlier = prior.get(&prior_key);
+        if let Some(earlier) =
+            earlier.filter(|e| !e.released || e.payload_sha256 != job.payload_sha256)
+        {
             let decision = if earlier.payload_sha256 != job.payload_sha256 {
                 conflict(job)
             } else if earlier.forward_confirmed {
@@ -420,6 +426,7 @@ mod tests {
             charge: Charge::Credit,
             remaining: Some(4),
             forward_confirmed: confirmed,
+            released: false,
         };
         let key = ("a".to_owned(), "k".to_owned());
         let accounts = [("a", account(Plan::Free, 4, 0, now))];
@@ -442,6 +449,32 @@ mod tests {
         let (decisions, _) = decide(&[job("a", "k", 1)], &accounts, &prior, now);
         assert_eq!(decisions[0], Decision::Duplicate);
 
+        let (decisions, _) = decide(&[job("a", "k", 2)], &accounts, &prior, now);
+        assert_eq!(reason(&decisions[0]), Some(Reason::IdempotencyConflict));
+    }
+
+    #[test]
+    fn a_released_charge_is_charged_afresh_when_the_job_comes_again() {
+        let now = at("2026-01-01T12:00:00Z");
+        let released = PriorReservation {
+            id: Uuid::nil(),
+            payload_sha256: [1; 32],
+            plan: Plan::Free,
+            charge: Charge::Credit,
+            remaining: Some(4),
+            forward_confirmed: true,
+            released: true,
+        };
+        let prior = HashMap::from([(("a".to_owned(), "k".to_owned()), released)]);
+        let accounts = [("a", account(Plan::Free, 5, 0, now))];
+        let (decisions, effects) = decide(&[job("a", "k", 1)], &accounts, &prior, now);
+        let Decision::Forward(forward) = &decisions[0] else {
+            panic!("expected a forward, got {decisions:?}");
+        };
+        assert!(forward.fresh);
+        assert_ne!(forward.reservation_id, Uuid::nil());
+        assert_eq!(effects.balances, vec![("a".to_owned(), 4)]);
+        // Another payload under the released key is still a conflict.
         let (decisions, _) = decide(&[job("a", "k", 2)], &accounts, &prior, now);
         assert_eq!(reason(&decisions[0]), Some(Reason::IdempotencyConflict));
     }
@@ -588,6 +621,7 @@ mod tests {
                             charge: r.charge,
                             remaining: r.remaining,
                             forward_confirmed: false,
+                            released: false,
                         },
                         r.usage_day,
                     ),

@@ -46,6 +46,7 @@ use crate::health::Health;
 use crate::job::Job;
 use crate::metrics;
 use crate::plan::Reason;
+use crate::settle::{Report, Settled};
 use crate::store::{Store, StoreError};
 
 /// What every worker of one process shares.
@@ -127,6 +128,15 @@ async fn mark(store: &Store, keys: &[(String, String)]) {
             }
         }
     }
+}
+
+/// What a worker consumes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// Send jobs from the send queue.
+    Jobs,
+    /// Delivery outcomes from the outcomes queue.
+    Outcomes,
 }
 
 /// Why a worker must drop its broker session and start a new one.
@@ -218,7 +228,7 @@ fn next_delay(backoff: &mut ExponentialBackoff) -> Duration {
 impl Gate {
     /// Runs one worker until `stop` is cancelled: connect, consume, and
     /// reconnect whenever the session fails.
-    pub async fn run_worker(self: Arc<Self>, worker: usize, stop: CancellationToken) {
+    pub async fn run_worker(self: Arc<Self>, worker: usize, role: Role, stop: CancellationToken) {
         let mut backoff = retry_backoff();
         let mut connected_before = false;
         loop {
@@ -227,7 +237,7 @@ impl Gate {
             }
             let opened = tokio::select! {
                 _ = stop.cancelled() => return,
-                opened = self.open_session(worker) => opened,
+                opened = self.open_session(worker, role) => opened,
             };
             let (connection, channel, consumer) = match opened {
                 Ok(session) => session,
@@ -245,12 +255,18 @@ impl Gate {
                 metrics::amqp_reconnected();
                 info!(worker, "reconnected to the broker");
             } else {
-                info!(worker, queue = %self.settings.amqp.send_queue, "consuming");
+                info!(worker, ?role, "consuming");
             }
             connected_before = true;
             backoff.reset();
             self.health.broker_connected();
-            let result = self.consume(worker, &channel, consumer, &stop).await;
+            let result = match role {
+                Role::Jobs => self.consume(worker, &channel, consumer, &stop).await,
+                Role::Outcomes => {
+                    self.consume_outcomes(worker, &channel, consumer, &stop)
+                        .await
+                }
+            };
             self.health.broker_disconnected();
             match result {
                 Ok(()) => {
@@ -272,6 +288,7 @@ impl Gate {
     async fn open_session(
         &self,
         worker: usize,
+        role: Role,
     ) -> lapin::Result<(Connection, Channel, lapin::Consumer)> {
         let settings = &self.settings.amqp;
         let connection = amqp::connect(settings, &format!("sendgate worker {worker}")).await?;
@@ -284,9 +301,13 @@ impl Gate {
         channel
             .confirm_select(ConfirmSelectOptions::default())
             .await?;
+        let queue = match role {
+            Role::Jobs => &settings.send_queue,
+            Role::Outcomes => &settings.outcomes_queue,
+        };
         let consumer = channel
             .basic_consume(
-                settings.send_queue.as_str().into(),
+                queue.as_str().into(),
                 format!("sendgate-{}-{worker}", std::process::id()).into(),
                 BasicConsumeOptions::default(),
                 FieldTable::default(),
@@ -487,19 +508,9 @@ impl Gate {
                 started,
             } => (done, confirms, started),
         };
-        let mut failed = self.await_outcomes(worker, confirms).await?;
-        let mut backoff = retry_backoff();
-        while !failed.is_empty() {
-            let delay = next_delay(&mut backoff);
-            warn!(worker, failed = failed.len(), retry_in = ?delay,
-                "outcomes not accepted by the broker; re-declaring the topology and retrying");
-            tokio::time::sleep(delay).await;
-            amqp::declare_topology(channel, &self.settings.amqp).await?;
-            let confirms = self
-                .send_outcomes(channel, &done.batch, &done.outgoing, &failed)
-                .await?;
-            failed = self.await_outcomes(worker, confirms).await?;
-        }
+        let failed = self.await_outcomes(worker, confirms).await?;
+        self.republish_until_accepted(worker, channel, &done.batch, &done.outgoing, failed)
+            .await?;
         let publish_time = started.elapsed();
 
         // The confirmed forwards are marked in the background, off the ack
@@ -625,6 +636,138 @@ impl Gate {
             pending.push((i, confirm));
         }
         Ok(Confirms { pending, deadline })
+    }
+
+    /// Publishes again, with backoff and after re-declaring the topology,
+    /// the outcomes the broker refused, until it accepts them all.
+    async fn republish_until_accepted(
+        &self,
+        worker: usize,
+        channel: &Channel,
+        batch: &[Received],
+        outgoing: &[Option<Outgoing>],
+        mut failed: Vec<usize>,
+    ) -> Result<(), SessionError> {
+        let mut backoff = retry_backoff();
+        while !failed.is_empty() {
+            let delay = next_delay(&mut backoff);
+            warn!(worker, failed = failed.len(), retry_in = ?delay,
+                "outcomes not accepted by the broker; re-declaring the topology and retrying");
+            tokio::time::sleep(delay).await;
+            amqp::declare_topology(channel, &self.settings.amqp).await?;
+            let confirms = self
+                .send_outcomes(channel, batch, outgoing, &failed)
+                .await?;
+            failed = self.await_outcomes(worker, confirms).await?;
+        }
+        Ok(())
+    }
+
+    /// Consumes delivery outcome reports until `stop`: each batch settles its
+    /// reservations in one transaction; reports naming no reservation, and
+    /// malformed ones, are dead-lettered; then the batch is acked.
+    async fn consume_outcomes(
+        &self,
+        worker: usize,
+        channel: &Channel,
+        mut consumer: lapin::Consumer,
+        stop: &CancellationToken,
+    ) -> Result<(), SessionError> {
+        while let Some(batch) = self.gather(channel, &mut consumer, stop).await? {
+            let mut reports = Vec::new();
+            let mut slots = Vec::new();
+            let mut dead: Vec<Option<Decision>> = Vec::with_capacity(batch.len());
+            let mut results: Vec<&'static str> = Vec::with_capacity(batch.len());
+            for (slot, received) in batch.iter().enumerate() {
+                match Report::parse(&received.delivery.data) {
+                    Ok(report) => {
+                        reports.push(report);
+                        slots.push(slot);
+                        dead.push(None);
+                        results.push("");
+                    }
+                    Err(invalid) => {
+                        dead.push(Some(Decision::dead_letter(
+                            Reason::InvalidOutcome,
+                            invalid.0,
+                        )));
+                        results.push("invalid");
+                    }
+                }
+            }
+            let settled = {
+                let mut backoff = retry_backoff();
+                loop {
+                    match self.store.settle(&reports, self.clock.now()).await {
+                        Ok(settled) => break Ok(settled),
+                        Err(err) if err.is_transient() => {
+                            metrics::db_error(err.kind());
+                            let delay = next_delay(&mut backoff);
+                            warn!(worker, error = %err, retry_in = ?delay,
+                                "database unavailable; holding the outcomes and retrying");
+                            tokio::time::sleep(delay).await;
+                        }
+                        Err(err) => break Err(err),
+                    }
+                }
+            };
+            let settled = match settled {
+                Ok(settled) => settled,
+                Err(err) => {
+                    metrics::db_error(err.kind());
+                    error!(worker, error = %err, "cannot settle outcomes; returning them to the queue");
+                    self.requeue_after_error(&batch).await?;
+                    continue;
+                }
+            };
+            for ((slot, report), result) in slots.iter().zip(&reports).zip(settled) {
+                results[*slot] = result.as_str();
+                if result == Settled::Unknown {
+                    dead[*slot] = Some(Decision::dead_letter(
+                        Reason::UnknownReservation,
+                        format!(
+                            "no reservation for account `{}` and key `{}`",
+                            report.account_id, report.idempotency_key
+                        ),
+                    ));
+                }
+            }
+            let outgoing: Vec<Option<Outgoing>> = batch
+                .iter()
+                .zip(&dead)
+                .map(|(received, decision)| {
+                    decision.as_ref().and_then(|d| {
+                        let key = received
+                            .delivery
+                            .properties
+                            .message_id()
+                            .as_ref()
+                            .map(|k| k.as_str());
+                        amqp::outgoing(&self.settings.amqp, &received.delivery.properties, key, d)
+                    })
+                })
+                .collect();
+            let pending: Vec<usize> = (0..outgoing.len())
+                .filter(|i| outgoing[*i].is_some())
+                .collect();
+            if !pending.is_empty() {
+                let confirms = self
+                    .send_outcomes(channel, &batch, &outgoing, &pending)
+                    .await?;
+                let failed = self.await_outcomes(worker, confirms).await?;
+                self.republish_until_accepted(worker, channel, &batch, &outgoing, failed)
+                    .await?;
+            }
+            let last = &batch[batch.len() - 1].delivery;
+            if !last.acker.ack(BasicAckOptions { multiple: true }).await? {
+                return Err(SessionError::AckFailed);
+            }
+            for result in results {
+                metrics::outcome(result);
+            }
+            debug!(worker, reports = batch.len(), "outcomes settled");
+        }
+        Ok(())
     }
 
     /// Waits for the confirms; returns the outcomes the broker nacked or

@@ -15,6 +15,8 @@
 //! - [`decision`] decides a whole batch of jobs against the state of their
 //!   accounts and says what to write. Pure, so it is unit- and
 //!   property-tested without a database.
+//! - [`settle`] settles reservations with delivery outcomes (commit or
+//!   release). Pure.
 //! - [`store`] owns every SQL statement: accounts, the append-only credit
 //!   ledger, reservations and Pro usage. A batch is decided in one
 //!   transaction that locks its accounts in id order.
@@ -44,6 +46,7 @@ pub mod http;
 pub mod job;
 pub mod metrics;
 pub mod plan;
+pub mod settle;
 pub mod shutdown;
 pub mod store;
 pub mod telemetry;

@@ -21,6 +21,8 @@ pub const AMQP_RECONNECTS: &str = "sendgate_amqp_reconnects_total";
 pub const DB_ERRORS: &str = "sendgate_db_errors_total";
 pub const PUBLISH_FAILURES: &str = "sendgate_publish_failures_total";
 pub const QUEUE_MESSAGES: &str = "sendgate_queue_messages";
+pub const OUTCOMES: &str = "sendgate_outcomes_total";
+pub const HOLDS_EXPIRED: &str = "sendgate_holds_expired_total";
 pub const READY: &str = "sendgate_ready";
 pub const BUILD_INFO: &str = "sendgate_build_info";
 
@@ -143,6 +145,23 @@ pub const CATALOGUE: &[MetricDoc] = &[
         help: "Messages ready in each queue, polled with a passive declare.",
     },
     MetricDoc {
+        name: OUTCOMES,
+        kind: Kind::Counter,
+        labels: &[(
+            "result",
+            "committed, released, already_settled, unknown_reservation, invalid",
+        )],
+        unit: "reports",
+        help: "Delivery outcome reports, by what they did to their reservation.",
+    },
+    MetricDoc {
+        name: HOLDS_EXPIRED,
+        kind: Kind::Counter,
+        labels: &[],
+        unit: "reservations",
+        help: "Held reservations committed by the sweep because no outcome came within the hold time.",
+    },
+    MetricDoc {
         name: READY,
         kind: Kind::Gauge,
         labels: &[],
@@ -250,6 +269,16 @@ fn describe() {
     counter!(JOBS_DUPLICATE).absolute(0);
     counter!(AMQP_RECONNECTS).absolute(0);
     counter!(PUBLISH_FAILURES).absolute(0);
+    counter!(HOLDS_EXPIRED).absolute(0);
+    for result in [
+        "committed",
+        "released",
+        "already_settled",
+        "unknown_reservation",
+        "invalid",
+    ] {
+        counter!(OUTCOMES, "result" => result).absolute(0);
+    }
     counter!(DB_ERRORS, "kind" => "unavailable").absolute(0);
     for plan in Plan::ALL {
         let charge = Charge::for_plan(plan);
@@ -302,6 +331,14 @@ pub fn db_error(kind: &'static str) {
 
 pub fn publish_failed() {
     counter!(PUBLISH_FAILURES).increment(1);
+}
+
+pub fn outcome(result: &'static str) {
+    counter!(OUTCOMES, "result" => result).increment(1);
+}
+
+pub fn holds_expired(n: u64) {
+    counter!(HOLDS_EXPIRED).increment(n);
 }
 
 /// A queue's depth; `role` is `send`, `delivery` or `dead_letter`.

@@ -102,9 +102,14 @@ pub enum Reason {
     UnknownAccount,
     InvalidJob,
     IdempotencyConflict,
+    /// An outcome report names no reservation.
+    UnknownReservation,
+    /// An outcome report is malformed.
+    InvalidOutcome,
 }
 
 impl Reason {
+    /// The reasons a send job can be refused for.
     pub const ALL: [Reason; 5] = [
         Reason::OutOfCredits,
         Reason::DailyLimitReached,
@@ -120,6 +125,8 @@ impl Reason {
             Reason::UnknownAccount => "unknown_account",
             Reason::InvalidJob => "invalid_job",
             Reason::IdempotencyConflict => "idempotency_conflict",
+            Reason::UnknownReservation => "unknown_reservation",
+            Reason::InvalidOutcome => "invalid_outcome",
         }
     }
 }

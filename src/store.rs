@@ -21,6 +21,9 @@ use crate::config::DatabaseSettings;
 use crate::decision::{AccountState, Decision, PriorReservation, decide_batch};
 use crate::job::Job;
 use crate::plan::{Charge, Limits, Plan, local_day, parse_timezone};
+use crate::settle::{
+    Report, Reservation as SettleReservation, Settled, State as SettleState, settle_batch,
+};
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 
@@ -492,12 +495,12 @@ impl Store {
             "SELECT 'usage' AS kind, u.account_id, NULL::text AS idempotency_key,
                     u.used::int8 AS used, NULL::uuid AS id, NULL::bytea AS payload_sha256,
                     NULL::text AS plan, NULL::text AS charge, NULL::int8 AS remaining,
-                    NULL::bool AS forward_confirmed
+                    NULL::bool AS forward_confirmed, NULL::text AS state
              FROM daily_usage u
              WHERE (u.account_id, u.day) IN (SELECT * FROM unnest($1::text[], $2::date[]))
              UNION ALL
              SELECT 'reservation', r.account_id, r.idempotency_key, NULL, r.id, r.payload_sha256,
-                    r.plan, r.charge, r.remaining, r.forward_confirmed
+                    r.plan, r.charge, r.remaining, r.forward_confirmed, r.state
              FROM reservations r
              WHERE (r.account_id, r.idempotency_key) IN
                    (SELECT * FROM unnest($3::text[], $4::text[]))",
@@ -529,6 +532,8 @@ impl Store {
                     charge: Charge::from_str(&charge).map_err(StoreError::InvalidAccount)?,
                     remaining: row.try_get("remaining")?,
                     forward_confirmed: row.try_get("forward_confirmed")?,
+                    released: row.try_get::<Option<String>, _>("state")?.as_deref()
+                        == Some("released"),
                 },
             );
         }
@@ -545,7 +550,15 @@ impl Store {
                          (id, account_id, idempotency_key, payload_sha256, plan, charge, usage_day, remaining)
                      SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::bytea[],
                                           $5::text[], $6::text[], $7::date[], $8::int8[])
-                     ON CONFLICT (account_id, idempotency_key) DO NOTHING
+                     -- A released reservation is charged afresh; any other
+                     -- existing row means another worker won the race.
+                     ON CONFLICT (account_id, idempotency_key) DO UPDATE SET
+                         id = EXCLUDED.id, payload_sha256 = EXCLUDED.payload_sha256,
+                         plan = EXCLUDED.plan, charge = EXCLUDED.charge,
+                         usage_day = EXCLUDED.usage_day, remaining = EXCLUDED.remaining,
+                         forward_confirmed = false, confirmed_at = NULL, created_at = now(),
+                         state = 'held', settled_at = NULL, settle_detail = NULL
+                     WHERE reservations.state = 'released'
                      RETURNING 1
                  ), ledger AS (
                      INSERT INTO credit_ledger
@@ -601,6 +614,200 @@ impl Store {
         Ok(Some(decisions))
     }
 
+    /// Settles reservations with delivery outcomes, in one transaction;
+    /// results come back in the reports' order.
+    ///
+    /// # Errors
+    /// [`StoreError::Unavailable`] when the batch should be retried.
+    pub async fn settle(
+        &self,
+        reports: &[Report],
+        now: DateTime<Utc>,
+    ) -> Result<Vec<Settled>, StoreError> {
+        if reports.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut account_ids: Vec<&str> = reports.iter().map(|r| r.account_id.as_str()).collect();
+        account_ids.sort_unstable();
+        account_ids.dedup();
+        let mut tx = self.pool.begin().await?;
+        // Same lock order as deciding: accounts by id, then their rows.
+        let rows: Vec<(String, String, String, i64)> = sqlx::query_as(
+            "SELECT id, plan, timezone, credit_balance FROM accounts
+             WHERE id = ANY($1) ORDER BY id FOR UPDATE",
+        )
+        .bind(&account_ids)
+        .fetch_all(&mut *tx)
+        .await?;
+        let mut accounts = HashMap::with_capacity(rows.len());
+        for (id, plan, timezone, credit_balance) in rows {
+            let tz = parse_timezone(&timezone).unwrap_or(Tz::UTC);
+            accounts.insert(
+                id,
+                AccountState {
+                    plan: parse_plan(plan)?,
+                    timezone: tz,
+                    credit_balance,
+                    today: local_day(now, tz),
+                    used_today: 0,
+                },
+            );
+        }
+        let (key_accounts, keys): (Vec<&str>, Vec<&str>) = reports
+            .iter()
+            .map(|r| (r.account_id.as_str(), r.idempotency_key.as_str()))
+            .unzip();
+        let rows: Vec<HeldRow> = sqlx::query_as(
+            "SELECT r.account_id, r.idempotency_key, r.id, r.charge, r.usage_day, r.state, u.used
+                 FROM reservations r
+                 LEFT JOIN daily_usage u ON u.account_id = r.account_id AND u.day = r.usage_day
+                 WHERE (r.account_id, r.idempotency_key) IN
+                       (SELECT * FROM unnest($1::text[], $2::text[]))
+                 FOR UPDATE OF r",
+        )
+        .bind(&key_accounts)
+        .bind(&keys)
+        .fetch_all(&mut *tx)
+        .await?;
+        let mut reservations = HashMap::with_capacity(rows.len());
+        let mut usage = HashMap::new();
+        for (account_id, key, id, charge, usage_day, state, used) in rows {
+            if let (Some(day), Some(used)) = (usage_day, used) {
+                usage.insert((account_id.clone(), day), i64::from(used));
+            }
+            reservations.insert(
+                (account_id, key),
+                SettleReservation {
+                    id,
+                    charge: Charge::from_str(&charge).map_err(StoreError::InvalidAccount)?,
+                    usage_day,
+                    state: SettleState::parse(&state),
+                },
+            );
+        }
+        let (results, effects) = settle_batch(reports, &reservations, &accounts, &usage, now);
+        if !effects.settled.is_empty() {
+            let st = &effects.settled;
+            let rl = &effects.releases;
+            sqlx::query(
+                "WITH settled AS (
+                     UPDATE reservations r
+                     SET state = s.state, settled_at = now(), settle_detail = s.detail
+                     FROM unnest($1::text[], $2::text[], $3::text[], $4::text[])
+                          AS s(account_id, idempotency_key, state, detail)
+                     WHERE r.account_id = s.account_id AND r.idempotency_key = s.idempotency_key
+                 ), releases AS (
+                     INSERT INTO credit_ledger
+                         (account_id, delta, kind, balance_after, idempotency_key, reservation_id, note)
+                     SELECT account_id, 1, 'release', balance_after, idempotency_key, reservation_id,
+                            'delivery failed'
+                     FROM unnest($5::text[], $6::int8[], $7::text[], $8::uuid[])
+                          AS t(account_id, balance_after, idempotency_key, reservation_id)
+                 ), balances AS (
+                     UPDATE accounts a SET credit_balance = b.balance, updated_at = now()
+                     FROM unnest($9::text[], $10::int8[]) AS b(id, balance)
+                     WHERE a.id = b.id
+                 )
+                 UPDATE daily_usage d SET used = u.used
+                 FROM unnest($11::text[], $12::date[], $13::int4[]) AS u(account_id, day, used)
+                 WHERE d.account_id = u.account_id AND d.day = u.day",
+            )
+            .bind(st.iter().map(|x| x.0.as_str()).collect::<Vec<_>>())
+            .bind(st.iter().map(|x| x.1.as_str()).collect::<Vec<_>>())
+            .bind(st.iter().map(|x| x.2.as_str()).collect::<Vec<_>>())
+            .bind(st.iter().map(|x| x.3.as_deref()).collect::<Vec<_>>())
+            .bind(rl.iter().map(|x| x.account_id.as_str()).collect::<Vec<_>>())
+            .bind(rl.iter().map(|x| x.balance_after).collect::<Vec<_>>())
+            .bind(rl.iter().map(|x| x.idempotency_key.as_str()).collect::<Vec<_>>())
+            .bind(rl.iter().map(|x| x.reservation_id).collect::<Vec<_>>())
+            .bind(effects.balances.iter().map(|x| x.0.as_str()).collect::<Vec<_>>())
+            .bind(effects.balances.iter().map(|x| x.1).collect::<Vec<_>>())
+            .bind(effects.usage.iter().map(|x| x.0.as_str()).collect::<Vec<_>>())
+            .bind(effects.usage.iter().map(|x| x.1).collect::<Vec<_>>())
+            .bind(
+                effects
+                    .usage
+                    .iter()
+                    .map(|x| i32::try_from(x.2).unwrap_or(0))
+                    .collect::<Vec<_>>(),
+            )
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(results)
+    }
+
+    /// Commits holds older than `max_age` that never got an outcome, at
+    /// most `limit` at a time. Safe with many workers: rows another sweep is
+    /// committing are skipped, never done twice.
+    ///
+    /// # Errors
+    /// [`StoreError::Unavailable`] when it should be retried.
+    pub async fn expire_holds(&self, max_age: Duration, limit: i64) -> Result<u64, StoreError> {
+        let committed = sqlx::query(
+            "UPDATE reservations r SET state = 'committed', settled_at = now(),
+                    settle_detail = 'no outcome within the hold time'
+             FROM (SELECT account_id, idempotency_key FROM reservations
+                   WHERE state = 'held' AND created_at < now() - $1::interval
+                   ORDER BY created_at LIMIT $2
+                   FOR UPDATE SKIP LOCKED) old
+             WHERE r.account_id = old.account_id AND r.idempotency_key = old.idempotency_key
+               AND r.state = 'held'",
+        )
+        .bind(format!("{} milliseconds", max_age.as_millis()))
+        .bind(limit)
+        .execute(&self.pool)
+        .await?
+        .rows_affected();
+        Ok(committed)
+    }
+
+    /// A page of an account's ledger, newest first, strictly before the row
+    /// id `before` when given.
+    ///
+    /// # Errors
+    /// [`StoreError::UnknownAccount`].
+    pub async fn ledger_page(
+        &self,
+        id: &str,
+        limit: i64,
+        before: Option<i64>,
+    ) -> Result<Vec<LedgerEntry>, StoreError> {
+        let exists: bool =
+            sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM accounts WHERE id = $1)")
+                .bind(id)
+                .fetch_one(&self.pool)
+                .await?;
+        if !exists {
+            return Err(StoreError::UnknownAccount(id.to_owned()));
+        }
+        let rows = sqlx::query(
+            "SELECT id, delta, kind, balance_after, idempotency_key, reservation_id, created_at
+             FROM credit_ledger WHERE account_id = $1 AND ($2::int8 IS NULL OR id < $2)
+             ORDER BY id DESC LIMIT $3",
+        )
+        .bind(id)
+        .bind(before)
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.into_iter()
+            .map(|row| {
+                Ok(LedgerEntry {
+                    id: row.try_get("id")?,
+                    delta: row.try_get("delta")?,
+                    kind: row.try_get("kind")?,
+                    balance_after: row.try_get("balance_after")?,
+                    idempotency_key: row.try_get("idempotency_key")?,
+                    reservation_id: row.try_get("reservation_id")?,
+                    at: row.try_get("created_at")?,
+                })
+            })
+            .collect::<Result<Vec<_>, sqlx::Error>>()
+            .map_err(StoreError::from)
+    }
+
     /// Records that the broker confirmed these forwards, so a later copy of
     /// the job is dropped as a duplicate instead of forwarded again.
     ///
@@ -624,6 +831,18 @@ impl Store {
         Ok(())
     }
 }
+
+/// A reservation row as settling reads it: account, key, id, charge,
+/// usage day, state, and that day's Pro usage.
+type HeldRow = (
+    String,
+    String,
+    Uuid,
+    String,
+    Option<NaiveDate>,
+    String,
+    Option<i32>,
+);
 
 fn parse_plan(name: String) -> Result<Plan, StoreError> {
     name.parse()

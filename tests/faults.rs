@@ -583,8 +583,8 @@ async fn check(
         .count();
 
     let double: i64 = sqlx::query_scalar(
-        "SELECT count(*) FROM (SELECT 1 FROM credit_ledger WHERE kind = 'send'
-         GROUP BY account_id, idempotency_key HAVING count(*) > 1) d",
+        "SELECT count(*) FROM (SELECT 1 FROM credit_ledger WHERE kind IN ('send', 'release')
+         GROUP BY account_id, idempotency_key HAVING sum(delta) < -1) d",
     )
     .fetch_one(store.pool())
     .await

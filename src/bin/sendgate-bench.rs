@@ -239,6 +239,10 @@ impl Bench {
             .env("SENDGATE__AMQP__DELIVERY_QUEUE", &self.names.delivery)
             .env("SENDGATE__AMQP__DEAD_LETTER_EXCHANGE", &self.names.dead)
             .env("SENDGATE__AMQP__DEAD_LETTER_QUEUE", &self.names.dead)
+            .env(
+                "SENDGATE__AMQP__OUTCOMES_QUEUE",
+                format!("{}.outcomes", self.names.send),
+            )
             .env("SENDGATE__AMQP__PREFETCH", self.args.prefetch.to_string())
             .env("SENDGATE__LOG__LEVEL", "warn")
             .env_remove("RUST_LOG")
@@ -638,6 +642,7 @@ async fn main() -> anyhow::Result<()> {
         a.delivery_queue = bench.names.delivery.clone();
         a.dead_letter_exchange = bench.names.dead.clone();
         a.dead_letter_queue = bench.names.dead.clone();
+        a.outcomes_queue = format!("{}.outcomes", bench.names.send);
         a
     })
     .await?;

@@ -73,6 +73,10 @@ impl TestEnv {
                 format!("t.{id}.dead"),
             ),
             (
+                "SENDGATE__AMQP__OUTCOMES_QUEUE".to_owned(),
+                format!("t.{id}.outcomes"),
+            ),
+            (
                 "SENDGATE__SHUTDOWN__GRACE_PERIOD_SECS".to_owned(),
                 "10".to_owned(),
             ),
@@ -113,6 +117,9 @@ impl TestEnv {
     pub fn dead_queue(&self) -> String {
         format!("t.{}.dead", self.id)
     }
+    pub fn outcomes_queue(&self) -> String {
+        format!("t.{}.outcomes", self.id)
+    }
 
     /// A migrated store on this test's database.
     pub async fn store(&self) -> Store {
@@ -138,7 +145,12 @@ impl TestEnv {
     /// Removes the test's queues and database.
     pub async fn cleanup(self) {
         let broker = Broker::connect().await;
-        for queue in [self.send_queue(), self.delivery_queue(), self.dead_queue()] {
+        for queue in [
+            self.send_queue(),
+            self.delivery_queue(),
+            self.dead_queue(),
+            self.outcomes_queue(),
+        ] {
             let _ = broker
                 .channel
                 .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())

@@ -1,0 +1,192 @@
+//! Reservations after the forward: delivery outcomes commit or release
+//! them, and holds without an outcome expire. Real RabbitMQ and Postgres.
+
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::*;
+use sendgate::clock::SystemClock;
+use sendgate::plan::Plan;
+use sendgate::store::Store;
+
+async fn report(broker: &Broker, env: &TestEnv, account: &str, key: &str, outcome: &str) {
+    let body = serde_json::json!({
+        "account_id": account, "idempotency_key": key, "outcome": outcome, "detail": "test",
+    });
+    broker
+        .publish(&env.outcomes_queue(), body.to_string().as_bytes(), None)
+        .await;
+}
+
+async fn state(store: &Store, account: &str, key: &str) -> String {
+    sqlx::query_scalar(
+        "SELECT state FROM reservations WHERE account_id = $1 AND idempotency_key = $2",
+    )
+    .bind(account)
+    .bind(key)
+    .fetch_one(store.pool())
+    .await
+    .unwrap()
+}
+
+async fn ledger_kinds(store: &Store, account: &str) -> Vec<(String, i64, i64)> {
+    sqlx::query_as(
+        "SELECT kind, delta, balance_after FROM credit_ledger WHERE account_id = $1 ORDER BY id",
+    )
+    .bind(account)
+    .fetch_all(store.pool())
+    .await
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_delivery_gives_a_free_credit_back_and_a_delivered_one_keeps_it() {
+    let mut env = TestEnv::new();
+    env.set("SENDGATE__PLANS__FREE__SIGNUP_CREDITS", "2");
+    let store = env.store().await;
+    store
+        .create_account("fay", Plan::Free, "UTC")
+        .await
+        .unwrap();
+    let gate = env.start_gate(Arc::new(SystemClock)).await;
+    let broker = env.broker().await;
+
+    let first = broker.publish_job(&env.send_queue(), "fay", "one").await;
+    broker.publish_job(&env.send_queue(), "fay", "two").await;
+    broker.take(&env.delivery_queue(), 2, WAIT).await;
+    assert_eq!(balance_and_ledger(&store, "fay").await, (0, 0));
+    assert_eq!(state(&store, "fay", "one").await, "held");
+
+    report(&broker, &env, "fay", "one", "failed").await;
+    report(&broker, &env, "fay", "two", "delivered").await;
+    eventually(WAIT, || async {
+        state(&store, "fay", "one").await == "released"
+            && state(&store, "fay", "two").await == "committed"
+    })
+    .await;
+    assert_eq!(balance_and_ledger(&store, "fay").await, (1, 1));
+    let ledger = ledger_kinds(&store, "fay").await;
+    assert_eq!(ledger.last().unwrap(), &("release".to_owned(), 1, 1));
+
+    // Duplicate and late outcomes change nothing.
+    report(&broker, &env, "fay", "one", "failed").await;
+    report(&broker, &env, "fay", "one", "delivered").await;
+    report(&broker, &env, "fay", "two", "failed").await;
+    // Outcomes for no reservation, and malformed ones, are dead-lettered.
+    report(&broker, &env, "fay", "never-sent", "failed").await;
+    broker
+        .publish(&env.outcomes_queue(), b"{\"outcome\":\"failed\"}", None)
+        .await;
+    let dead = broker.take(&env.dead_queue(), 2, WAIT).await;
+    let mut reasons: Vec<String> = dead.iter().map(|d| d.routing_key.to_string()).collect();
+    reasons.sort();
+    assert_eq!(reasons, vec!["invalid_outcome", "unknown_reservation"]);
+    assert_eq!(balance_and_ledger(&store, "fay").await, (1, 1));
+    assert_eq!(
+        ledger_kinds(&store, "fay").await.len(),
+        4,
+        "grant, two sends, one release"
+    );
+    assert_eq!(state(&store, "fay", "two").await, "committed");
+
+    // The failed send, sent again, is a new attempt: charged afresh.
+    broker.publish(&env.send_queue(), &first, None).await;
+    let again = broker.take(&env.delivery_queue(), 1, WAIT).await;
+    assert_eq!(
+        header(&again[0], "x-sendgate-credits-remaining").as_deref(),
+        Some("0")
+    );
+    assert_eq!(balance_and_ledger(&store, "fay").await, (0, 0));
+    assert_eq!(state(&store, "fay", "one").await, "held");
+
+    gate.shutdown().await;
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_pro_delivery_gives_its_daily_slot_back() {
+    let mut env = TestEnv::new();
+    env.set("SENDGATE__PLANS__PRO__DAILY_SENDS", "1");
+    let store = env.store().await;
+    store.create_account("pat", Plan::Pro, "UTC").await.unwrap();
+    let gate = env.start_gate(Arc::new(SystemClock)).await;
+    let broker = env.broker().await;
+
+    broker.publish_job(&env.send_queue(), "pat", "a").await;
+    broker.take(&env.delivery_queue(), 1, WAIT).await;
+    broker.publish_job(&env.send_queue(), "pat", "b").await;
+    let dead = broker.take(&env.dead_queue(), 1, WAIT).await;
+    assert_eq!(dead[0].routing_key.as_str(), "daily_limit_reached");
+
+    report(&broker, &env, "pat", "a", "failed").await;
+    eventually(WAIT, || async {
+        state(&store, "pat", "a").await == "released"
+    })
+    .await;
+    // The slot is back: the refused job passes now.
+    broker.publish_job(&env.send_queue(), "pat", "b").await;
+    let forwarded = broker.take(&env.delivery_queue(), 1, WAIT).await;
+    assert_eq!(
+        header(&forwarded[0], "x-sendgate-daily-remaining").as_deref(),
+        Some("0")
+    );
+
+    gate.shutdown().await;
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sweep_commits_expired_holds_once_with_two_workers_running() {
+    let mut env = TestEnv::new();
+    env.set("SENDGATE__RESERVATIONS__HOLD_SECS", "1");
+    env.set("SENDGATE__RESERVATIONS__SWEEP_INTERVAL_SECS", "1");
+    let store = env.store().await;
+    store
+        .create_account("sam", Plan::Scale, "UTC")
+        .await
+        .unwrap();
+    let before = expired_so_far();
+    let gates = vec![
+        env.start_gate(Arc::new(SystemClock)).await,
+        env.start_gate(Arc::new(SystemClock)).await,
+    ];
+    let broker = env.broker().await;
+    for i in 0..40 {
+        broker
+            .publish_job(&env.send_queue(), "sam", &format!("h-{i}"))
+            .await;
+    }
+    broker.take(&env.delivery_queue(), 40, WAIT).await;
+    eventually(WAIT, || async {
+        let held: i64 =
+            sqlx::query_scalar("SELECT count(*) FROM reservations WHERE state = 'held'")
+                .fetch_one(store.pool())
+                .await
+                .unwrap();
+        held == 0
+    })
+    .await;
+    let committed: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM reservations WHERE state = 'committed' AND settle_detail LIKE 'no outcome%'",
+    )
+    .fetch_one(store.pool())
+    .await
+    .unwrap();
+    assert_eq!(committed, 40);
+    // Both processes swept; together they committed each hold exactly once.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(expired_so_far() - before, 40.0);
+    for gate in gates {
+        gate.shutdown().await;
+    }
+    env.cleanup().await;
+}
+
+fn expired_so_far() -> f64 {
+    let text = sendgate::metrics::install().render();
+    metric_value(&text, "sendgate_holds_expired_total").unwrap_or(0.0)
+}
