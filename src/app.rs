@@ -85,7 +85,12 @@ impl App {
         } = self;
         let metrics = crate::metrics::install();
         let http_stop = CancellationToken::new();
-        let router = crate::http::router(metrics.clone(), gate.health.clone(), gate.store.clone());
+        let router = crate::http::router(metrics.clone(), gate.health.clone(), gate.store.clone())
+            .merge(crate::api::router(
+                gate.store.clone(),
+                gate.clock.clone(),
+                gate.settings.api.token.clone(),
+            ));
         let http = tokio::spawn({
             let http_stop = http_stop.clone();
             async move {

@@ -40,6 +40,51 @@ pub struct Settings {
     pub shutdown: ShutdownSettings,
     pub log: LogSettings,
     pub reservations: ReservationSettings,
+    pub api: ApiSettings,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApiSettings {
+    pub token: Token,
+}
+
+/// The account API's bearer token: never printed, compared in constant time.
+#[derive(Clone, Default, Deserialize)]
+#[serde(transparent)]
+pub struct Token(String);
+
+impl Token {
+    pub fn new(value: impl Into<String>) -> Self {
+        Self(value.into())
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// True when `presented` is the token; takes the same time wherever the
+    /// two differ.
+    pub fn matches(&self, presented: &str) -> bool {
+        let (a, b) = (self.0.as_bytes(), presented.as_bytes());
+        let mut diff = a.len() ^ b.len();
+        for (i, x) in a.iter().enumerate() {
+            diff |= usize::from(x ^ b.get(i).copied().unwrap_or(0));
+        }
+        !self.is_empty() && diff == 0
+    }
+}
+
+impl fmt::Debug for Token {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(if self.is_empty() { "<none>" } else { "***" })
+    }
+}
+
+impl Serialize for Token {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(if self.is_empty() { "" } else { "***" })
+    }
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -423,6 +468,15 @@ mod tests {
         let dump = serde_json::to_string(&settings).expect("serializable");
         assert!(!dump.contains("hunter2"), "{dump}");
         assert!(dump.contains("postgres://u:***@db/x"), "{dump}");
+    }
+
+    #[test]
+    fn the_api_token_matches_only_itself_and_never_prints() {
+        let token = Token::new("s3cret");
+        assert!(token.matches("s3cret"));
+        assert!(!token.matches("s3cre") && !token.matches("s3cretx") && !token.matches(""));
+        assert!(!Token::default().matches(""));
+        assert_eq!(format!("{token:?}"), "***");
     }
 
     #[test]

@@ -25,7 +25,8 @@
 //!   publisher confirms, ack only what the broker confirmed; reconnect with
 //!   backoff when the broker goes away.
 //! - [`app`] wires it together for `sendgate run` and drains on shutdown;
-//!   [`http`] serves `/metrics`, `/healthz`, `/readyz`; [`health`] holds the
+//!   [`http`] serves `/metrics`, `/healthz`, `/readyz`; [`api`] the
+//!   account API; [`health`] holds the
 //!   readiness the workers report.
 //! - [`depth`] polls queue depths for the metrics;
 //! - [`metrics`] owns every metric name (and `docs/metrics.md`); [`config`] the layered settings;
@@ -35,6 +36,7 @@
 #![forbid(unsafe_code)]
 
 pub mod amqp;
+pub mod api;
 pub mod app;
 pub mod clock;
 pub mod config;
