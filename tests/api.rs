@@ -134,9 +134,13 @@ async fn accounts_are_created_changed_shown_and_bad_input_is_refused() {
     let (_, body) = http_request(http, "GET", "/v1/accounts/ann/capacity", t, None).await;
     let cap = json(&body);
     assert_eq!(cap["sends_available"], 0);
-    assert!(
-        cap["next_available_at"].as_str().unwrap().ends_with('Z')
-            || cap["next_available_at"].is_string()
+    let next: chrono::DateTime<chrono::Utc> =
+        cap["next_available_at"].as_str().unwrap().parse().unwrap();
+    let tomorrow = chrono::Utc::now().date_naive() + chrono::Duration::days(1);
+    assert_eq!(
+        next.naive_utc(),
+        tomorrow.and_hms_opt(0, 0, 0).unwrap(),
+        "the next UTC day"
     );
 
     let (status, body) = http_request(
