@@ -29,6 +29,7 @@
 //!   account API; [`health`] holds the
 //!   readiness the workers report.
 //! - [`depth`] polls queue depths for the metrics;
+//! - [`redrive`] lists dead letters and moves chosen ones back;
 //! - [`metrics`] owns every metric name (and `docs/metrics.md`); [`config`] the layered settings;
 //!   [`telemetry`] logging; [`shutdown`] signals; [`clock`] the source of
 //!   "now", replaceable in tests.
@@ -48,6 +49,7 @@ pub mod http;
 pub mod job;
 pub mod metrics;
 pub mod plan;
+pub mod redrive;
 pub mod settle;
 pub mod shutdown;
 pub mod store;

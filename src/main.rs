@@ -35,6 +35,41 @@ enum Command {
     Accounts(AccountsCommand),
     /// Print the effective configuration as JSON (passwords redacted).
     Config,
+    /// Look at the dead-letter queue, or move jobs from it back to the send
+    /// queue.
+    #[command(subcommand)]
+    DeadLetters(DeadLettersCommand),
+}
+
+#[derive(Subcommand)]
+enum DeadLettersCommand {
+    /// List dead letters without moving them.
+    List {
+        #[command(flatten)]
+        filter: DeadLetterFilter,
+    },
+    /// Move matching dead letters back to the send queue, where they are
+    /// judged afresh; the others stay in place, in order.
+    Redrive {
+        #[command(flatten)]
+        filter: DeadLetterFilter,
+        /// Only show what would be moved.
+        #[arg(long)]
+        dry_run: bool,
+    },
+}
+
+#[derive(clap::Args)]
+struct DeadLetterFilter {
+    /// Only this reason (for example out_of_credits).
+    #[arg(long)]
+    reason: Option<String>,
+    /// Only this account.
+    #[arg(long)]
+    account: Option<String>,
+    /// At most this many.
+    #[arg(long, default_value_t = 1000)]
+    limit: usize,
 }
 
 #[derive(Subcommand)]
@@ -127,6 +162,7 @@ async fn execute(command: Command, settings: Settings) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Accounts(command) => accounts(command, &settings).await,
+        Command::DeadLetters(command) => dead_letters(command, &settings).await,
         Command::Config => {
             let mut out = std::io::stdout().lock();
             serde_json::to_writer_pretty(&mut out, &settings)?;
@@ -182,6 +218,56 @@ async fn accounts(command: AccountsCommand, settings: &Settings) -> anyhow::Resu
         }
     }
     store.close().await;
+    Ok(())
+}
+
+async fn dead_letters(command: DeadLettersCommand, settings: &Settings) -> anyhow::Result<()> {
+    let (filter, move_them, dry_run) = match command {
+        DeadLettersCommand::List { filter } => (filter, false, false),
+        DeadLettersCommand::Redrive { filter, dry_run } => (filter, !dry_run, dry_run),
+    };
+    let chosen = sendgate::redrive::run(
+        &settings.amqp,
+        &sendgate::redrive::Filter {
+            reason: filter.reason,
+            account: filter.account,
+        },
+        filter.limit,
+        move_them,
+    )
+    .await
+    .with_context(|| format!("dead letters at {}", settings.amqp.url.redacted()))?;
+    let mut out = std::io::stdout().lock();
+    writeln!(
+        out,
+        "{:<22}  {:<20}  {:<30}  detail",
+        "reason", "account", "idempotency key"
+    )?;
+    for d in &chosen {
+        writeln!(
+            out,
+            "{:<22}  {:<20}  {:<30}  {}",
+            d.reason,
+            d.account_id.as_deref().unwrap_or("-"),
+            d.idempotency_key.as_deref().unwrap_or("-"),
+            d.detail.as_deref().unwrap_or("")
+        )?;
+    }
+    let (n, send, dead) = (
+        chosen.len(),
+        &settings.amqp.send_queue,
+        &settings.amqp.dead_letter_queue,
+    );
+    if move_them {
+        writeln!(out, "moved {n} dead letter(s) from {dead} to {send}")?;
+    } else if dry_run {
+        writeln!(
+            out,
+            "{n} dead letter(s) would be moved from {dead} to {send}"
+        )?;
+    } else {
+        writeln!(out, "{n} dead letter(s) in {dead} match")?;
+    }
     Ok(())
 }
 

@@ -190,3 +190,106 @@ fn expired_so_far() -> f64 {
     let text = sendgate::metrics::install().render();
     metric_value(&text, "sendgate_holds_expired_total").unwrap_or(0.0)
 }
+
+fn sendgate_cli(env: &TestEnv, args: &[&str]) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_sendgate"))
+        .args(args)
+        .envs(env.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+        .env_remove("RUST_LOG")
+        .output()
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redrive_moves_exactly_the_matching_jobs_and_they_pass_after_an_upgrade() {
+    let mut env = TestEnv::new();
+    env.set("SENDGATE__PLANS__FREE__SIGNUP_CREDITS", "1");
+    let store = env.store().await;
+    store.create_account("up", Plan::Free, "UTC").await.unwrap();
+    store
+        .create_account("stay", Plan::Free, "UTC")
+        .await
+        .unwrap();
+    let gate = env.start_gate(Arc::new(SystemClock)).await;
+    let broker = env.broker().await;
+
+    // Each account spends its credit, then has jobs refused; one bad job too.
+    for (account, n) in [("up", 4), ("stay", 3)] {
+        for i in 0..n {
+            broker
+                .publish_job(&env.send_queue(), account, &format!("{account}-{i}"))
+                .await;
+        }
+    }
+    broker.publish(&env.send_queue(), b"garbage", None).await;
+    broker.take(&env.delivery_queue(), 2, WAIT).await;
+    eventually(WAIT, || async {
+        let out = sendgate_cli(&env, &["dead-letters", "list"]);
+        String::from_utf8_lossy(&out.stdout).contains("6 dead letter(s)")
+    })
+    .await;
+    gate.shutdown().await;
+
+    let listed = sendgate_cli(&env, &["dead-letters", "list", "--account", "up"]);
+    let text = String::from_utf8_lossy(&listed.stdout);
+    assert!(text.contains("3 dead letter(s)"), "{text}");
+    let order_before = sendgate_cli(&env, &["dead-letters", "list"]);
+
+    let dry = sendgate_cli(
+        &env,
+        &["dead-letters", "redrive", "--account", "up", "--dry-run"],
+    );
+    assert!(String::from_utf8_lossy(&dry.stdout).contains("3 dead letter(s) would be moved"));
+    assert_eq!(
+        String::from_utf8_lossy(&sendgate_cli(&env, &["dead-letters", "list"]).stdout),
+        String::from_utf8_lossy(&order_before.stdout),
+        "a dry run and a listing move nothing and keep the order"
+    );
+
+    // The account upgrades; its refused jobs are replayed and now pass.
+    store.set_plan("up", Plan::Pro).await.unwrap();
+    let moved = sendgate_cli(
+        &env,
+        &[
+            "dead-letters",
+            "redrive",
+            "--reason",
+            "out_of_credits",
+            "--account",
+            "up",
+        ],
+    );
+    assert!(
+        moved.status.success(),
+        "{}",
+        String::from_utf8_lossy(&moved.stderr)
+    );
+    assert!(String::from_utf8_lossy(&moved.stdout).contains("moved 3 dead letter(s)"));
+    let left = sendgate_cli(&env, &["dead-letters", "list"]);
+    let left = String::from_utf8_lossy(&left.stdout);
+    assert!(left.contains("3 dead letter(s)"), "{left}");
+    assert!(!left.contains("up-"), "only matching jobs moved: {left}");
+    // Those left keep their relative order.
+    let rows = |t: &str| {
+        t.lines()
+            .filter(|l| l.contains("stay-") || l.contains("invalid_job"))
+            .map(str::to_owned)
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(
+        rows(left.as_ref()),
+        rows(&String::from_utf8_lossy(&order_before.stdout))
+    );
+
+    let gate = env.start_gate(Arc::new(SystemClock)).await;
+    let passed = broker.take(&env.delivery_queue(), 3, WAIT).await;
+    for d in &passed {
+        assert_eq!(header(d, "x-sendgate-plan").as_deref(), Some("pro"));
+        assert!(
+            header(d, "x-sendgate-reason").is_none(),
+            "stale headers were removed"
+        );
+    }
+    gate.shutdown().await;
+    env.cleanup().await;
+}
