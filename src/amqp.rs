@@ -100,7 +100,76 @@ pub async fn declare_topology(channel: &Channel, settings: &AmqpSettings) -> lap
     channel
         .queue_declare(settings.send_queue.as_str().into(), durable, send_arguments)
         .await?;
+    declare_deferred(channel, settings).await?;
     Ok(())
+}
+
+/// The deferred queue holds pro jobs over their daily limit until the
+/// account's next day (per-message TTL), then dead-letters them back into the
+/// send queue, at least once.
+async fn declare_deferred(channel: &Channel, settings: &AmqpSettings) -> lapin::Result<()> {
+    let mut arguments = quorum();
+    arguments
+        .insert("x-dead-letter-exchange".into(), long_string(""))
+        .insert(
+            "x-dead-letter-routing-key".into(),
+            long_string(&settings.send_queue),
+        )
+        .insert(
+            "x-dead-letter-strategy".into(),
+            long_string("at-least-once"),
+        )
+        .insert("x-overflow".into(), long_string("reject-publish"));
+    channel
+        .queue_declare(
+            settings.deferred_queue.as_str().into(),
+            QueueDeclareOptions {
+                durable: true,
+                ..QueueDeclareOptions::default()
+            },
+            arguments,
+        )
+        .await?;
+    Ok(())
+}
+
+/// The message that defers a job until `until`: the original body to the
+/// deferred queue, expiring (and so returning to the send queue) then.
+pub fn deferred(
+    settings: &AmqpSettings,
+    original: &BasicProperties,
+    idempotency_key: Option<&str>,
+    until: chrono::DateTime<chrono::Utc>,
+    now: chrono::DateTime<chrono::Utc>,
+) -> Outgoing {
+    let mut headers = FieldTable::default();
+    if let Some(original_headers) = original.headers() {
+        for (name, value) in original_headers {
+            if !name.as_str().starts_with("x-sendgate-") {
+                headers.insert(name.clone(), value.clone());
+            }
+        }
+    }
+    headers
+        .insert(HEADER_DECISION.into(), long_string("deferred"))
+        .insert(
+            HEADER_RETRY_AFTER.into(),
+            long_string(&until.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)),
+        );
+    let wait_ms = (until - now).num_milliseconds().max(1);
+    let mut properties = original
+        .clone()
+        .with_delivery_mode(2)
+        .with_headers(headers)
+        .with_expiration(wait_ms.to_string().into());
+    if let Some(key) = idempotency_key {
+        properties = properties.with_message_id(key.into());
+    }
+    Outgoing {
+        exchange: ShortString::from(""),
+        routing_key: settings.deferred_queue.as_str().into(),
+        properties,
+    }
 }
 
 fn quorum() -> FieldTable {

@@ -127,6 +127,7 @@ pub struct AmqpSettings {
     pub publish_timeout_ms: u64,
     pub depth_poll_secs: u64,
     pub outcomes_queue: String,
+    pub deferred_queue: String,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -152,6 +153,17 @@ pub struct FreePlanSettings {
 #[serde(deny_unknown_fields)]
 pub struct ProPlanSettings {
     pub daily_sends: u32,
+    pub on_limit: OnLimit,
+}
+
+/// What happens to a pro job over the daily limit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnLimit {
+    /// Dead-letter it `daily_limit_reached` (the default).
+    DeadLetter,
+    /// Hold it until the account's next day starts, then gate it again.
+    Defer,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -328,6 +340,7 @@ impl Settings {
             ("amqp.dead_letter_exchange", &self.amqp.dead_letter_exchange),
             ("amqp.dead_letter_queue", &self.amqp.dead_letter_queue),
             ("amqp.outcomes_queue", &self.amqp.outcomes_queue),
+            ("amqp.deferred_queue", &self.amqp.deferred_queue),
         ] {
             if name.is_empty() || name.len() > 255 {
                 return Err(invalid(setting, "must be 1 to 255 bytes long"));

@@ -40,7 +40,7 @@ use tracing::{debug, error, info, warn};
 
 use crate::amqp::{self, Outgoing};
 use crate::clock::Clock;
-use crate::config::{DecisionLogLevel, Settings};
+use crate::config::{DecisionLogLevel, OnLimit, Settings};
 use crate::decision::Decision;
 use crate::health::Health;
 use crate::job::Job;
@@ -465,18 +465,29 @@ impl Gate {
             .into_iter()
             .map(|d| d.unwrap_or(Decision::Duplicate))
             .collect();
+        let now = self.clock.now();
         let outgoing: Vec<Option<Outgoing>> = batch
             .iter()
             .zip(&decisions)
             .zip(&keys)
-            .map(|((received, decision), key)| {
-                amqp::outgoing(
-                    &self.settings.amqp,
-                    &received.delivery.properties,
-                    key.1.as_deref(),
-                    decision,
-                )
-            })
+            .map(
+                |((received, decision), key)| match self.deferral(decision) {
+                    // Opt-in: a pro job over its daily limit waits for the next day.
+                    Some(until) => Some(amqp::deferred(
+                        &self.settings.amqp,
+                        &received.delivery.properties,
+                        key.1.as_deref(),
+                        until,
+                        now,
+                    )),
+                    None => amqp::outgoing(
+                        &self.settings.amqp,
+                        &received.delivery.properties,
+                        key.1.as_deref(),
+                        decision,
+                    ),
+                },
+            )
             .collect();
         Decided::Outcomes(Outcomes {
             batch,
@@ -554,6 +565,20 @@ impl Gate {
             );
         }
         Ok(())
+    }
+
+    /// When the job is to be deferred rather than dead-lettered: a pro
+    /// daily-limit refusal, with `[plans.pro] on_limit = "defer"`.
+    fn deferral(&self, decision: &Decision) -> Option<chrono::DateTime<chrono::Utc>> {
+        match decision {
+            Decision::DeadLetter(dead)
+                if dead.reason == Reason::DailyLimitReached
+                    && self.settings.plans.pro.on_limit == OnLimit::Defer =>
+            {
+                dead.retry_after
+            }
+            _ => None,
+        }
     }
 
     /// Decides with retries: a database outage holds the batch (and so stops
@@ -823,6 +848,16 @@ impl Gate {
                     forward.charge.as_str(),
                     "",
                     "",
+                )
+            }
+            Decision::DeadLetter(dead) if self.deferral(decision).is_some() => {
+                metrics::job_deferred();
+                (
+                    "deferred",
+                    "",
+                    "",
+                    dead.reason.as_str(),
+                    dead.detail.as_str(),
                 )
             }
             Decision::DeadLetter(dead) => {

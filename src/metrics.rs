@@ -14,6 +14,7 @@ pub const JOBS_RECEIVED: &str = "sendgate_jobs_received_total";
 pub const JOBS_FORWARDED: &str = "sendgate_jobs_forwarded_total";
 pub const JOBS_DEAD_LETTERED: &str = "sendgate_jobs_dead_lettered_total";
 pub const JOBS_DUPLICATE: &str = "sendgate_jobs_duplicate_total";
+pub const JOBS_DEFERRED: &str = "sendgate_jobs_deferred_total";
 pub const JOB_DURATION: &str = "sendgate_job_duration_seconds";
 pub const BATCH_SIZE: &str = "sendgate_batch_size";
 pub const JOBS_IN_FLIGHT: &str = "sendgate_jobs_in_flight";
@@ -91,6 +92,13 @@ pub const CATALOGUE: &[MetricDoc] = &[
         labels: &[],
         unit: "jobs",
         help: "Jobs acknowledged and dropped because the same job was already charged and forwarded.",
+    },
+    MetricDoc {
+        name: JOBS_DEFERRED,
+        kind: Kind::Counter,
+        labels: &[],
+        unit: "jobs",
+        help: "Pro jobs over their daily limit held until the account's next day (`[plans.pro] on_limit = \"defer\"`).",
     },
     MetricDoc {
         name: JOB_DURATION,
@@ -267,6 +275,7 @@ fn describe() {
     // before the first event.
     counter!(JOBS_RECEIVED).absolute(0);
     counter!(JOBS_DUPLICATE).absolute(0);
+    counter!(JOBS_DEFERRED).absolute(0);
     counter!(AMQP_RECONNECTS).absolute(0);
     counter!(PUBLISH_FAILURES).absolute(0);
     counter!(HOLDS_EXPIRED).absolute(0);
@@ -299,6 +308,10 @@ pub fn job_forwarded(plan: Plan, charge: Charge) {
 
 pub fn job_dead_lettered(reason: Reason) {
     counter!(JOBS_DEAD_LETTERED, "reason" => reason.as_str()).increment(1);
+}
+
+pub fn job_deferred() {
+    counter!(JOBS_DEFERRED).increment(1);
 }
 
 pub fn job_duplicate() {

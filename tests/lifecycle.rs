@@ -293,3 +293,49 @@ async fn redrive_moves_exactly_the_matching_jobs_and_they_pass_after_an_upgrade(
     gate.shutdown().await;
     env.cleanup().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deferred_pro_jobs_come_back_on_the_next_day_and_pass() {
+    let mut env = TestEnv::new();
+    env.set("SENDGATE__PLANS__PRO__DAILY_SENDS", "1");
+    env.set("SENDGATE__PLANS__PRO__ON_LIMIT", "defer");
+    let store = env.store().await;
+    store.create_account("dee", Plan::Pro, "UTC").await.unwrap();
+    // A short day: the next one starts 1.5 s after "now".
+    let clock = manual_clock("2026-03-01T23:59:58.500Z");
+    let gate = env.start_gate(clock.clone()).await;
+    let broker = env.broker().await;
+
+    broker.publish_job(&env.send_queue(), "dee", "today").await;
+    broker.take(&env.delivery_queue(), 1, WAIT).await;
+    let later = broker
+        .publish_job(&env.send_queue(), "dee", "tomorrow")
+        .await;
+    // Held, not dead-lettered: nothing arrives for now.
+    eventually(WAIT, || async {
+        broker.depth_of(&format!("t.{}.deferred", env.id)).await == 1
+    })
+    .await;
+    clock.set(utc("2026-03-02T00:00:00.500Z"));
+    let next_day = broker.take(&env.delivery_queue(), 1, WAIT).await;
+    assert_eq!(next_day[0].data, later);
+    assert_eq!(
+        header(&next_day[0], "x-sendgate-daily-remaining").as_deref(),
+        Some("0")
+    );
+    assert!(
+        broker
+            .take_all(&env.dead_queue(), Duration::from_millis(200))
+            .await
+            .is_empty(),
+        "nothing was dead-lettered"
+    );
+    let days: Vec<(chrono::NaiveDate, i32)> =
+        sqlx::query_as("SELECT day, used FROM daily_usage WHERE account_id = 'dee' ORDER BY day")
+            .fetch_all(store.pool())
+            .await
+            .unwrap();
+    assert_eq!(days.iter().map(|d| d.1).collect::<Vec<_>>(), vec![1, 1]);
+    gate.shutdown().await;
+    env.cleanup().await;
+}

@@ -70,6 +70,8 @@ struct Names {
     dead: String,
     p_in: String,
     p_out: String,
+    outcomes: String,
+    deferred: String,
 }
 
 struct Bench {
@@ -239,10 +241,8 @@ impl Bench {
             .env("SENDGATE__AMQP__DELIVERY_QUEUE", &self.names.delivery)
             .env("SENDGATE__AMQP__DEAD_LETTER_EXCHANGE", &self.names.dead)
             .env("SENDGATE__AMQP__DEAD_LETTER_QUEUE", &self.names.dead)
-            .env(
-                "SENDGATE__AMQP__OUTCOMES_QUEUE",
-                format!("{}.outcomes", self.names.send),
-            )
+            .env("SENDGATE__AMQP__OUTCOMES_QUEUE", &self.names.outcomes)
+            .env("SENDGATE__AMQP__DEFERRED_QUEUE", &self.names.deferred)
             .env("SENDGATE__AMQP__PREFETCH", self.args.prefetch.to_string())
             .env("SENDGATE__LOG__LEVEL", "warn")
             .env_remove("RUST_LOG")
@@ -613,6 +613,8 @@ async fn main() -> anyhow::Result<()> {
         dead: format!("bench.{id}.dead"),
         p_in: format!("bench.{id}.p-in"),
         p_out: format!("bench.{id}.p-out"),
+        outcomes: format!("bench.{id}.outcomes"),
+        deferred: format!("bench.{id}.deferred"),
     };
     Store::create_database_if_missing(&db_url).await?;
     let mut db_settings = settings.database.clone();
@@ -642,7 +644,8 @@ async fn main() -> anyhow::Result<()> {
         a.delivery_queue = bench.names.delivery.clone();
         a.dead_letter_exchange = bench.names.dead.clone();
         a.dead_letter_queue = bench.names.dead.clone();
-        a.outcomes_queue = format!("{}.outcomes", bench.names.send);
+        a.outcomes_queue = bench.names.outcomes.clone();
+        a.deferred_queue = bench.names.deferred.clone();
         a
     })
     .await?;
@@ -657,6 +660,8 @@ async fn main() -> anyhow::Result<()> {
         &bench.names.dead,
         &bench.names.p_in,
         &bench.names.p_out,
+        &bench.names.outcomes,
+        &bench.names.deferred,
     ] {
         let _ = bench
             .channel

@@ -77,6 +77,10 @@ impl TestEnv {
                 format!("t.{id}.outcomes"),
             ),
             (
+                "SENDGATE__AMQP__DEFERRED_QUEUE".to_owned(),
+                format!("t.{id}.deferred"),
+            ),
+            (
                 "SENDGATE__SHUTDOWN__GRACE_PERIOD_SECS".to_owned(),
                 "10".to_owned(),
             ),
@@ -150,6 +154,7 @@ impl TestEnv {
             self.delivery_queue(),
             self.dead_queue(),
             self.outcomes_queue(),
+            format!("t.{}.deferred", self.id),
         ] {
             let _ = broker
                 .channel
@@ -431,4 +436,23 @@ pub async fn http_request(
         .map(|(_, b)| b.to_owned())
         .unwrap_or_default();
     (status, body)
+}
+
+impl Broker {
+    /// Messages ready in `queue` (0 when it does not exist).
+    pub async fn depth_of(&self, queue: &str) -> u32 {
+        let channel = self.connection.create_channel().await.unwrap();
+        channel
+            .queue_declare(
+                queue.into(),
+                lapin::options::QueueDeclareOptions {
+                    passive: true,
+                    ..Default::default()
+                },
+                lapin::types::FieldTable::default(),
+            )
+            .await
+            .map(|q| q.message_count())
+            .unwrap_or(0)
+    }
 }
