@@ -55,6 +55,7 @@ impl App {
                 clock,
                 health,
                 marks,
+                connection: tokio::sync::Mutex::new(None),
             }),
             listener,
             marker,
@@ -147,6 +148,7 @@ impl App {
                 "grace period ran out; unfinished jobs are left unacknowledged for redelivery");
             workers.shutdown().await;
         }
+        gate.close_connection().await;
         let _ = sweeper.await;
         close_marker.cancel();
         let _ = marker.await;

@@ -56,6 +56,9 @@ pub struct Gate {
     pub clock: Arc<dyn Clock>,
     pub health: Arc<Health>,
     pub marks: Marks,
+    /// A tokio mutex: connecting awaits while it is held, so concurrent
+    /// workers wait for one connection instead of opening several.
+    pub connection: tokio::sync::Mutex<Option<Arc<Connection>>>,
 }
 
 /// Records confirmed forwards in the background: each worker hands over the
@@ -273,15 +276,50 @@ impl Gate {
                     // Stopping: unacked deliveries still prefetched go back
                     // to the queue when the channel closes.
                     let _ = channel.close(200, "sendgate shutting down".into()).await;
-                    let _ = connection.close(200, "sendgate shutting down".into()).await;
                     info!(worker, "stopped consuming");
                     return;
                 }
                 Err(err) => {
                     warn!(worker, error = %err, "lost the broker session; reconnecting");
-                    let _ = connection.close(320, "sendgate reconnecting".into()).await;
+                    let _ = channel.close(200, "sendgate reconnecting".into()).await;
+                    // A hung or broken connection is replaced for every worker.
+                    if matches!(err, SessionError::ConfirmTimeout(_))
+                        || !connection.status().connected()
+                    {
+                        self.drop_connection(&connection).await;
+                    }
                 }
             }
+        }
+    }
+
+    /// The process's broker connection, shared by every worker (each on its
+    /// own channel): one connection means one I/O thread, not one per worker.
+    /// Opens it when there is none or the last one broke.
+    async fn connection(&self) -> lapin::Result<Arc<Connection>> {
+        let mut slot = self.connection.lock().await;
+        if let Some(connection) = slot.as_ref().filter(|c| c.status().connected()) {
+            return Ok(connection.clone());
+        }
+        let connection = Arc::new(amqp::connect(&self.settings.amqp, "sendgate").await?);
+        *slot = Some(connection.clone());
+        Ok(connection)
+    }
+
+    /// Forgets (and closes) `connection` if it is still the shared one.
+    async fn drop_connection(&self, connection: &Arc<Connection>) {
+        let mut slot = self.connection.lock().await;
+        if slot.as_ref().is_some_and(|c| Arc::ptr_eq(c, connection)) {
+            *slot = None;
+            drop(slot);
+            let _ = connection.close(320, "sendgate reconnecting".into()).await;
+        }
+    }
+
+    /// Closes the shared connection, once every worker has stopped.
+    pub async fn close_connection(&self) {
+        if let Some(connection) = self.connection.lock().await.take() {
+            let _ = connection.close(200, "sendgate shutting down".into()).await;
         }
     }
 
@@ -289,10 +327,16 @@ impl Gate {
         &self,
         worker: usize,
         role: Role,
-    ) -> lapin::Result<(Connection, Channel, lapin::Consumer)> {
+    ) -> lapin::Result<(Arc<Connection>, Channel, lapin::Consumer)> {
         let settings = &self.settings.amqp;
-        let connection = amqp::connect(settings, &format!("sendgate worker {worker}")).await?;
-        let channel = connection.create_channel().await?;
+        let connection = self.connection().await?;
+        let channel = match connection.create_channel().await {
+            Ok(channel) => channel,
+            Err(err) => {
+                self.drop_connection(&connection).await;
+                return Err(err);
+            }
+        };
         amqp::declare_topology(&channel, settings).await?;
         // basic.qos is per channel: applied on every new session.
         channel
