@@ -569,7 +569,7 @@ fn terminate(child: &mut Child) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn machine() -> String {
+fn machine(postgres: &str) -> String {
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
         .and_then(|s| {
@@ -587,10 +587,7 @@ fn machine() -> String {
         .ok()
         .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
         .unwrap_or_default();
-    format!(
-        "{cores} cores ({cpu}), RabbitMQ {rabbit}, Postgres via {}",
-        "DATABASE_URL"
-    )
+    format!("{cores} cores ({cpu}), RabbitMQ {rabbit}, PostgreSQL {postgres}")
 }
 
 #[tokio::main]
@@ -754,10 +751,15 @@ async fn run_all(bench: &Bench) -> anyhow::Result<()> {
         s.lat_g_p50.push(g50);
         s.lat_g_p99.push(g99);
     }
-    write_results(bench, &s)
+    write_results(bench, &s).await
 }
 
-fn write_results(bench: &Bench, s: &Samples) -> anyhow::Result<()> {
+async fn write_results(bench: &Bench, s: &Samples) -> anyhow::Result<()> {
+    let postgres: String = sqlx::query_scalar("SHOW server_version")
+        .fetch_one(bench.store.pool())
+        .await
+        .unwrap_or_default();
+    let machine = machine(&postgres);
     let (p, g, h) = (median(&s.p), median(&s.g), median(&s.h));
     let rss = s.rss_mib.iter().copied().fold(0.0, f64::max);
     let lat_diff = median(&s.lat_g_p99) - median(&s.lat_p_p99);
@@ -774,7 +776,7 @@ fn write_results(bench: &Bench, s: &Samples) -> anyhow::Result<()> {
 | latency at {rate:.0} msg/s, G p50 / p99 | {gl50:.2} / {gl99:.2} ms | — |\n\
 | p99 latency, G minus P | {lat_diff:.2} ms | ≤ 10 ms |\n\
 | peak RSS of sendgate | {rss:.1} MiB | ≤ 64 MiB |\n",
-        machine = machine(),
+        machine = machine,
         jobs = bench.args.jobs,
         accounts = bench.args.accounts,
         prefetch = bench.args.prefetch,
@@ -794,7 +796,7 @@ fn write_results(bench: &Bench, s: &Samples) -> anyhow::Result<()> {
     std::fs::write(bench.args.out.join("latest.md"), &table)?;
     let json = serde_json::json!({
         "measured_at": when,
-        "machine": machine(),
+        "machine": machine,
         "jobs": bench.args.jobs,
         "accounts": bench.args.accounts,
         "prefetch": bench.args.prefetch,
