@@ -349,6 +349,14 @@ impl Broker {
     }
 }
 
+/// Jobs waiting in the send queue right now (0 if the broker is away).
+async fn backlog(fleet: &Fleet) -> u32 {
+    match Broker::connect_checked().await {
+        Ok(broker) => broker.depth(&fleet.env.send_queue()).await,
+        Err(_) => 0,
+    }
+}
+
 /// Waits until the send queue is empty, no worker holds a job, and the
 /// output queues stop growing.
 async fn settle(fleet: &Fleet, timeout: Duration) {
@@ -684,17 +692,32 @@ async fn finish(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_at_random_moments_loses_nothing_and_charges_nothing_twice() {
     let _serial = SERIAL.lock().await;
-    let workload = Workload::mixed(3, 3, 4, 60, 600);
+    let workload = Workload::mixed(3, 3, 4, 60, 1500);
     let (mut fleet, store, publisher) = begin(2, &workload).await;
 
+    // Kill while jobs are in flight: the victim holds unacked deliveries, and
+    // maybe a charged batch whose forwards are not confirmed yet.
     let mut kills = 0;
+    let mut under_load = 0;
     for round in 0..5u64 {
-        tokio::time::sleep(Duration::from_millis(150 + (round * 97) % 400)).await;
+        tokio::time::sleep(Duration::from_millis(100 + (round * 97) % 300)).await;
         let victim = (round % 2) as usize;
+        let in_flight = match http_get(fleet.http(victim), "/metrics").await {
+            Ok((200, text)) => metric_value(&text, "sendgate_jobs_in_flight").unwrap_or(0.0),
+            _ => 0.0,
+        };
+        if in_flight > 0.0 || !publisher.is_finished() || backlog(&fleet).await > 0 {
+            under_load += 1;
+        }
         fleet.kill9(victim);
         kills += 1;
         fleet.start(victim);
+        fleet.wait_ready(WAIT).await;
     }
+    assert!(
+        under_load >= 2,
+        "only {under_load} kills hit a worker with jobs in flight"
+    );
     fleet.wait_ready(WAIT).await;
     publisher.await.unwrap();
     settle(&fleet, Duration::from_secs(90)).await;
@@ -708,7 +731,7 @@ async fn kill_9_at_random_moments_loses_nothing_and_charges_nothing_twice() {
     )
     .await;
     report.notes.push(format!(
-        "{kills} kills; each worker holds at most {PREFETCH} unacked jobs, so at most {} downstream duplicates are allowed.",
+        "{kills} kills, {under_load} of them while jobs were arriving or in flight; each worker holds at most {PREFETCH} unacked jobs, so at most {} downstream duplicates are allowed.",
         kills * PREFETCH
     ));
     assert!(
@@ -725,15 +748,23 @@ async fn kill_9_at_random_moments_loses_nothing_and_charges_nothing_twice() {
 async fn broker_connections_closed_and_broker_restarted_mid_run() {
     let _serial = SERIAL.lock().await;
     let _restore = RabbitRestore;
-    let workload = Workload::mixed(3, 3, 4, 60, 600);
+    let workload = Workload::mixed(3, 3, 4, 60, 1500);
     let (fleet, store, publisher) = begin(2, &workload).await;
 
     tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        !publisher.is_finished(),
+        "the fault must hit a running gate"
+    );
     assert!(sh(
         "rabbitmqctl",
         &["-q", "close_all_connections", "fault injection"]
     ));
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    assert!(
+        !publisher.is_finished(),
+        "the restart must hit a running gate"
+    );
     assert!(sh("rabbitmqctl", &["-q", "stop_app"]));
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert!(sh("rabbitmqctl", &["-q", "start_app"]));
@@ -784,10 +815,14 @@ async fn broker_connections_closed_and_broker_restarted_mid_run() {
 async fn database_backends_terminated_and_postgres_restarted_mid_run() {
     let _serial = SERIAL.lock().await;
     let _restore = PostgresRestore;
-    let workload = Workload::mixed(3, 3, 4, 60, 600);
+    let workload = Workload::mixed(3, 3, 4, 60, 1500);
     let (fleet, store, publisher) = begin(2, &workload).await;
 
     tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        !publisher.is_finished(),
+        "the fault must hit a running gate"
+    );
     let db = fleet.env.db_url.rsplit('/').next().unwrap().to_owned();
     let terminated: Vec<bool> = sqlx::query_scalar(
         "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1 AND application_name = 'sendgate' AND pid <> pg_backend_pid()",
