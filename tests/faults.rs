@@ -21,8 +21,7 @@ use std::time::{Duration, Instant};
 
 use chrono::Timelike;
 use common::*;
-use lapin::options::{BasicGetOptions, QueueDeclareOptions, QueueDeleteOptions};
-use lapin::types::FieldTable;
+use lapin::options::{BasicGetOptions, QueueDeleteOptions};
 use sendgate::plan::Plan;
 use sendgate::store::Store;
 
@@ -316,25 +315,6 @@ impl Broker {
         })
     }
 
-    /// Messages ready in `queue` (0 if it does not exist).
-    async fn depth(&self, queue: &str) -> u32 {
-        let channel = self.connection.create_channel().await.unwrap();
-        match channel
-            .queue_declare(
-                queue.into(),
-                QueueDeclareOptions {
-                    passive: true,
-                    ..Default::default()
-                },
-                FieldTable::default(),
-            )
-            .await
-        {
-            Ok(q) => q.message_count(),
-            Err(_) => 0,
-        }
-    }
-
     async fn drain(&self, queue: &str) -> Vec<lapin::message::Delivery> {
         let mut got = Vec::new();
         while let Some(message) = self
@@ -352,7 +332,7 @@ impl Broker {
 /// Jobs waiting in the send queue right now (0 if the broker is away).
 async fn backlog(fleet: &Fleet) -> u32 {
     match Broker::connect_checked().await {
-        Ok(broker) => broker.depth(&fleet.env.send_queue()).await,
+        Ok(broker) => broker.depth_of(&fleet.env.send_queue()).await,
         Err(_) => 0,
     }
 }
@@ -375,10 +355,10 @@ async fn settle(fleet: &Fleet, timeout: Duration) {
                 continue;
             }
         };
-        let send = broker.depth(&fleet.env.send_queue()).await;
+        let send = broker.depth_of(&fleet.env.send_queue()).await;
         let out = (
-            broker.depth(&fleet.env.delivery_queue()).await,
-            broker.depth(&fleet.env.dead_queue()).await,
+            broker.depth_of(&fleet.env.delivery_queue()).await,
+            broker.depth_of(&fleet.env.dead_queue()).await,
         );
         let in_flight = fleet.in_flight().await;
         let _ = broker.connection.close(200, "".into()).await;
@@ -659,14 +639,21 @@ async fn begin(
     workers: usize,
     workload: &Workload,
 ) -> (Fleet, Store, tokio::task::JoinHandle<usize>) {
+    let (fleet, store) = ready_fleet(workers, workload).await;
+    let publisher = tokio::spawn(publish_all(fleet.env.send_queue(), workload.jobs.clone()));
+    (fleet, store, publisher)
+}
+
+/// A fresh database with the workload's accounts and `workers` ready
+/// sendgate processes, nothing published yet.
+async fn ready_fleet(workers: usize, workload: &Workload) -> (Fleet, Store) {
     let env = fault_env();
     let store = env.store().await;
     create_accounts(&store, workload).await;
     let mut fleet = Fleet::new(env, workers);
     fleet.start_all();
     fleet.wait_ready(WAIT).await;
-    let publisher = tokio::spawn(publish_all(fleet.env.send_queue(), workload.jobs.clone()));
-    (fleet, store, publisher)
+    (fleet, store)
 }
 
 async fn finish(
@@ -937,12 +924,7 @@ async fn four_workers_on_three_hot_accounts_forward_exactly_what_is_allowed() {
 async fn a_deleted_delivery_queue_is_recreated_and_nothing_is_acked_unrouted() {
     let _serial = SERIAL.lock().await;
     let workload = Workload::mixed(2, 2, 2, 30, 200);
-    let env = fault_env();
-    let store = env.store().await;
-    create_accounts(&store, &workload).await;
-    let mut fleet = Fleet::new(env, 2);
-    fleet.start_all();
-    fleet.wait_ready(WAIT).await;
+    let (mut fleet, store) = ready_fleet(2, &workload).await;
 
     // Delete the (still empty) delivery queue while the workers run, then
     // publish: the first forwards come back unroutable and are retried.
@@ -987,12 +969,7 @@ async fn a_deleted_delivery_queue_is_recreated_and_nothing_is_acked_unrouted() {
 async fn keys_published_twice_and_with_changed_payloads_are_charged_once() {
     let _serial = SERIAL.lock().await;
     let workload = Workload::mixed(3, 3, 4, 40, 300);
-    let env = fault_env();
-    let store = env.store().await;
-    create_accounts(&store, &workload).await;
-    let mut fleet = Fleet::new(env, 2);
-    fleet.start_all();
-    fleet.wait_ready(WAIT).await;
+    let (mut fleet, store) = ready_fleet(2, &workload).await;
 
     // Every job twice, and every 10th key a third time with another payload.
     let mut jobs = workload.jobs.clone();

@@ -350,22 +350,7 @@ where
 
 /// A minimal HTTP/1.0 GET: status code and body.
 pub async fn http_get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
-    let mut stream = tokio::net::TcpStream::connect(addr).await?;
-    stream
-        .write_all(format!("GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").as_bytes())
-        .await?;
-    let mut response = String::new();
-    stream.read_to_string(&mut response).await?;
-    let status = response
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0);
-    let body = response
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_owned())
-        .unwrap_or_default();
-    Ok((status, body))
+    try_http_request(addr, "GET", path, None, None).await
 }
 
 /// The value of an unlabelled or labelled series in Prometheus text output.
@@ -410,22 +395,33 @@ pub async fn http_request(
     token: Option<&str>,
     body: Option<&str>,
 ) -> (u16, String) {
-    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    try_http_request(addr, method, path, token, body)
+        .await
+        .expect("the HTTP listener answers")
+}
+
+async fn try_http_request(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    body: Option<&str>,
+) -> std::io::Result<(u16, String)> {
+    let mut stream = tokio::net::TcpStream::connect(addr).await?;
     let mut request = format!("{method} {path} HTTP/1.0\r\nHost: localhost\r\n");
     if let Some(token) = token {
         request.push_str(&format!("Authorization: Bearer {token}\r\n"));
     }
-    if let Some(body) = body {
-        request.push_str(&format!(
+    match body {
+        Some(body) => request.push_str(&format!(
             "Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
             body.len()
-        ));
-    } else {
-        request.push_str("\r\n");
+        )),
+        None => request.push_str("\r\n"),
     }
-    stream.write_all(request.as_bytes()).await.unwrap();
+    stream.write_all(request.as_bytes()).await?;
     let mut response = String::new();
-    stream.read_to_string(&mut response).await.unwrap();
+    stream.read_to_string(&mut response).await?;
     let status = response
         .split_whitespace()
         .nth(1)
@@ -435,13 +431,15 @@ pub async fn http_request(
         .split_once("\r\n\r\n")
         .map(|(_, b)| b.to_owned())
         .unwrap_or_default();
-    (status, body)
+    Ok((status, body))
 }
 
 impl Broker {
     /// Messages ready in `queue` (0 when it does not exist).
     pub async fn depth_of(&self, queue: &str) -> u32 {
-        let channel = self.connection.create_channel().await.unwrap();
+        let Ok(channel) = self.connection.create_channel().await else {
+            return 0;
+        };
         channel
             .queue_declare(
                 queue.into(),
