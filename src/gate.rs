@@ -47,7 +47,8 @@ use crate::job::Job;
 use crate::metrics;
 use crate::plan::Reason;
 use crate::settle::{Report, Settled};
-use crate::store::{Store, StoreError};
+use crate::store::{Decided as StoreDecided, Store, StoreError};
+use uuid::Uuid;
 
 /// What every worker of one process shares.
 pub struct Gate {
@@ -61,11 +62,30 @@ pub struct Gate {
     pub connection: tokio::sync::Mutex<Option<Arc<Connection>>>,
 }
 
-/// Records confirmed forwards in the background: each worker hands over the
-/// keys of a confirmed batch, and one task marks everything that piled up
-/// in one statement, so a busy gate spends one transaction on many batches.
+/// Records confirmed forwards in the background: each worker hands over a
+/// confirmed batch (its forward batch id, and the keys of forwards of
+/// earlier charges), and one task marks everything that piled up in one
+/// statement, so a busy gate spends one transaction on many batches.
 #[derive(Clone)]
-pub struct Marks(mpsc::UnboundedSender<Vec<(String, String)>>);
+pub struct Marks(mpsc::UnboundedSender<Confirmed>);
+
+/// Forwards the broker confirmed.
+#[derive(Debug, Default)]
+struct Confirmed {
+    batches: Vec<Uuid>,
+    keys: Vec<(String, String)>,
+}
+
+impl Confirmed {
+    fn is_empty(&self) -> bool {
+        self.batches.is_empty() && self.keys.is_empty()
+    }
+
+    fn extend(&mut self, other: Confirmed) {
+        self.batches.extend(other.batches);
+        self.keys.extend(other.keys);
+    }
+}
 
 impl Marks {
     /// Starts the marking task; it ends, after marking what is left, once
@@ -75,32 +95,32 @@ impl Marks {
         (Marks(tx), tokio::spawn(mark_forwards(store, rx, close)))
     }
 
-    fn confirmed(&self, keys: Vec<(String, String)>) {
-        if !keys.is_empty() {
+    fn confirmed(&self, confirmed: Confirmed) {
+        if !confirmed.is_empty() {
             // Only fails once the task is gone, at the very end of shutdown.
-            let _ = self.0.send(keys);
+            let _ = self.0.send(confirmed);
         }
     }
 }
 
 async fn mark_forwards(
     store: Store,
-    mut rx: mpsc::UnboundedReceiver<Vec<(String, String)>>,
+    mut rx: mpsc::UnboundedReceiver<Confirmed>,
     close: CancellationToken,
 ) {
     loop {
         let first = tokio::select! {
             biased;
-            keys = rx.recv() => keys,
+            confirmed = rx.recv() => confirmed,
             _ = close.cancelled() => None,
         };
-        let mut keys = match first {
-            Some(keys) => keys,
+        let mut pending = match first {
+            Some(confirmed) => confirmed,
             None => {
                 // Closing: mark what is still queued, then stop.
-                let mut rest = Vec::new();
-                while let Ok(keys) = rx.try_recv() {
-                    rest.extend(keys);
+                let mut rest = Confirmed::default();
+                while let Ok(more) = rx.try_recv() {
+                    rest.extend(more);
                 }
                 mark(&store, &rest).await;
                 return;
@@ -109,19 +129,26 @@ async fn mark_forwards(
         // Let a few more batches join this statement.
         tokio::time::sleep(Duration::from_millis(5)).await;
         while let Ok(more) = rx.try_recv() {
-            keys.extend(more);
+            pending.extend(more);
         }
-        mark(&store, &keys).await;
+        mark(&store, &pending).await;
     }
 }
 
 /// Best effort with retries: if this never lands, a later copy of a job is
 /// forwarded once more (same `message_id` and reservation), never charged.
-async fn mark(store: &Store, keys: &[(String, String)]) {
-    let refs: Vec<(&str, &str)> = keys.iter().map(|(a, k)| (a.as_str(), k.as_str())).collect();
+async fn mark(store: &Store, confirmed: &Confirmed) {
+    if confirmed.is_empty() {
+        return;
+    }
+    let keys: Vec<(&str, &str)> = confirmed
+        .keys
+        .iter()
+        .map(|(a, k)| (a.as_str(), k.as_str()))
+        .collect();
     let mut backoff = retry_backoff();
     for _ in 0..5 {
-        match store.confirm_forwards(&refs).await {
+        match store.confirm_forwards(&confirmed.batches, &keys).await {
             Ok(()) => return,
             Err(err) => {
                 metrics::db_error(err.kind());
@@ -178,6 +205,8 @@ struct Outcomes {
     keys: Vec<(Option<String>, Option<String>)>,
     outgoing: Vec<Option<Outgoing>>,
     decide_time: Duration,
+    /// The forward batch of this batch's new charges, if it made any.
+    forward_batch: Option<Uuid>,
     _in_flight: InFlight,
 }
 
@@ -493,7 +522,10 @@ impl Gate {
         }
 
         let started = Instant::now();
-        let decided = match self.decide(&jobs).await {
+        let StoreDecided {
+            decisions: decided,
+            batch: forward_batch,
+        } = match self.decide(&jobs).await {
             Ok(decided) => decided,
             Err(err) => {
                 error!(worker, error = %err, jobs = batch.len(),
@@ -539,6 +571,7 @@ impl Gate {
             keys,
             outgoing,
             decide_time: started.elapsed(),
+            forward_batch,
             _in_flight: in_flight,
         })
     }
@@ -571,17 +604,22 @@ impl Gate {
         // The confirmed forwards are marked in the background, off the ack
         // path; if a mark is lost, a later copy is forwarded again (same
         // reservation), never charged again.
-        let confirmed: Vec<(String, String)> = done
-            .decisions
-            .iter()
-            .zip(&done.keys)
-            .filter_map(|(d, (account, key))| match (d, account, key) {
-                (Decision::Forward(_), Some(account), Some(key)) => {
-                    Some((account.clone(), key.clone()))
-                }
-                _ => None,
-            })
-            .collect();
+        // New charges are confirmed by their batch; forwards of earlier
+        // charges by key.
+        let confirmed = Confirmed {
+            batches: done.forward_batch.into_iter().collect(),
+            keys: done
+                .decisions
+                .iter()
+                .zip(&done.keys)
+                .filter_map(|(d, (account, key))| match (d, account, key) {
+                    (Decision::Forward(f), Some(account), Some(key)) if !f.fresh => {
+                        Some((account.clone(), key.clone()))
+                    }
+                    _ => None,
+                })
+                .collect(),
+        };
         // Every earlier delivery on this channel belongs to an earlier batch,
         // already acked: one `multiple` ack covers exactly this batch.
         let last = &done.batch[done.batch.len() - 1].delivery;
@@ -627,7 +665,7 @@ impl Gate {
 
     /// Decides with retries: a database outage holds the batch (and so stops
     /// the worker pulling new work) until the database is back.
-    async fn decide(&self, jobs: &[Job]) -> Result<Vec<Decision>, StoreError> {
+    async fn decide(&self, jobs: &[Job]) -> Result<StoreDecided, StoreError> {
         let mut backoff = retry_backoff();
         loop {
             match self.store.decide(jobs, self.clock.now()).await {

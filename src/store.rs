@@ -384,13 +384,9 @@ impl Store {
     /// # Errors
     /// [`StoreError::Unavailable`] when the batch should be retried; nothing
     /// was recorded then.
-    pub async fn decide(
-        &self,
-        jobs: &[Job],
-        now: DateTime<Utc>,
-    ) -> Result<Vec<Decision>, StoreError> {
+    pub async fn decide(&self, jobs: &[Job], now: DateTime<Utc>) -> Result<Decided, StoreError> {
         if jobs.is_empty() {
-            return Ok(Vec::new());
+            return Ok(Decided::default());
         }
         // A scale account is not locked, so two workers may charge the same
         // new key at once: the second insert then finds the first one's row,
@@ -411,7 +407,7 @@ impl Store {
         &self,
         jobs: &[Job],
         now: DateTime<Utc>,
-    ) -> Result<Option<Vec<Decision>>, StoreError> {
+    ) -> Result<Option<Decided>, StoreError> {
         let mut account_ids: Vec<&str> = jobs.iter().map(|j| j.account_id.as_str()).collect();
         account_ids.sort_unstable();
         account_ids.dedup();
@@ -500,8 +496,9 @@ impl Store {
              WHERE (u.account_id, u.day) IN (SELECT * FROM unnest($1::text[], $2::date[]))
              UNION ALL
              SELECT 'reservation', r.account_id, r.idempotency_key, NULL, r.id, r.payload_sha256,
-                    r.plan, r.charge, r.remaining, r.forward_confirmed, r.state
-             FROM reservations r
+                    r.plan, r.charge, r.remaining,
+                    r.forward_confirmed OR b.confirmed_at IS NOT NULL, r.state
+             FROM reservations r LEFT JOIN forward_batches b ON b.id = r.batch_id
              WHERE (r.account_id, r.idempotency_key) IN
                    (SELECT * FROM unnest($3::text[], $4::text[]))",
         )
@@ -540,15 +537,19 @@ impl Store {
 
         let (decisions, effects) =
             decide_batch(jobs, &accounts, &prior, self.limits, now, Uuid::now_v7);
+        let batch = (!effects.is_empty()).then(Uuid::now_v7);
 
-        if !effects.is_empty() {
+        if let Some(batch) = batch {
             let r = &effects.reservations;
             let l = &effects.ledger;
             let inserted: i64 = sqlx::query_scalar(
-                "WITH new_reservations AS (
+                "WITH forward_batch AS (
+                     INSERT INTO forward_batches (id) VALUES ($19)
+                 ), new_reservations AS (
                      INSERT INTO reservations
-                         (id, account_id, idempotency_key, payload_sha256, plan, charge, usage_day, remaining)
-                     SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::bytea[],
+                         (id, account_id, idempotency_key, payload_sha256, plan, charge, usage_day,
+                          remaining, batch_id)
+                     SELECT *, $19::uuid FROM unnest($1::uuid[], $2::text[], $3::text[], $4::bytea[],
                                           $5::text[], $6::text[], $7::date[], $8::int8[])
                      -- A released reservation is charged afresh; any other
                      -- existing row means another worker won the race.
@@ -557,6 +558,7 @@ impl Store {
                          plan = EXCLUDED.plan, charge = EXCLUDED.charge,
                          usage_day = EXCLUDED.usage_day, remaining = EXCLUDED.remaining,
                          forward_confirmed = false, confirmed_at = NULL, created_at = now(),
+                         batch_id = EXCLUDED.batch_id,
                          state = 'held', settled_at = NULL, settle_detail = NULL
                      WHERE reservations.state = 'released'
                      RETURNING 1
@@ -603,6 +605,7 @@ impl Store {
                     .collect::<Vec<_>>(),
             )
             .bind(i32::try_from(self.limits.daily_sends).unwrap_or(i32::MAX))
+            .bind(batch)
             .fetch_one(&mut *tx)
             .await?;
             if inserted != r.len() as i64 {
@@ -611,7 +614,7 @@ impl Store {
             }
         }
         tx.commit().await?;
-        Ok(Some(decisions))
+        Ok(Some(Decided { decisions, batch }))
     }
 
     /// Settles reservations with delivery outcomes, in one transaction;
@@ -808,28 +811,46 @@ impl Store {
             .map_err(StoreError::from)
     }
 
-    /// Records that the broker confirmed these forwards, so a later copy of
-    /// the job is dropped as a duplicate instead of forwarded again.
+    /// Records that the broker confirmed forwards, so a later copy of a job
+    /// is dropped as a duplicate instead of forwarded again: whole batches
+    /// by id (one row each), and forwards of earlier charges by key.
     ///
     /// # Errors
     /// [`StoreError::Unavailable`] when it should be retried.
-    pub async fn confirm_forwards(&self, keys: &[(&str, &str)]) -> Result<(), StoreError> {
-        if keys.is_empty() {
+    pub async fn confirm_forwards(
+        &self,
+        batches: &[Uuid],
+        keys: &[(&str, &str)],
+    ) -> Result<(), StoreError> {
+        if batches.is_empty() && keys.is_empty() {
             return Ok(());
         }
         let (accounts, keys): (Vec<&str>, Vec<&str>) = keys.iter().copied().unzip();
         sqlx::query(
-            "UPDATE reservations r SET forward_confirmed = true, confirmed_at = now()
-             FROM unnest($1::text[], $2::text[]) AS k(account_id, idempotency_key)
+            "WITH batches AS (
+                 UPDATE forward_batches SET confirmed_at = now()
+                 WHERE id = ANY($1) AND confirmed_at IS NULL
+             )
+             UPDATE reservations r SET forward_confirmed = true, confirmed_at = now()
+             FROM unnest($2::text[], $3::text[]) AS k(account_id, idempotency_key)
              WHERE r.account_id = k.account_id AND r.idempotency_key = k.idempotency_key
                AND NOT r.forward_confirmed",
         )
+        .bind(batches)
         .bind(&accounts)
         .bind(&keys)
         .execute(&self.pool)
         .await?;
         Ok(())
     }
+}
+
+/// The decisions of a batch, and the id of the forward batch its new
+/// charges belong to (none when it charged nothing).
+#[derive(Debug, Clone, Default)]
+pub struct Decided {
+    pub decisions: Vec<Decision>,
+    pub batch: Option<Uuid>,
 }
 
 /// A reservation row as settling reads it: account, key, id, charge,

@@ -283,7 +283,11 @@ async fn a_job_charged_before_a_crash_is_forwarded_again_without_a_second_charge
 
     // A worker charged the job, then died before its forward was confirmed.
     let job = Job::parse(&body, None, 65536).unwrap();
-    let decisions = store.decide(&[job], SystemClock.now()).await.unwrap();
+    let decisions = store
+        .decide(&[job], SystemClock.now())
+        .await
+        .unwrap()
+        .decisions;
     let sendgate::decision::Decision::Forward(first) = &decisions[0] else {
         panic!("expected a forward, got {decisions:?}");
     };
