@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 
 use chrono::Timelike;
 use common::*;
-use lapin::options::{BasicGetOptions, QueueDeleteOptions};
+use lapin::options::QueueDeleteOptions;
 use sendgate::plan::Plan;
 use sendgate::store::Store;
 
@@ -224,6 +224,15 @@ impl Fleet {
     }
 }
 
+impl Fleet {
+    /// Closes the test's store and removes its database and queues.
+    async fn teardown(mut self, store: Store) {
+        store.close().await;
+        let env = std::mem::replace(&mut self.env, TestEnv::new());
+        env.cleanup().await;
+    }
+}
+
 impl Drop for Fleet {
     fn drop(&mut self) {
         for i in 0..self.workers.len() {
@@ -313,19 +322,6 @@ impl Broker {
             connection,
             channel,
         })
-    }
-
-    async fn drain(&self, queue: &str) -> Vec<lapin::message::Delivery> {
-        let mut got = Vec::new();
-        while let Some(message) = self
-            .channel
-            .basic_get(queue.into(), BasicGetOptions { no_ack: true })
-            .await
-            .unwrap()
-        {
-            got.push(message.delivery);
-        }
-        got
     }
 }
 
@@ -509,8 +505,12 @@ async fn check(
     extra_conflicts: &HashSet<String>,
 ) -> Report {
     let broker = Broker::connect().await;
-    let forwarded = broker.drain(&fleet.env.delivery_queue()).await;
-    let dead = broker.drain(&fleet.env.dead_queue()).await;
+    let forwarded = broker
+        .take_all(&fleet.env.delivery_queue(), Duration::ZERO)
+        .await;
+    let dead = broker
+        .take_all(&fleet.env.dead_queue(), Duration::ZERO)
+        .await;
     let mut report = Report {
         scenario: scenario.to_owned(),
         published: workload.total(),
@@ -669,9 +669,7 @@ async fn finish(
     fleet.stop_all().await;
     let report = check(scenario, &fleet, &store, workload, &HashSet::new()).await;
     assert_sound(&report, reasons);
-    store.close().await;
-    let env = std::mem::replace(&mut fleet.env, TestEnv::new());
-    env.cleanup().await;
+    fleet.teardown(store).await;
 }
 
 // ---------------------------------------------------------------- scenarios
@@ -726,9 +724,7 @@ async fn kill_9_at_random_moments_loses_nothing_and_charges_nothing_twice() {
         "more duplicates than jobs in flight"
     );
     assert_sound(&report, PLAN_REASONS);
-    store.close().await;
-    let env = std::mem::replace(&mut fleet.env, TestEnv::new());
-    env.cleanup().await;
+    fleet.teardown(store).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -960,9 +956,7 @@ async fn a_deleted_delivery_queue_is_recreated_and_nothing_is_acked_unrouted() {
     ));
     assert!(failures >= 1.0, "some forwards hit the missing queue");
     assert_sound(&report, PLAN_REASONS);
-    store.close().await;
-    let env = std::mem::replace(&mut fleet.env, TestEnv::new());
-    env.cleanup().await;
+    fleet.teardown(store).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1016,7 +1010,5 @@ async fn keys_published_twice_and_with_changed_payloads_are_charged_once() {
     // unconfirmed is forwarded again (same reservation, no charge): at least
     // once downstream, bounded by the repeated keys.
     assert!(report.duplicated_downstream <= workload.total());
-    store.close().await;
-    let env = std::mem::replace(&mut fleet.env, TestEnv::new());
-    env.cleanup().await;
+    fleet.teardown(store).await;
 }
