@@ -454,3 +454,18 @@ impl Broker {
             .unwrap_or(0)
     }
 }
+
+/// Whether sendgate has recorded the broker's confirm of a job's forward.
+pub async fn forward_confirmed(store: &Store, account: &str, key: &str) -> bool {
+    sqlx::query_scalar(
+        "SELECT r.forward_confirmed OR b.confirmed_at IS NOT NULL
+         FROM reservations r LEFT JOIN forward_batches b ON b.id = r.batch_id
+         WHERE r.account_id = $1 AND r.idempotency_key = $2",
+    )
+    .bind(account)
+    .bind(key)
+    .fetch_optional(store.pool())
+    .await
+    .unwrap()
+    .unwrap_or(false)
+}
