@@ -19,11 +19,14 @@
 //!   release). Pure.
 //! - [`store`] owns every SQL statement: accounts, the append-only credit
 //!   ledger, reservations and Pro usage. A batch is decided in one
-//!   transaction that locks its accounts in id order.
+//!   transaction that locks its free and pro accounts in id order; a batch
+//!   of scale accounts only (nothing to protect) takes one read and one
+//!   atomic insert, without a transaction.
 //! - [`amqp`] owns the broker topology and the shape of outcome messages.
-//! - [`gate`] is the worker loop: consume a batch, decide, publish with
-//!   publisher confirms, ack only what the broker confirmed; reconnect with
-//!   backoff when the broker goes away.
+//! - [`gate`] is the worker loop: gather jobs into batches (one transaction
+//!   at a time while the gate keeps up, more when jobs back up), decide,
+//!   publish with publisher confirms, ack only what the broker confirmed;
+//!   reconnect with backoff when the broker goes away.
 //! - [`app`] wires it together for `sendgate run` and drains on shutdown;
 //!   [`http`] serves `/metrics`, `/healthz`, `/readyz`; [`api`] the
 //!   account API; [`health`] holds the

@@ -6,19 +6,20 @@
 //! every reservation, ledger row, balance and usage change in one statement.
 //! That is a handful of round trips per batch, whatever its size.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::str::FromStr;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use chrono::{DateTime, NaiveDate, Utc};
 use chrono_tz::Tz;
 use sqlx::migrate::MigrateDatabase;
-use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
+use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions, PgRow};
 use sqlx::{Postgres, Row};
 use uuid::Uuid;
 
 use crate::config::DatabaseSettings;
-use crate::decision::{AccountState, Decision, PriorReservation, decide_batch};
+use crate::decision::{AccountState, Decision, NewReservation, PriorReservation, decide_batch};
 use crate::job::Job;
 use crate::plan::{Charge, Limits, Plan, local_day, parse_timezone};
 use crate::settle::{
@@ -150,6 +151,22 @@ pub struct AccountSummary {
 pub struct Store {
     pool: PgPool,
     limits: Limits,
+    /// Accounts last seen on the scale plan. Only a hint for choosing how to
+    /// decide a batch: the unlocked path checks every plan it reads, and a
+    /// wrong hint costs one read.
+    scale_hint: Arc<Mutex<HashSet<String>>>,
+}
+
+/// Hinted scale accounts kept at most; the hint starts over beyond this.
+const SCALE_HINT_CAPACITY: usize = 100_000;
+
+/// How an attempt at the unlocked path ended.
+enum Unlocked {
+    Done(Decided),
+    /// Another worker charged one of the keys first: decide again.
+    Raced,
+    /// A metered account or a released reservation: needs the locked path.
+    NeedsLock,
 }
 
 impl Store {
@@ -170,7 +187,11 @@ impl Store {
             .max_connections(settings.max_connections)
             .acquire_timeout(settings.acquire_timeout())
             .connect_lazy_with(options);
-        Ok(Self { pool, limits })
+        Ok(Self {
+            pool,
+            limits,
+            scale_hint: Arc::default(),
+        })
     }
 
     /// Creates the database named in `url` when it does not exist yet.
@@ -392,6 +413,13 @@ impl Store {
         // new key at once: the second insert then finds the first one's row,
         // and deciding the batch again (now seeing that row) is the answer.
         for _ in 0..3 {
+            if self.hinted_scale(jobs) {
+                match self.try_decide_unlocked(jobs, now).await? {
+                    Unlocked::Done(decided) => return Ok(decided),
+                    Unlocked::Raced => continue,
+                    Unlocked::NeedsLock => {}
+                }
+            }
             if let Some(decisions) = self.try_decide(jobs, now).await? {
                 return Ok(decisions);
             }
@@ -399,6 +427,120 @@ impl Store {
         Err(StoreError::Unavailable(sqlx::Error::Protocol(
             "the batch kept racing another worker on the same keys".to_owned(),
         )))
+    }
+
+    /// Whether every account of the batch was on the scale plan when last
+    /// seen.
+    fn hinted_scale(&self, jobs: &[Job]) -> bool {
+        let hint = self.scale_hint.lock().unwrap_or_else(|e| e.into_inner());
+        jobs.iter().all(|j| hint.contains(&j.account_id))
+    }
+
+    fn remember_plans(&self, accounts: &HashMap<String, AccountState>) {
+        let mut hint = self.scale_hint.lock().unwrap_or_else(|e| e.into_inner());
+        if hint.len() > SCALE_HINT_CAPACITY {
+            hint.clear();
+        }
+        for (id, account) in accounts {
+            if account.plan == Plan::Scale {
+                if !hint.contains(id) {
+                    hint.insert(id.clone());
+                }
+            } else {
+                hint.remove(id);
+            }
+        }
+    }
+
+    /// The unlocked path, for a batch whose accounts are all on the scale
+    /// plan: scale has no balance or daily count to protect, so nothing is
+    /// locked and no transaction is needed. One statement reads the accounts
+    /// and earlier reservations, one records the new charges (atomically: a
+    /// key another worker charged in between fails the whole statement, and
+    /// the batch is decided again). Two round trips instead of five.
+    async fn try_decide_unlocked(
+        &self,
+        jobs: &[Job],
+        now: DateTime<Utc>,
+    ) -> Result<Unlocked, StoreError> {
+        let mut account_ids: Vec<&str> = jobs.iter().map(|j| j.account_id.as_str()).collect();
+        account_ids.sort_unstable();
+        account_ids.dedup();
+        let (key_accounts, keys) = batch_keys(jobs);
+        let rows = sqlx::query(UNLOCKED_READ)
+            .bind(&account_ids)
+            .bind(&key_accounts)
+            .bind(&keys)
+            .fetch_all(&self.pool)
+            .await?;
+        let mut accounts = HashMap::with_capacity(account_ids.len());
+        let mut prior = HashMap::new();
+        for row in rows {
+            let kind: &str = row.try_get("kind")?;
+            let account_id: String = row.try_get("account_id")?;
+            if kind == "account" {
+                let plan = parse_plan(row.try_get("plan")?)?;
+                let timezone: String = row.try_get("timezone")?;
+                let tz = parse_timezone(&timezone).unwrap_or(Tz::UTC);
+                accounts.insert(
+                    account_id,
+                    AccountState {
+                        plan,
+                        timezone: tz,
+                        credit_balance: row.try_get("credit_balance")?,
+                        today: local_day(now, tz),
+                        used_today: 0,
+                    },
+                );
+            } else {
+                let reservation = prior_reservation(&row)?;
+                if reservation.released {
+                    // Charged afresh through the locked path's upsert.
+                    return Ok(Unlocked::NeedsLock);
+                }
+                prior.insert((account_id, row.try_get("idempotency_key")?), reservation);
+            }
+        }
+        if accounts.values().any(|a| a.plan != Plan::Scale) {
+            self.remember_plans(&accounts);
+            return Ok(Unlocked::NeedsLock);
+        }
+        let (decisions, effects) =
+            decide_batch(jobs, &accounts, &prior, self.limits, now, Uuid::now_v7);
+        if !(effects.ledger.is_empty() && effects.balances.is_empty() && effects.usage.is_empty()) {
+            return Ok(Unlocked::NeedsLock);
+        }
+        if effects.is_empty() {
+            return Ok(Unlocked::Done(Decided {
+                decisions,
+                batch: None,
+            }));
+        }
+        let batch = Uuid::now_v7();
+        let query = sqlx::query(
+            "WITH forward_batch AS (
+                 INSERT INTO forward_batches (id) VALUES ($9)
+             )
+             INSERT INTO reservations
+                 (id, account_id, idempotency_key, payload_sha256, plan, charge, usage_day,
+                  remaining, batch_id)
+             SELECT *, $9::uuid FROM unnest($1::uuid[], $2::text[], $3::text[], $4::bytea[],
+                                            $5::text[], $6::text[], $7::date[], $8::int8[])",
+        );
+        match bind_reservations(query, &effects.reservations)
+            .bind(batch)
+            .execute(&self.pool)
+            .await
+        {
+            Ok(_) => Ok(Unlocked::Done(Decided {
+                decisions,
+                batch: Some(batch),
+            })),
+            Err(sqlx::Error::Database(db)) if db.code().as_deref() == Some("23505") => {
+                Ok(Unlocked::Raced)
+            }
+            Err(err) => Err(err.into()),
+        }
     }
 
     /// One attempt at [`Store::decide`]; `None` when a concurrent charge of
@@ -483,31 +625,14 @@ impl Store {
             .filter(|(_, a)| a.plan == Plan::Pro)
             .map(|(id, a)| (id.as_str(), a.today))
             .unzip();
-        let (key_accounts, keys): (Vec<&str>, Vec<&str>) = jobs
-            .iter()
-            .map(|j| (j.account_id.as_str(), j.idempotency_key.as_str()))
-            .unzip();
-        let rows = sqlx::query(
-            "SELECT 'usage' AS kind, u.account_id, NULL::text AS idempotency_key,
-                    u.used::int8 AS used, NULL::uuid AS id, NULL::bytea AS payload_sha256,
-                    NULL::text AS plan, NULL::text AS charge, NULL::int8 AS remaining,
-                    NULL::bool AS forward_confirmed, NULL::text AS state
-             FROM daily_usage u
-             WHERE (u.account_id, u.day) IN (SELECT * FROM unnest($1::text[], $2::date[]))
-             UNION ALL
-             SELECT 'reservation', r.account_id, r.idempotency_key, NULL, r.id, r.payload_sha256,
-                    r.plan, r.charge, r.remaining,
-                    r.forward_confirmed OR b.confirmed_at IS NOT NULL, r.state
-             FROM reservations r LEFT JOIN forward_batches b ON b.id = r.batch_id
-             WHERE (r.account_id, r.idempotency_key) IN
-                   (SELECT * FROM unnest($3::text[], $4::text[]))",
-        )
-        .bind(&pro_ids)
-        .bind(&pro_days)
-        .bind(&key_accounts)
-        .bind(&keys)
-        .fetch_all(&mut *tx)
-        .await?;
+        let (key_accounts, keys) = batch_keys(jobs);
+        let rows = sqlx::query(PRIOR_READ)
+            .bind(&pro_ids)
+            .bind(&pro_days)
+            .bind(&key_accounts)
+            .bind(&keys)
+            .fetch_all(&mut *tx)
+            .await?;
         let mut prior = HashMap::new();
         for row in rows {
             let kind: &str = row.try_get("kind")?;
@@ -518,23 +643,13 @@ impl Store {
                 }
                 continue;
             }
-            let hash: Vec<u8> = row.try_get("payload_sha256")?;
-            let charge: String = row.try_get("charge")?;
             prior.insert(
                 (account_id, row.try_get("idempotency_key")?),
-                PriorReservation {
-                    id: row.try_get("id")?,
-                    payload_sha256: hash.try_into().unwrap_or([0; 32]),
-                    plan: parse_plan(row.try_get("plan")?)?,
-                    charge: Charge::from_str(&charge).map_err(StoreError::InvalidAccount)?,
-                    remaining: row.try_get("remaining")?,
-                    forward_confirmed: row.try_get("forward_confirmed")?,
-                    released: row.try_get::<Option<String>, _>("state")?.as_deref()
-                        == Some("released"),
-                },
+                prior_reservation(&row)?,
             );
         }
 
+        self.remember_plans(&accounts);
         let (decisions, effects) =
             decide_batch(jobs, &accounts, &prior, self.limits, now, Uuid::now_v7);
         let batch = (!effects.is_empty()).then(Uuid::now_v7);
@@ -542,7 +657,7 @@ impl Store {
         if let Some(batch) = batch {
             let r = &effects.reservations;
             let l = &effects.ledger;
-            let inserted: i64 = sqlx::query_scalar(
+            let query = sqlx::query(
                 "WITH forward_batch AS (
                      INSERT INTO forward_batches (id) VALUES ($19)
                  ), new_reservations AS (
@@ -581,33 +696,44 @@ impl Store {
                  )
                  SELECT count(*) FROM new_reservations",
             )
-            .bind(r.iter().map(|x| x.id).collect::<Vec<_>>())
-            .bind(r.iter().map(|x| x.account_id.as_str()).collect::<Vec<_>>())
-            .bind(r.iter().map(|x| x.idempotency_key.as_str()).collect::<Vec<_>>())
-            .bind(r.iter().map(|x| x.payload_sha256.to_vec()).collect::<Vec<_>>())
-            .bind(r.iter().map(|x| x.plan.as_str()).collect::<Vec<_>>())
-            .bind(r.iter().map(|x| x.charge.as_str()).collect::<Vec<_>>())
-            .bind(r.iter().map(|x| x.usage_day).collect::<Vec<_>>())
-            .bind(r.iter().map(|x| x.remaining).collect::<Vec<_>>())
-            .bind(l.iter().map(|x| x.account_id.as_str()).collect::<Vec<_>>())
-            .bind(l.iter().map(|x| x.balance_after).collect::<Vec<_>>())
-            .bind(l.iter().map(|x| x.idempotency_key.as_str()).collect::<Vec<_>>())
-            .bind(l.iter().map(|x| x.reservation_id).collect::<Vec<_>>())
-            .bind(effects.balances.iter().map(|x| x.0.as_str()).collect::<Vec<_>>())
-            .bind(effects.balances.iter().map(|x| x.1).collect::<Vec<_>>())
-            .bind(effects.usage.iter().map(|x| x.0.as_str()).collect::<Vec<_>>())
-            .bind(effects.usage.iter().map(|x| x.1).collect::<Vec<_>>())
-            .bind(
-                effects
-                    .usage
-                    .iter()
-                    .map(|x| i32::try_from(x.2).unwrap_or(i32::MAX))
-                    .collect::<Vec<_>>(),
-            )
-            .bind(i32::try_from(self.limits.daily_sends).unwrap_or(i32::MAX))
-            .bind(batch)
-            .fetch_one(&mut *tx)
-            .await?;
+            ;
+            let inserted: i64 = bind_reservations(query, r)
+                .bind(l.iter().map(|x| x.account_id.as_str()).collect::<Vec<_>>())
+                .bind(l.iter().map(|x| x.balance_after).collect::<Vec<_>>())
+                .bind(
+                    l.iter()
+                        .map(|x| x.idempotency_key.as_str())
+                        .collect::<Vec<_>>(),
+                )
+                .bind(l.iter().map(|x| x.reservation_id).collect::<Vec<_>>())
+                .bind(
+                    effects
+                        .balances
+                        .iter()
+                        .map(|x| x.0.as_str())
+                        .collect::<Vec<_>>(),
+                )
+                .bind(effects.balances.iter().map(|x| x.1).collect::<Vec<_>>())
+                .bind(
+                    effects
+                        .usage
+                        .iter()
+                        .map(|x| x.0.as_str())
+                        .collect::<Vec<_>>(),
+                )
+                .bind(effects.usage.iter().map(|x| x.1).collect::<Vec<_>>())
+                .bind(
+                    effects
+                        .usage
+                        .iter()
+                        .map(|x| i32::try_from(x.2).unwrap_or(i32::MAX))
+                        .collect::<Vec<_>>(),
+                )
+                .bind(i32::try_from(self.limits.daily_sends).unwrap_or(i32::MAX))
+                .bind(batch)
+                .fetch_one(&mut *tx)
+                .await?
+                .try_get(0)?;
             if inserted != r.len() as i64 {
                 tx.rollback().await?;
                 return Ok(None);
@@ -844,6 +970,121 @@ impl Store {
         Ok(())
     }
 }
+
+/// The distinct (account, key) pairs of a batch, as two parallel arrays.
+fn batch_keys(jobs: &[Job]) -> (Vec<&str>, Vec<&str>) {
+    let mut pairs: Vec<(&str, &str)> = jobs
+        .iter()
+        .map(|j| (j.account_id.as_str(), j.idempotency_key.as_str()))
+        .collect();
+    pairs.sort_unstable();
+    pairs.dedup();
+    pairs.into_iter().unzip()
+}
+
+/// Binds new reservations as parameters $1 to $8 (parallel arrays).
+fn bind_reservations<'q>(
+    query: sqlx::query::Query<'q, Postgres, sqlx::postgres::PgArguments>,
+    r: &'q [NewReservation],
+) -> sqlx::query::Query<'q, Postgres, sqlx::postgres::PgArguments> {
+    query
+        .bind(r.iter().map(|x| x.id).collect::<Vec<_>>())
+        .bind(r.iter().map(|x| x.account_id.as_str()).collect::<Vec<_>>())
+        .bind(
+            r.iter()
+                .map(|x| x.idempotency_key.as_str())
+                .collect::<Vec<_>>(),
+        )
+        .bind(
+            r.iter()
+                .map(|x| x.payload_sha256.to_vec())
+                .collect::<Vec<_>>(),
+        )
+        .bind(r.iter().map(|x| x.plan.as_str()).collect::<Vec<_>>())
+        .bind(r.iter().map(|x| x.charge.as_str()).collect::<Vec<_>>())
+        .bind(r.iter().map(|x| x.usage_day).collect::<Vec<_>>())
+        .bind(r.iter().map(|x| x.remaining).collect::<Vec<_>>())
+}
+
+/// A reservation row as the decision reads it (the columns of
+/// [`RESERVATION_LOOKUP`]).
+fn prior_reservation(row: &PgRow) -> Result<PriorReservation, StoreError> {
+    let hash: Vec<u8> = row.try_get("payload_sha256")?;
+    let charge: String = row.try_get("charge")?;
+    Ok(PriorReservation {
+        id: row.try_get("id")?,
+        payload_sha256: hash.try_into().unwrap_or([0; 32]),
+        plan: parse_plan(row.try_get("plan")?)?,
+        charge: Charge::from_str(&charge).map_err(StoreError::InvalidAccount)?,
+        remaining: row.try_get("remaining")?,
+        forward_confirmed: row.try_get("forward_confirmed")?,
+        released: row.try_get::<Option<String>, _>("state")?.as_deref() == Some("released"),
+    })
+}
+
+/// SQL text (a literal, for `concat!`): the earlier reservations of a
+/// batch's keys (`$accounts`, `$keys`: two parallel text arrays), as
+/// `kind = 'reservation'` rows in the column order of [`prior_reservation`].
+///
+/// Each key is looked up on its own through the primary key (a LATERAL
+/// subquery, fenced by OFFSET 0 so the planner cannot turn it into a join).
+/// A statement's plan is prepared once per connection, often while the
+/// tables are still small and without statistics; a join the planner chose
+/// then would scan the whole table for every batch once it has grown, until
+/// the next ANALYZE.
+macro_rules! reservation_lookup {
+    ($accounts:literal, $keys:literal) => {
+        concat!(
+            "SELECT 'reservation', k.account_id, k.idempotency_key, NULL::int8, r.id,
+                    r.payload_sha256, r.plan, r.charge, r.remaining, r.forward_confirmed,
+                    r.state, NULL::text, NULL::int8
+             FROM unnest(",
+            $accounts,
+            "::text[], ",
+            $keys,
+            "::text[])
+                  AS k(account_id, idempotency_key)
+             CROSS JOIN LATERAL (
+                 SELECT r.id, r.payload_sha256, r.plan, r.charge, r.remaining,
+                        r.forward_confirmed OR b.confirmed_at IS NOT NULL AS forward_confirmed,
+                        r.state
+                 FROM reservations r LEFT JOIN forward_batches b ON b.id = r.batch_id
+                 WHERE r.account_id = k.account_id AND r.idempotency_key = k.idempotency_key
+                 OFFSET 0
+             ) r"
+        )
+    };
+}
+
+/// Pro usage ($1 accounts, $2 days) and earlier reservations ($3, $4), read
+/// once the batch's metered accounts are locked.
+const PRIOR_READ: &str = concat!(
+    "SELECT 'usage' AS kind, k.account_id, NULL::text AS idempotency_key,
+            u.used::int8 AS used, NULL::uuid AS id, NULL::bytea AS payload_sha256,
+            NULL::text AS plan, NULL::text AS charge, NULL::int8 AS remaining,
+            NULL::bool AS forward_confirmed, NULL::text AS state,
+            NULL::text AS timezone, NULL::int8 AS credit_balance
+     FROM unnest($1::text[], $2::date[]) AS k(account_id, day)
+     CROSS JOIN LATERAL (
+         SELECT u.used FROM daily_usage u
+         WHERE u.account_id = k.account_id AND u.day = k.day OFFSET 0
+     ) u
+     UNION ALL ",
+    reservation_lookup!("$3", "$4")
+);
+
+/// Accounts ($1) and earlier reservations ($2, $3) in one unlocked read,
+/// for a batch of scale accounts.
+const UNLOCKED_READ: &str = concat!(
+    "SELECT 'account' AS kind, a.id AS account_id, NULL::text AS idempotency_key,
+            NULL::int8 AS used, NULL::uuid AS id, NULL::bytea AS payload_sha256,
+            a.plan, NULL::text AS charge, NULL::int8 AS remaining,
+            NULL::bool AS forward_confirmed, NULL::text AS state,
+            a.timezone, a.credit_balance
+     FROM accounts a WHERE a.id = ANY($1)
+     UNION ALL ",
+    reservation_lookup!("$2", "$3")
+);
 
 /// The decisions of a batch, and the id of the forward batch its new
 /// charges belong to (none when it charged nothing).
