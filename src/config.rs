@@ -177,6 +177,7 @@ pub struct JobSettings {
 pub struct GateSettings {
     pub batch_size: usize,
     pub batch_wait_ms: u64,
+    pub concurrent_batches: usize,
     pub workers: usize,
 }
 
@@ -366,6 +367,12 @@ impl Settings {
         }
         if self.gate.batch_size == 0 || self.gate.batch_size > 10_000 {
             return Err(invalid("gate.batch_size", "must be between 1 and 10000"));
+        }
+        if self.gate.concurrent_batches == 0 || self.gate.concurrent_batches > 16 {
+            return Err(invalid(
+                "gate.concurrent_batches",
+                "must be between 1 and 16",
+            ));
         }
         if self.gate.workers == 0 || self.gate.workers > 64 {
             return Err(invalid("gate.workers", "must be between 1 and 64"));

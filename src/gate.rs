@@ -27,6 +27,7 @@ use std::time::{Duration, Instant};
 use backoff::ExponentialBackoff;
 use backoff::backoff::Backoff;
 use futures_util::StreamExt;
+use futures_util::stream::FuturesOrdered;
 use lapin::message::Delivery;
 use lapin::options::{
     BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions,
@@ -227,6 +228,8 @@ enum Sent {
 struct Confirms {
     pending: Vec<(usize, lapin::PublisherConfirm)>,
     deadline: tokio::time::Instant,
+    /// When the last of them was handed to the connection.
+    sent: Instant,
 }
 
 /// The jobs-in-flight gauge follows a batch's life, however it ends.
@@ -392,10 +395,10 @@ impl Gate {
     /// Consumes until `stop` (then `Ok`) or a broker failure (then `Err`).
     ///
     /// Three stages run side by side, so the database and the broker work
-    /// at the same time: one gathers and decides batch N+2, one publishes
-    /// batch N+1, and one waits for batch N's confirms and acks it. Batches
-    /// pass from stage to stage in order, which keeps the `multiple` ack of
-    /// each batch exact.
+    /// at the same time: one gathers and decides the next batches, one
+    /// publishes batch N+1, and one waits for batch N's confirms and acks it.
+    /// Batches pass from stage to stage in the order they were gathered,
+    /// which keeps the `multiple` ack of each batch exact.
     async fn consume(
         &self,
         worker: usize,
@@ -407,13 +410,59 @@ impl Gate {
         let (sent_tx, mut sent_rx) = mpsc::channel::<Sent>(4);
         let decide_stage = async move {
             let mut consumer = consumer;
-            while let Some(batch) = self.gather(channel, &mut consumer, stop).await? {
-                let decided = self.decide_batch(worker, batch).await;
-                if decided_tx.send(decided).await.is_err() {
-                    break;
+            let gate = &self.settings.gate;
+            let (batch_size, wait) = (gate.batch_size, gate.batch_wait());
+            // Jobs received and not yet in a batch, oldest first.
+            let mut waiting: Vec<Received> = Vec::with_capacity(batch_size);
+            // Batches being decided, handed on in the order they started.
+            let mut deciding = FuturesOrdered::new();
+            let mut stopping = false;
+            loop {
+                // A full batch starts whenever fewer than `concurrent_batches`
+                // are being decided; a partial one only when none is, once
+                // its oldest job has waited `batch_wait` (at once when
+                // stopping). So a second transaction runs only when jobs
+                // back up, and no job waits for company longer than it must.
+                while !waiting.is_empty() && deciding.len() < gate.concurrent_batches {
+                    let full = waiting.len() >= batch_size;
+                    let due = deciding.is_empty() && (stopping || waiting[0].at.elapsed() >= wait);
+                    if !(full || due) {
+                        break;
+                    }
+                    let batch: Vec<Received> =
+                        waiting.drain(..waiting.len().min(batch_size)).collect();
+                    deciding.push_back(self.decide_batch(worker, batch));
+                }
+                if stopping && waiting.is_empty() && deciding.is_empty() {
+                    return Ok::<(), SessionError>(());
+                }
+                let linger = (deciding.is_empty() && !waiting.is_empty())
+                    .then(|| tokio::time::Instant::from_std(waiting[0].at + wait));
+                tokio::select! {
+                    biased;
+                    _ = stop.cancelled(), if !stopping => {
+                        // No more deliveries come; what was received is
+                        // still decided, published and acked.
+                        let _ = channel
+                            .basic_cancel(consumer.tag(), BasicCancelOptions::default())
+                            .await;
+                        stopping = true;
+                    }
+                    Some(decided) = deciding.next() => {
+                        if decided_tx.send(decided).await.is_err() {
+                            return Ok(());
+                        }
+                    }
+                    next = consumer.next(), if !stopping && waiting.len() < batch_size => {
+                        waiting.push(Received {
+                            delivery: next.ok_or(SessionError::ConsumerEnded)??,
+                            at: Instant::now(),
+                        });
+                    }
+                    _ = tokio::time::sleep_until(linger.unwrap_or_else(tokio::time::Instant::now)),
+                        if linger.is_some() => {}
                 }
             }
-            Ok::<(), SessionError>(())
         };
         let publish_stage = async move {
             while let Some(decided) = decided_rx.recv().await {
@@ -449,9 +498,10 @@ impl Gate {
         tokio::try_join!(decide_stage, publish_stage, ack_stage).map(|_| ())
     }
 
-    /// The next batch: the first delivery, then whatever arrives within the
-    /// batch wait, up to the batch size. `None` once `stop` is cancelled (the
-    /// consumer is cancelled then, so no more deliveries come).
+    /// The next batch for the outcomes consumer: the first delivery, then
+    /// whatever arrives within the batch wait, up to the batch size. `None`
+    /// once `stop` is cancelled (the consumer is cancelled then, so no more
+    /// deliveries come).
     async fn gather(
         &self,
         channel: &Channel,
@@ -533,7 +583,7 @@ impl Gate {
                 return Decided::Requeue { batch, in_flight };
             }
         };
-        metrics::batch_decided(jobs.len());
+        metrics::batch_decided(jobs.len(), started.elapsed());
         for (slot, decision) in job_slots.iter().zip(decided) {
             decisions[*slot] = Some(decision);
         }
@@ -596,6 +646,7 @@ impl Gate {
                 started,
             } => (done, confirms, started),
         };
+        let send_time = confirms.sent.saturating_duration_since(started);
         let failed = self.await_outcomes(worker, confirms).await?;
         self.republish_until_accepted(worker, channel, &done.batch, &done.outgoing, failed)
             .await?;
@@ -633,6 +684,7 @@ impl Gate {
             waited = ?done.batch[0].at.elapsed().saturating_sub(done.decide_time + publish_time),
             decide = ?done.decide_time,
             publish = ?publish_time,
+            send = ?send_time,
             "batch done"
         );
         for ((received, decision), (account, key)) in
@@ -742,7 +794,11 @@ impl Gate {
                 .map_err(|_| SessionError::ConfirmTimeout(timeout))??;
             pending.push((i, confirm));
         }
-        Ok(Confirms { pending, deadline })
+        Ok(Confirms {
+            pending,
+            deadline,
+            sent: Instant::now(),
+        })
     }
 
     /// Publishes again, with backoff and after re-declaring the topology,

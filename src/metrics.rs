@@ -17,6 +17,7 @@ pub const JOBS_DUPLICATE: &str = "sendgate_jobs_duplicate_total";
 pub const JOBS_DEFERRED: &str = "sendgate_jobs_deferred_total";
 pub const JOB_DURATION: &str = "sendgate_job_duration_seconds";
 pub const BATCH_SIZE: &str = "sendgate_batch_size";
+pub const BATCH_DECIDE: &str = "sendgate_batch_decide_seconds";
 pub const JOBS_IN_FLIGHT: &str = "sendgate_jobs_in_flight";
 pub const AMQP_RECONNECTS: &str = "sendgate_amqp_reconnects_total";
 pub const DB_ERRORS: &str = "sendgate_db_errors_total";
@@ -113,6 +114,13 @@ pub const CATALOGUE: &[MetricDoc] = &[
         labels: &[],
         unit: "jobs",
         help: "Jobs decided per database transaction.",
+    },
+    MetricDoc {
+        name: BATCH_DECIDE,
+        kind: Kind::Histogram,
+        labels: &[],
+        unit: "seconds",
+        help: "Time to decide and record one batch in the database (retries after a database error included); the database's share of `sendgate_job_duration_seconds`.",
     },
     MetricDoc {
         name: JOBS_IN_FLIGHT,
@@ -242,6 +250,12 @@ pub fn install() -> PrometheusHandle {
                         metrics_exporter_prometheus::Matcher::Full(BATCH_SIZE.to_owned()),
                         BATCH_BUCKETS,
                     )
+                })
+                .and_then(|b| {
+                    b.set_buckets_for_metric(
+                        metrics_exporter_prometheus::Matcher::Full(BATCH_DECIDE.to_owned()),
+                        DURATION_BUCKETS,
+                    )
                 });
             let recorder = match builder {
                 Ok(builder) => builder.build_recorder(),
@@ -322,8 +336,9 @@ pub fn job_done(elapsed: Duration) {
     histogram!(JOB_DURATION).record(elapsed.as_secs_f64());
 }
 
-pub fn batch_decided(size: usize) {
+pub fn batch_decided(size: usize, took: Duration) {
     histogram!(BATCH_SIZE).record(size as f64);
+    histogram!(BATCH_DECIDE).record(took.as_secs_f64());
 }
 
 pub fn in_flight_add(n: usize) {
