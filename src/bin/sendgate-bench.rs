@@ -59,6 +59,10 @@ struct Args {
     /// Where to write results.
     #[arg(long, default_value = "bench/results")]
     out: PathBuf,
+    /// Measure latency only, at this offered rate (msg/s), and skip the
+    /// throughput runs; for tuning. Nothing is written to `--out`.
+    #[arg(long)]
+    latency_rate: Option<f64>,
     /// Extra `SENDGATE__…=value` settings for the gate, repeatable.
     #[arg(long = "set", value_name = "KEY=VALUE")]
     set: Vec<String>,
@@ -680,11 +684,16 @@ async fn main() -> anyhow::Result<()> {
 async fn run_all(bench: &Bench) -> anyhow::Result<()> {
     let mut s = Samples::default();
     let runs = bench.args.runs;
+    let throughput_runs = if bench.args.latency_rate.is_some() {
+        0
+    } else {
+        runs
+    };
     eprintln!(
-        "throughput: {runs} rounds of P, G, H with {} jobs each",
+        "throughput: {throughput_runs} rounds of P, G, H with {} jobs each",
         bench.args.jobs
     );
-    for round in 0..runs {
+    for round in 0..throughput_runs {
         let p = bench.run_p().await?;
         let (g, rss_g) = bench.run_gate(&format!("g{round}"), false).await?;
         let (h, rss_h) = bench.run_gate(&format!("h{round}"), true).await?;
@@ -697,7 +706,11 @@ async fn run_all(bench: &Bench) -> anyhow::Result<()> {
         s.h.push(h);
         s.rss_mib.push(rss_g.max(rss_h));
     }
-    s.latency_rate = (median(&s.p) / 4.0).round();
+    settle(bench).await;
+    s.latency_rate = bench
+        .args
+        .latency_rate
+        .unwrap_or_else(|| (median(&s.p) / 4.0).round());
     eprintln!(
         "latency at {} msg/s for {} s",
         s.latency_rate, bench.args.latency_secs
@@ -751,7 +764,57 @@ async fn run_all(bench: &Bench) -> anyhow::Result<()> {
         s.lat_g_p50.push(g50);
         s.lat_g_p99.push(g99);
     }
+    if bench.args.latency_rate.is_some() {
+        eprintln!(
+            "latency medians: P p50 {:.2} p99 {:.2} ms | G p50 {:.2} p99 {:.2} ms | p99 G-P {:.2} ms",
+            median(&s.lat_p_p50),
+            median(&s.lat_p_p99),
+            median(&s.lat_g_p50),
+            median(&s.lat_g_p99),
+            median(&s.lat_g_p99) - median(&s.lat_p_p99),
+        );
+        return Ok(());
+    }
     write_results(bench, &s).await
+}
+
+/// Lets the work of the throughput runs finish before latency is measured:
+/// a checkpoint of what Postgres still has to write, then a wait (at most
+/// 30 s) until the machine's CPUs are mostly idle again (the broker compacts
+/// its log after the queues were drained).
+async fn settle(bench: &Bench) {
+    if let Err(err) = sqlx::query("CHECKPOINT").execute(bench.store.pool()).await {
+        eprintln!("settle: CHECKPOINT failed ({err}); going on");
+    }
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_secs(30) {
+        let before = cpu_times();
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let after = cpu_times();
+        let (busy, total) = (after.0 - before.0, after.1 - before.1);
+        if total > 0 && (busy as f64) < 0.1 * total as f64 {
+            break;
+        }
+    }
+    eprintln!("settled for {:.1} s", started.elapsed().as_secs_f64());
+}
+
+/// (busy, total) jiffies of all CPUs, from /proc/stat; zeros where it is
+/// not available.
+fn cpu_times() -> (u64, u64) {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let fields: Vec<u64> = stat
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|f| f.parse().ok())
+        .collect();
+    let total: u64 = fields.iter().sum();
+    // idle and iowait are the 4th and 5th fields.
+    let idle = fields.get(3).copied().unwrap_or(0) + fields.get(4).copied().unwrap_or(0);
+    (total - idle, total)
 }
 
 async fn write_results(bench: &Bench, s: &Samples) -> anyhow::Result<()> {
