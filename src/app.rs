@@ -43,8 +43,8 @@ impl App {
         let listener = TcpListener::bind(settings.http.listen)
             .await
             .with_context(|| format!("cannot listen on http.listen = {}", settings.http.listen))?;
-        // The job workers and the one outcomes worker.
-        let health = Arc::new(Health::new(settings.gate.workers + 1));
+        // The jobs worker and the outcomes worker.
+        let health = Arc::new(Health::new(2));
         health.set_database_ok(true);
         let close_marker = CancellationToken::new();
         let (marks, marker) = Marks::spawn(store.clone(), close_marker.clone());
@@ -121,14 +121,8 @@ impl App {
             ))
         });
         let mut workers = tokio::task::JoinSet::new();
-        for worker in 0..gate.settings.gate.workers {
-            workers.spawn(gate.clone().run_worker(worker, Role::Jobs, stop.clone()));
-        }
-        workers.spawn(gate.clone().run_worker(
-            gate.settings.gate.workers,
-            Role::Outcomes,
-            stop.clone(),
-        ));
+        workers.spawn(gate.clone().run_worker(0, Role::Jobs, stop.clone()));
+        workers.spawn(gate.clone().run_worker(1, Role::Outcomes, stop.clone()));
         let sweeper = tokio::spawn(sweep_expired_holds(
             gate.store.clone(),
             gate.settings.reservations.clone(),

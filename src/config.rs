@@ -178,7 +178,7 @@ pub struct GateSettings {
     pub batch_size: usize,
     pub batch_wait_ms: u64,
     pub concurrent_batches: usize,
-    pub workers: usize,
+    pub consumers: usize,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -374,8 +374,8 @@ impl Settings {
                 "must be between 1 and 16",
             ));
         }
-        if self.gate.workers == 0 || self.gate.workers > 64 {
-            return Err(invalid("gate.workers", "must be between 1 and 64"));
+        if self.gate.consumers == 0 || self.gate.consumers > 64 {
+            return Err(invalid("gate.consumers", "must be between 1 and 64"));
         }
         if tracing_subscriber::EnvFilter::try_new(&self.log.level).is_err() {
             return Err(invalid(

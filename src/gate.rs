@@ -183,10 +183,12 @@ enum SessionError {
     ConfirmTimeout(Duration),
 }
 
-/// A delivery and when it arrived.
+/// A delivery, when it arrived, and which of the session's channels it
+/// came on.
 struct Received {
     delivery: Delivery,
     at: Instant,
+    channel: usize,
 }
 
 /// A batch on its way from the deciding stage to the publishing stage.
@@ -274,7 +276,7 @@ impl Gate {
                 _ = stop.cancelled() => return,
                 opened = self.open_session(worker, role) => opened,
             };
-            let (connection, channel, consumer) = match opened {
+            let (connection, channels, mut consumers) = match opened {
                 Ok(session) => session,
                 Err(err) => {
                     let delay = next_delay(&mut backoff);
@@ -295,25 +297,29 @@ impl Gate {
             connected_before = true;
             backoff.reset();
             self.health.broker_connected();
-            let result = match role {
-                Role::Jobs => self.consume(worker, &channel, consumer, &stop).await,
-                Role::Outcomes => {
-                    self.consume_outcomes(worker, &channel, consumer, &stop)
+            let result = match (role, consumers.pop()) {
+                (Role::Jobs, Some(last)) => {
+                    consumers.push(last);
+                    self.consume(worker, &channels, consumers, &stop).await
+                }
+                (Role::Outcomes, Some(consumer)) => {
+                    self.consume_outcomes(worker, &channels[0], consumer, &stop)
                         .await
                 }
+                (_, None) => Err(SessionError::ConsumerEnded),
             };
             self.health.broker_disconnected();
             match result {
                 Ok(()) => {
                     // Stopping: unacked deliveries still prefetched go back
                     // to the queue when the channel closes.
-                    let _ = channel.close(200, "sendgate shutting down".into()).await;
+                    close_channels(&channels, "sendgate shutting down").await;
                     info!(worker, "stopped consuming");
                     return;
                 }
                 Err(err) => {
                     warn!(worker, error = %err, "lost the broker session; reconnecting");
-                    let _ = channel.close(200, "sendgate reconnecting".into()).await;
+                    close_channels(&channels, "sendgate reconnecting").await;
                     // A hung or broken connection is replaced for every worker.
                     if matches!(err, SessionError::ConfirmTimeout(_))
                         || !connection.status().connected()
@@ -355,21 +361,54 @@ impl Gate {
         }
     }
 
+    /// A session of `worker`: on the shared connection, one channel (with
+    /// its consumer) for the outcomes worker, `[gate] consumers` of them for
+    /// the jobs worker, all feeding its one batcher.
     async fn open_session(
         &self,
         worker: usize,
         role: Role,
-    ) -> lapin::Result<(Arc<Connection>, Channel, lapin::Consumer)> {
+    ) -> lapin::Result<(Arc<Connection>, Vec<Channel>, Vec<lapin::Consumer>)> {
         let settings = &self.settings.amqp;
         let connection = self.connection().await?;
-        let channel = match connection.create_channel().await {
-            Ok(channel) => channel,
-            Err(err) => {
-                self.drop_connection(&connection).await;
-                return Err(err);
-            }
+        let (queue, count) = match role {
+            Role::Jobs => (&settings.send_queue, self.settings.gate.consumers),
+            Role::Outcomes => (&settings.outcomes_queue, 1),
         };
-        amqp::declare_topology(&channel, settings).await?;
+        let mut channels = Vec::with_capacity(count);
+        let mut consumers = Vec::with_capacity(count);
+        for i in 0..count {
+            let tag = format!("sendgate-{}-{worker}-{i}", std::process::id());
+            match self.open_channel(&connection, queue, tag, i == 0).await {
+                Ok((channel, consumer)) => {
+                    channels.push(channel);
+                    consumers.push(consumer);
+                }
+                Err(err) => {
+                    // No consumer may be left behind on a half-open session.
+                    close_channels(&channels, "sendgate reconnecting").await;
+                    if !connection.status().connected() {
+                        self.drop_connection(&connection).await;
+                    }
+                    return Err(err);
+                }
+            }
+        }
+        Ok((connection, channels, consumers))
+    }
+
+    async fn open_channel(
+        &self,
+        connection: &Connection,
+        queue: &str,
+        tag: String,
+        declare: bool,
+    ) -> lapin::Result<(Channel, lapin::Consumer)> {
+        let settings = &self.settings.amqp;
+        let channel = connection.create_channel().await?;
+        if declare {
+            amqp::declare_topology(&channel, settings).await?;
+        }
         // basic.qos is per channel: applied on every new session.
         channel
             .basic_qos(settings.prefetch, BasicQosOptions::default())
@@ -377,19 +416,15 @@ impl Gate {
         channel
             .confirm_select(ConfirmSelectOptions::default())
             .await?;
-        let queue = match role {
-            Role::Jobs => &settings.send_queue,
-            Role::Outcomes => &settings.outcomes_queue,
-        };
         let consumer = channel
             .basic_consume(
-                queue.as_str().into(),
-                format!("sendgate-{}-{worker}", std::process::id()).into(),
+                queue.into(),
+                tag.into(),
                 BasicConsumeOptions::default(),
                 FieldTable::default(),
             )
             .await?;
-        Ok((connection, channel, consumer))
+        Ok((channel, consumer))
     }
 
     /// Consumes until `stop` (then `Ok`) or a broker failure (then `Err`).
@@ -398,18 +433,33 @@ impl Gate {
     /// at the same time: one gathers and decides the next batches, one
     /// publishes batch N+1, and one waits for batch N's confirms and acks it.
     /// Batches pass from stage to stage in the order they were gathered,
-    /// which keeps the `multiple` ack of each batch exact.
+    /// which keeps the `multiple` acks of each batch exact.
+    ///
+    /// Every channel of the session feeds the one batcher (each channel has
+    /// its own prefetch window, so more jobs can be on their way through the
+    /// pipeline); outcomes are published on the first channel.
     async fn consume(
         &self,
         worker: usize,
-        channel: &Channel,
-        consumer: lapin::Consumer,
+        channels: &[Channel],
+        consumers: Vec<lapin::Consumer>,
         stop: &CancellationToken,
     ) -> Result<(), SessionError> {
+        let channel = &channels[0];
+        let tags: Vec<_> = consumers.iter().map(lapin::Consumer::tag).collect();
+        // One stream of (channel, delivery); a consumer that ends (cancelled
+        // by the broker, channel closed) ends the session.
+        let mut deliveries = futures_util::stream::select_all(
+            consumers.into_iter().enumerate().map(|(i, consumer)| {
+                consumer
+                    .map(move |delivery| Some((i, delivery)))
+                    .chain(futures_util::stream::once(async { None }))
+                    .boxed()
+            }),
+        );
         let (decided_tx, mut decided_rx) = mpsc::channel::<Decided>(1);
         let (sent_tx, mut sent_rx) = mpsc::channel::<Sent>(4);
         let decide_stage = async move {
-            let mut consumer = consumer;
             let gate = &self.settings.gate;
             let (batch_size, wait) = (gate.batch_size, gate.batch_wait());
             // Jobs received and not yet in a batch, oldest first.
@@ -443,9 +493,11 @@ impl Gate {
                     _ = stop.cancelled(), if !stopping => {
                         // No more deliveries come; what was received is
                         // still decided, published and acked.
-                        let _ = channel
-                            .basic_cancel(consumer.tag(), BasicCancelOptions::default())
-                            .await;
+                        for (channel, tag) in channels.iter().zip(&tags) {
+                            let _ = channel
+                                .basic_cancel(tag.clone(), BasicCancelOptions::default())
+                                .await;
+                        }
                         stopping = true;
                     }
                     Some(decided) = deciding.next() => {
@@ -453,10 +505,13 @@ impl Gate {
                             return Ok(());
                         }
                     }
-                    next = consumer.next(), if !stopping && waiting.len() < batch_size => {
+                    next = deliveries.next(), if !stopping && waiting.len() < batch_size => {
+                        let (channel, delivery) =
+                            next.flatten().ok_or(SessionError::ConsumerEnded)?;
                         waiting.push(Received {
-                            delivery: next.ok_or(SessionError::ConsumerEnded)??,
+                            delivery: delivery?,
                             at: Instant::now(),
+                            channel,
                         });
                     }
                     _ = tokio::time::sleep_until(linger.unwrap_or_else(tokio::time::Instant::now)),
@@ -522,6 +577,7 @@ impl Gate {
         let mut batch = vec![Received {
             delivery: first.ok_or(SessionError::ConsumerEnded)??,
             at: Instant::now(),
+            channel: 0,
         }];
         let deadline = tokio::time::Instant::now() + self.settings.gate.batch_wait();
         while batch.len() < batch_size {
@@ -530,6 +586,7 @@ impl Gate {
                 Ok(next) => batch.push(Received {
                     delivery: next.ok_or(SessionError::ConsumerEnded)??,
                     at: Instant::now(),
+                    channel: 0,
                 }),
             }
         }
@@ -671,12 +728,7 @@ impl Gate {
                 })
                 .collect(),
         };
-        // Every earlier delivery on this channel belongs to an earlier batch,
-        // already acked: one `multiple` ack covers exactly this batch.
-        let last = &done.batch[done.batch.len() - 1].delivery;
-        if !last.acker.ack(BasicAckOptions { multiple: true }).await? {
-            return Err(SessionError::AckFailed);
-        }
+        acknowledge(&done.batch, Acknowledge::Ack).await?;
         self.marks.confirmed(confirmed);
         debug!(
             worker,
@@ -746,19 +798,7 @@ impl Gate {
     /// delivery limit dead-letters a job that keeps failing.
     async fn requeue_after_error(&self, batch: &[Received]) -> Result<(), SessionError> {
         tokio::time::sleep(Duration::from_secs(1)).await;
-        let last = &batch[batch.len() - 1].delivery;
-        let nacked = last
-            .acker
-            .nack(BasicNackOptions {
-                multiple: true,
-                requeue: true,
-            })
-            .await?;
-        if nacked {
-            Ok(())
-        } else {
-            Err(SessionError::AckFailed)
-        }
+        acknowledge(batch, Acknowledge::Requeue).await
     }
 
     /// Publishes the outcomes at `indices` (mandatory, so an unroutable one
@@ -1024,5 +1064,55 @@ impl Gate {
             DecisionLogLevel::Info => decided!(tracing::Level::INFO),
             DecisionLogLevel::Debug => decided!(tracing::Level::DEBUG),
         }
+    }
+}
+
+enum Acknowledge {
+    Ack,
+    Requeue,
+}
+
+/// Acks (or returns to the queue) a whole batch: one `multiple` ack per
+/// channel its jobs came on, at its last delivery there. Batches complete in
+/// the order they were gathered, so every earlier delivery on that channel
+/// belongs to an earlier batch, already acked: each ack covers exactly this
+/// batch's deliveries.
+async fn acknowledge(batch: &[Received], how: Acknowledge) -> Result<(), SessionError> {
+    let mut last: Vec<Option<&Delivery>> = Vec::new();
+    for received in batch {
+        if last.len() <= received.channel {
+            last.resize(received.channel + 1, None);
+        }
+        last[received.channel] = Some(&received.delivery);
+    }
+    for delivery in last.into_iter().flatten() {
+        let done = match how {
+            Acknowledge::Ack => {
+                delivery
+                    .acker
+                    .ack(BasicAckOptions { multiple: true })
+                    .await?
+            }
+            Acknowledge::Requeue => {
+                delivery
+                    .acker
+                    .nack(BasicNackOptions {
+                        multiple: true,
+                        requeue: true,
+                    })
+                    .await?
+            }
+        };
+        if !done {
+            return Err(SessionError::AckFailed);
+        }
+    }
+    Ok(())
+}
+
+/// Closes a session's channels; unacked deliveries go back to their queue.
+async fn close_channels(channels: &[Channel], reason: &str) {
+    for channel in channels {
+        let _ = channel.close(200, reason.into()).await;
     }
 }

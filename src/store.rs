@@ -557,21 +557,25 @@ impl Store {
         let mut tx = self.pool.begin().await?;
 
         // Metered accounts (free, pro) are locked, in id order so workers never
-        // deadlock; rows read after waiting for a lock are the committed ones.
-        // Scale accounts have no balance to protect and stay unlocked, so a
-        // hot scale account does not serialize its workers.
+        // deadlock (the ids are sorted, and each is probed in turn through the
+        // primary key, like the keys in `reservation_lookup!`); rows read
+        // after waiting for a lock are the committed ones. Scale accounts have
+        // no balance to protect and stay unlocked, so a hot scale account does
+        // not serialize its workers.
         let rows = sqlx::query(
-            "WITH metered AS (
-                 SELECT id, plan, timezone, credit_balance FROM accounts
-                 WHERE id = ANY($1) AND plan <> 'scale'
-                 ORDER BY id FOR UPDATE
-             )
-             SELECT a.id, coalesce(m.plan, a.plan) AS plan,
+            "SELECT k.id, coalesce(m.plan, a.plan) AS plan,
                     coalesce(m.timezone, a.timezone) AS timezone,
                     coalesce(m.credit_balance, a.credit_balance) AS credit_balance,
-                    (m.id IS NOT NULL) AS locked
-             FROM accounts a LEFT JOIN metered m ON m.id = a.id
-             WHERE a.id = ANY($1)",
+                    (m.plan IS NOT NULL) AS locked
+             FROM unnest($1::text[]) AS k(id)
+             CROSS JOIN LATERAL (
+                 SELECT plan, timezone, credit_balance FROM accounts
+                 WHERE id = k.id OFFSET 0
+             ) a
+             LEFT JOIN LATERAL (
+                 SELECT plan, timezone, credit_balance FROM accounts
+                 WHERE id = k.id AND plan <> 'scale' OFFSET 0 FOR UPDATE
+             ) m ON true",
         )
         .bind(&account_ids)
         .fetch_all(&mut *tx)
@@ -604,9 +608,14 @@ impl Store {
             );
         }
         if !unlocked_metered.is_empty() {
+            unlocked_metered.sort_unstable();
             let fresh: Vec<(String, String, i64)> = sqlx::query_as(
-                "SELECT id, plan, credit_balance FROM accounts WHERE id = ANY($1)
-                 ORDER BY id FOR UPDATE",
+                "SELECT k.id, a.plan, a.credit_balance
+                 FROM unnest($1::text[]) AS k(id)
+                 CROSS JOIN LATERAL (
+                     SELECT plan, credit_balance FROM accounts
+                     WHERE id = k.id OFFSET 0 FOR UPDATE
+                 ) a",
             )
             .bind(&unlocked_metered)
             .fetch_all(&mut *tx)

@@ -245,7 +245,7 @@ fn fault_env() -> TestEnv {
     let mut env = TestEnv::new();
     env.set("SENDGATE__AMQP__PREFETCH", &PREFETCH.to_string())
         .set("SENDGATE__GATE__BATCH_SIZE", "20")
-        .set("SENDGATE__GATE__WORKERS", "1")
+        .set("SENDGATE__GATE__CONSUMERS", "1")
         .set("SENDGATE__AMQP__HEARTBEAT_SECS", "5")
         .set("SENDGATE__AMQP__PUBLISH_TIMEOUT_MS", "5000")
         .set("SENDGATE__DATABASE__STATEMENT_TIMEOUT_MS", "1000")

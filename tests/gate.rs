@@ -17,7 +17,7 @@ use sendgate::plan::Plan;
 async fn a_free_account_forwards_20_sends_and_dead_letters_the_21st() {
     let mut env = TestEnv::new();
     // One consumer, so "the 21st" is well defined: jobs are decided in order.
-    env.set("SENDGATE__GATE__WORKERS", "1");
+    env.set("SENDGATE__GATE__CONSUMERS", "1");
     let store = env.store().await;
     store
         .create_account("alice", Plan::Free, "UTC")
@@ -448,7 +448,7 @@ async fn bad_input_and_unknown_accounts_are_dead_lettered_and_the_gate_keeps_mov
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn racing_workers_never_give_an_account_more_than_its_plan_allows() {
     let mut env = TestEnv::new();
-    env.set("SENDGATE__GATE__WORKERS", "2");
+    env.set("SENDGATE__GATE__CONSUMERS", "2");
     env.set("SENDGATE__GATE__BATCH_SIZE", "7");
     env.set("SENDGATE__AMQP__PREFETCH", "10");
     let store = env.store().await;
@@ -460,7 +460,7 @@ async fn racing_workers_never_give_an_account_more_than_its_plan_allows() {
         .create_account("hot-pro", Plan::Pro, "UTC")
         .await
         .unwrap();
-    // Three gate processes' worth of workers on the same queues and database.
+    // Three gate processes on the same queues and database.
     let gates = vec![
         env.start_gate(Arc::new(SystemClock)).await,
         env.start_gate(Arc::new(SystemClock)).await,
