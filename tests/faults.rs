@@ -639,7 +639,16 @@ async fn begin(
     workers: usize,
     workload: &Workload,
 ) -> (Fleet, Store, tokio::task::JoinHandle<usize>) {
-    let (fleet, store) = ready_fleet(workers, workload).await;
+    begin_with_consumers(workers, 1, workload).await
+}
+
+/// [`begin`] with `consumers` channels on the send queue per process.
+async fn begin_with_consumers(
+    workers: usize,
+    consumers: usize,
+    workload: &Workload,
+) -> (Fleet, Store, tokio::task::JoinHandle<usize>) {
+    let (fleet, store) = ready_fleet_with_consumers(workers, consumers, workload).await;
     let publisher = tokio::spawn(publish_all(fleet.env.send_queue(), workload.jobs.clone()));
     (fleet, store, publisher)
 }
@@ -647,7 +656,16 @@ async fn begin(
 /// A fresh database with the workload's accounts and `workers` ready
 /// sendgate processes, nothing published yet.
 async fn ready_fleet(workers: usize, workload: &Workload) -> (Fleet, Store) {
-    let env = fault_env();
+    ready_fleet_with_consumers(workers, 1, workload).await
+}
+
+async fn ready_fleet_with_consumers(
+    workers: usize,
+    consumers: usize,
+    workload: &Workload,
+) -> (Fleet, Store) {
+    let mut env = fault_env();
+    env.set("SENDGATE__GATE__CONSUMERS", &consumers.to_string());
     let store = env.store().await;
     create_accounts(&store, workload).await;
     let mut fleet = Fleet::new(env, workers);
@@ -732,7 +750,9 @@ async fn broker_connections_closed_and_broker_restarted_mid_run() {
     let _serial = SERIAL.lock().await;
     let _restore = RabbitRestore;
     let workload = Workload::mixed(3, 3, 4, 60, 1500);
-    let (fleet, store, publisher) = begin(2, &workload).await;
+    // Two processes with two channels each on the send queue (the default),
+    // all of which must come back.
+    let (fleet, store, publisher) = begin_with_consumers(2, 2, &workload).await;
 
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(
@@ -763,7 +783,11 @@ async fn broker_connections_closed_and_broker_restarted_mid_run() {
         .lines()
         .filter(|l| l.starts_with(&fleet.env.send_queue()))
         .collect();
-    assert_eq!(ours.len(), 2, "both workers consume again: {listing}");
+    assert_eq!(
+        ours.len(),
+        4,
+        "both processes consume again on both channels: {listing}"
+    );
     for line in ours {
         assert!(
             line.trim_end().ends_with(&PREFETCH.to_string()),
