@@ -297,16 +297,15 @@ impl Gate {
             connected_before = true;
             backoff.reset();
             self.health.broker_connected();
-            let result = match (role, consumers.pop()) {
-                (Role::Jobs, Some(last)) => {
-                    consumers.push(last);
-                    self.consume(worker, &channels, consumers, &stop).await
-                }
-                (Role::Outcomes, Some(consumer)) => {
-                    self.consume_outcomes(worker, &channels[0], consumer, &stop)
-                        .await
-                }
-                (_, None) => Err(SessionError::ConsumerEnded),
+            let result = match role {
+                Role::Jobs => self.consume(worker, &channels, consumers, &stop).await,
+                Role::Outcomes => match consumers.pop() {
+                    Some(consumer) => {
+                        self.consume_outcomes(worker, &channels[0], consumer, &stop)
+                            .await
+                    }
+                    None => Err(SessionError::ConsumerEnded),
+                },
             };
             self.health.broker_disconnected();
             match result {
