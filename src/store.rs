@@ -704,8 +704,7 @@ impl Store {
                      DO UPDATE SET used = EXCLUDED.used, daily_limit = EXCLUDED.daily_limit
                  )
                  SELECT count(*) FROM new_reservations",
-            )
-            ;
+            );
             let inserted: i64 = bind_reservations(query, r)
                 .bind(l.iter().map(|x| x.account_id.as_str()).collect::<Vec<_>>())
                 .bind(l.iter().map(|x| x.balance_after).collect::<Vec<_>>())

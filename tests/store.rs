@@ -8,10 +8,11 @@ mod common;
 use std::collections::HashMap;
 
 use common::*;
-use sendgate::decision::Decision;
+use sendgate::decision::{Decision, Forward};
 use sendgate::job::Job;
 use sendgate::plan::{Charge, Plan};
 use sendgate::settle::Report;
+use sendgate::store::Store;
 use uuid::Uuid;
 
 fn jobs(account: &str, keys: &[String]) -> Vec<Job> {
@@ -22,6 +23,22 @@ fn jobs(account: &str, keys: &[String]) -> Vec<Job> {
 
 fn keys(prefix: &str, n: usize) -> Vec<String> {
     (0..n).map(|i| format!("{prefix}-{i}")).collect()
+}
+
+/// A fresh test database with one scale account.
+async fn scale_account(id: &str) -> (TestEnv, Store) {
+    let env = TestEnv::new();
+    let store = env.store().await;
+    store.create_account(id, Plan::Scale, "UTC").await.unwrap();
+    (env, store)
+}
+
+/// The forward a decision must be.
+fn forward(decision: &Decision) -> &Forward {
+    match decision {
+        Decision::Forward(f) => f,
+        other => panic!("expected a forward: {other:?}"),
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -64,12 +81,7 @@ async fn two_processes_deciding_the_same_scale_keys_at_once_charge_each_key_once
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stale_scale_hint_never_lets_a_downgraded_account_send_for_free() {
-    let env = TestEnv::new();
-    let store = env.store().await;
-    store
-        .create_account("dana", Plan::Scale, "UTC")
-        .await
-        .unwrap();
+    let (env, store) = scale_account("dana").await;
     let now = utc("2026-03-02T10:00:00Z");
     let first = store
         .decide(&jobs("dana", &keys("a", 5)), now)
@@ -115,12 +127,7 @@ async fn a_stale_scale_hint_never_lets_a_downgraded_account_send_for_free() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_released_scale_charge_is_charged_afresh_and_a_repeat_is_not() {
-    let env = TestEnv::new();
-    let store = env.store().await;
-    store
-        .create_account("sam", Plan::Scale, "UTC")
-        .await
-        .unwrap();
+    let (env, store) = scale_account("sam").await;
     let now = utc("2026-03-02T10:00:00Z");
     let batch = jobs("sam", &keys("k", 3));
     let first = store.decide(&batch, now).await.unwrap();
@@ -128,10 +135,7 @@ async fn a_released_scale_charge_is_charged_afresh_and_a_repeat_is_not() {
         .decisions
         .iter()
         .enumerate()
-        .map(|(i, d)| match d {
-            Decision::Forward(f) => (i, f.reservation_id),
-            other => panic!("{other:?}"),
-        })
+        .map(|(i, d)| (i, forward(d).reservation_id))
         .collect();
 
     // The delivery of k-0 failed: its charge is released.
@@ -152,21 +156,13 @@ async fn a_released_scale_charge_is_charged_afresh_and_a_repeat_is_not() {
     // Sent again: k-0 is a new attempt with a new reservation; k-1 and k-2
     // were charged and not confirmed, so they are forwarded again unchanged.
     let again = store.decide(&batch, now).await.unwrap();
-    match &again.decisions[0] {
-        Decision::Forward(f) => {
-            assert!(f.fresh, "a released charge is charged afresh");
-            assert_ne!(f.reservation_id, ids[&0]);
-        }
-        other => panic!("{other:?}"),
-    }
+    let renewed = forward(&again.decisions[0]);
+    assert!(renewed.fresh, "a released charge is charged afresh");
+    assert_ne!(renewed.reservation_id, ids[&0]);
     for i in 1..3 {
-        match &again.decisions[i] {
-            Decision::Forward(f) => {
-                assert!(!f.fresh, "k-{i} was charged already");
-                assert_eq!(f.reservation_id, ids[&i]);
-            }
-            other => panic!("{other:?}"),
-        }
+        let repeat = forward(&again.decisions[i]);
+        assert!(!repeat.fresh, "k-{i} was charged already");
+        assert_eq!(repeat.reservation_id, ids[&i]);
     }
     assert_eq!(reservation_count(&store, "sam").await, 3);
     env.cleanup().await;
