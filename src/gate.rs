@@ -63,6 +63,11 @@ pub struct Gate {
     pub connection: tokio::sync::Mutex<Option<Arc<Connection>>>,
 }
 
+/// How long confirmed forwards gather before they are marked in one
+/// statement. It bounds how long after its confirm a forward still counts as
+/// unconfirmed (a copy arriving then is forwarded again, never charged).
+const MARK_EVERY: Duration = Duration::from_millis(25);
+
 /// Records confirmed forwards in the background: each worker hands over a
 /// confirmed batch (its forward batch id, and the keys of forwards of
 /// earlier charges), and one task marks everything that piled up in one
@@ -127,8 +132,10 @@ async fn mark_forwards(
                 return;
             }
         };
-        // Let a few more batches join this statement.
-        tokio::time::sleep(Duration::from_millis(5)).await;
+        // Let more batches join this statement: a quiet gate confirms a
+        // batch every few milliseconds, and one statement per batch would
+        // cost the database more than the batch's own charges.
+        tokio::time::sleep(MARK_EVERY).await;
         while let Ok(more) = rx.try_recv() {
             pending.extend(more);
         }

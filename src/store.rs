@@ -150,6 +150,11 @@ pub struct AccountSummary {
 #[derive(Debug, Clone)]
 pub struct Store {
     pool: PgPool,
+    /// One connection for recording broker confirms. Its commits are
+    /// asynchronous: a confirm lost in a database crash only means a later
+    /// copy of the job is forwarded again (never charged again), and
+    /// skipping the WAL flush keeps these writes off the disk's queue.
+    marks: PgPool,
     limits: Limits,
     /// Accounts last seen on the scale plan. Only a hint for choosing how to
     /// decide a batch: the unlocked path checks every plan it reads, and a
@@ -186,9 +191,14 @@ impl Store {
         let pool = PgPoolOptions::new()
             .max_connections(settings.max_connections)
             .acquire_timeout(settings.acquire_timeout())
-            .connect_lazy_with(options);
+            .connect_lazy_with(options.clone());
+        let marks = PgPoolOptions::new()
+            .max_connections(1)
+            .acquire_timeout(settings.acquire_timeout())
+            .connect_lazy_with(options.options([("synchronous_commit", "off")]));
         Ok(Self {
             pool,
+            marks,
             limits,
             scale_hint: Arc::default(),
         })
@@ -236,7 +246,7 @@ impl Store {
     }
 
     pub async fn close(&self) {
-        self.pool.close().await;
+        tokio::join!(self.pool.close(), self.marks.close());
     }
 
     /// Creates an account; a free one gets its signup grant as a ledger row.
@@ -973,7 +983,7 @@ impl Store {
         .bind(batches)
         .bind(&accounts)
         .bind(&keys)
-        .execute(&self.pool)
+        .execute(&self.marks)
         .await?;
         Ok(())
     }

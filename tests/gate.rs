@@ -313,8 +313,8 @@ async fn a_job_charged_before_a_crash_is_forwarded_again_without_a_second_charge
     );
     assert_eq!(balance_and_ledger(&store, "carol").await, (19, 19));
 
-    // Now that the forward is confirmed, one more copy is only a duplicate.
-    broker.publish(&env.send_queue(), &body, None).await;
+    // Once sendgate has recorded the broker's confirm of that forward, one
+    // more copy is only a duplicate.
     eventually(WAIT, || async {
         let confirmed: bool = sqlx::query_scalar(
             "SELECT forward_confirmed FROM reservations WHERE account_id = 'carol'",
@@ -325,6 +325,7 @@ async fn a_job_charged_before_a_crash_is_forwarded_again_without_a_second_charge
         confirmed
     })
     .await;
+    broker.publish(&env.send_queue(), &body, None).await;
     assert!(
         broker
             .take_all(&env.delivery_queue(), std::time::Duration::from_millis(500))
