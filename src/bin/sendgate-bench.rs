@@ -98,7 +98,116 @@ struct Samples {
     lat_g_p50: Vec<f64>,
     lat_g_p99: Vec<f64>,
     rss_mib: Vec<f64>,
+    /// CPU time per 1,000 jobs of each throughput run.
+    cpu_p: Vec<Cpu>,
+    cpu_g: Vec<Cpu>,
+    cpu_h: Vec<Cpu>,
+    /// The same for G during the latency runs (higher per job: batches are
+    /// small there).
+    cpu_latency_g: Vec<Cpu>,
     latency_rate: f64,
+}
+
+/// CPU time spent on a run, in ms per 1,000 jobs: by the broker, by
+/// Postgres (every server process), and by the client moving the jobs
+/// (sendgate for G and H, the benchmark's own process for P, where the
+/// pass-through runs).
+#[derive(Debug, Default, Clone, Copy, serde::Serialize)]
+struct Cpu {
+    broker: f64,
+    postgres: f64,
+    client: f64,
+}
+
+impl Cpu {
+    fn per_thousand(before: CpuTicks, after: CpuTicks, client_ticks: u64, jobs: usize) -> Self {
+        let ms = |ticks: u64| {
+            ticks as f64 * 1000.0 / clock_ticks() as f64 / (jobs.max(1) as f64 / 1000.0)
+        };
+        Self {
+            broker: ms(after.broker.saturating_sub(before.broker)),
+            postgres: ms(after.postgres.saturating_sub(before.postgres)),
+            client: ms(client_ticks),
+        }
+    }
+
+    fn median(runs: &[Cpu]) -> Self {
+        let of = |f: fn(&Cpu) -> f64| median(&runs.iter().map(f).collect::<Vec<_>>());
+        Self {
+            broker: of(|c| c.broker),
+            postgres: of(|c| c.postgres),
+            client: of(|c| c.client),
+        }
+    }
+}
+
+impl std::fmt::Display for Cpu {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{:.0}/{:.0}/{:.0}",
+            self.broker, self.postgres, self.client
+        )
+    }
+}
+
+/// Cumulative CPU ticks of the broker's and of Postgres's processes (the
+/// services run on this machine).
+#[derive(Debug, Default, Clone, Copy)]
+struct CpuTicks {
+    broker: u64,
+    postgres: u64,
+}
+
+impl CpuTicks {
+    fn now() -> Self {
+        let mut ticks = Self::default();
+        let Ok(entries) = std::fs::read_dir("/proc") else {
+            return ticks;
+        };
+        for entry in entries.flatten() {
+            let name = entry.file_name();
+            let Some(pid) = name.to_str().and_then(|n| n.parse::<u32>().ok()) else {
+                continue;
+            };
+            match process_ticks(pid) {
+                Some((comm, used)) if comm == "beam.smp" => ticks.broker += used,
+                Some((comm, used)) if comm == "postgres" => ticks.postgres += used,
+                _ => {}
+            }
+        }
+        ticks
+    }
+}
+
+/// A process's name and its user plus system CPU ticks so far.
+fn process_ticks(pid: u32) -> Option<(String, u64)> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let (open, close) = (stat.find('(')?, stat.rfind(')')?);
+    let comm = stat[open + 1..close].to_owned();
+    // After the name come the state (field 3) ... utime and stime (14, 15).
+    let fields: Vec<&str> = stat[close + 2..].split_whitespace().collect();
+    let utime: u64 = fields.get(11)?.parse().ok()?;
+    let stime: u64 = fields.get(12)?.parse().ok()?;
+    Some((comm, utime + stime))
+}
+
+/// CPU ticks of one process so far (0 once it is gone).
+fn ticks_of(pid: u32) -> u64 {
+    process_ticks(pid).map_or(0, |(_, ticks)| ticks)
+}
+
+/// Clock ticks per second of the CPU times in /proc.
+fn clock_ticks() -> u64 {
+    static TICKS: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    *TICKS.get_or_init(|| {
+        Command::new("getconf")
+            .arg("CLK_TCK")
+            .output()
+            .ok()
+            .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
+            .unwrap_or(100)
+    })
 }
 
 fn median(values: &[f64]) -> f64 {
@@ -368,10 +477,11 @@ impl Bench {
         Ok(())
     }
 
-    async fn run_p(&self) -> anyhow::Result<f64> {
+    async fn run_p(&self) -> anyhow::Result<(f64, Cpu)> {
         let n = self.args.jobs;
         let bodies: Vec<Vec<u8>> = (0..n).map(|i| body("p", &format!("p-{i}"), 0)).collect();
         self.preload(&self.names.p_in, &bodies).await?;
+        let (before, own) = (CpuTicks::now(), ticks_of(std::process::id()));
         let stop = tokio_util::sync::CancellationToken::new();
         let task = tokio::spawn(Self::pass_through(
             self.amqp_url.clone(),
@@ -383,15 +493,19 @@ impl Bench {
         let secs = self
             .time_arrivals(&[&self.names.p_out], n as u32, Duration::from_secs(300))
             .await?;
+        let (after, own) = (
+            CpuTicks::now(),
+            ticks_of(std::process::id()).saturating_sub(own),
+        );
         stop.cancel();
         task.await??;
         self.purge(&self.names.p_out).await?;
-        Ok(n as f64 / secs)
+        Ok((n as f64 / secs, Cpu::per_thousand(before, after, own, n)))
     }
 
-    /// G or H: preload, start sendgate, time, check, stop. Returns the rate
-    /// and sendgate's peak RSS in MiB.
-    async fn run_gate(&self, run: &str, hot: bool) -> anyhow::Result<(f64, f64)> {
+    /// G or H: preload, start sendgate, time, check, stop. Returns the rate,
+    /// sendgate's peak RSS in MiB and the CPU time spent.
+    async fn run_gate(&self, run: &str, hot: bool) -> anyhow::Result<(f64, f64, Cpu)> {
         let n = self.args.jobs;
         let accounts = if hot {
             self.store
@@ -412,6 +526,7 @@ impl Bench {
         self.preload(&self.names.send, &bodies).await?;
 
         let port = free_port()?;
+        let before = CpuTicks::now();
         let mut child = self.spawn_sendgate(port)?;
         let timed = self
             .time_arrivals(
@@ -420,6 +535,8 @@ impl Bench {
                 Duration::from_secs(300),
             )
             .await;
+        // sendgate's time includes its start-up, a few ms.
+        let cpu = Cpu::per_thousand(before, CpuTicks::now(), ticks_of(child.id()), n);
         let rss = peak_rss_mib(child.id());
         terminate(&mut child)?;
         let secs = timed?;
@@ -453,7 +570,7 @@ impl Bench {
         );
         self.purge(&self.names.delivery).await?;
         self.purge(&self.names.dead).await?;
-        Ok((n as f64 / secs, rss))
+        Ok((n as f64 / secs, rss, cpu))
     }
 
     /// L: publish at `rate`/s for the configured time into `into`, measure
@@ -694,13 +811,19 @@ async fn run_all(bench: &Bench) -> anyhow::Result<()> {
         bench.args.jobs
     );
     for round in 0..throughput_runs {
-        let p = bench.run_p().await?;
-        let (g, rss_g) = bench.run_gate(&format!("g{round}"), false).await?;
-        let (h, rss_h) = bench.run_gate(&format!("h{round}"), true).await?;
+        let (p, cpu_p) = bench.run_p().await?;
+        let (g, rss_g, cpu_g) = bench.run_gate(&format!("g{round}"), false).await?;
+        let (h, rss_h, cpu_h) = bench.run_gate(&format!("h{round}"), true).await?;
         eprintln!(
             "  round {}: P {p:.0}/s  G {g:.0}/s  H {h:.0}/s  RSS {rss_g:.1}/{rss_h:.1} MiB",
             round + 1
         );
+        eprintln!(
+            "    CPU ms per 1k jobs, broker/Postgres/client: P {cpu_p}  G {cpu_g}  H {cpu_h}"
+        );
+        s.cpu_p.push(cpu_p);
+        s.cpu_g.push(cpu_g);
+        s.cpu_h.push(cpu_h);
         s.p.push(p);
         s.g.push(g);
         s.h.push(h);
@@ -744,6 +867,7 @@ async fn run_all(bench: &Bench) -> anyhow::Result<()> {
         let port = free_port()?;
         let mut child = bench.spawn_sendgate(port)?;
         bench.wait_ready(port).await?;
+        let (before, own) = (CpuTicks::now(), ticks_of(child.id()));
         let lat = bench
             .latency(
                 &bench.names.send,
@@ -752,13 +876,17 @@ async fn run_all(bench: &Bench) -> anyhow::Result<()> {
                 s.latency_rate,
             )
             .await;
+        let jobs = (s.latency_rate * bench.args.latency_secs as f64) as usize;
+        let own = ticks_of(child.id()).saturating_sub(own);
+        let cpu = Cpu::per_thousand(before, CpuTicks::now(), own, jobs);
         s.rss_mib.push(peak_rss_mib(child.id()));
         terminate(&mut child)?;
         let (g50, g99) = lat?;
         eprintln!(
-            "  round {}: P p50 {p50:.2} ms p99 {p99:.2} ms | G p50 {g50:.2} ms p99 {g99:.2} ms",
+            "  round {}: P p50 {p50:.2} ms p99 {p99:.2} ms | G p50 {g50:.2} ms p99 {g99:.2} ms | G CPU ms per 1k jobs {cpu}",
             round + 1
         );
+        s.cpu_latency_g.push(cpu);
         s.lat_p_p50.push(p50);
         s.lat_p_p99.push(p99);
         s.lat_g_p50.push(g50);
@@ -826,6 +954,12 @@ async fn write_results(bench: &Bench, s: &Samples) -> anyhow::Result<()> {
     let (p, g, h) = (median(&s.p), median(&s.g), median(&s.h));
     let rss = s.rss_mib.iter().copied().fold(0.0, f64::max);
     let lat_diff = median(&s.lat_g_p99) - median(&s.lat_p_p99);
+    let (cpu_p, cpu_g, cpu_h, cpu_l) = (
+        Cpu::median(&s.cpu_p),
+        Cpu::median(&s.cpu_g),
+        Cpu::median(&s.cpu_h),
+        Cpu::median(&s.cpu_latency_g),
+    );
     let when = chrono::Utc::now().format("%Y-%m-%d %H:%M UTC").to_string();
     let table = format!(
         "Measured {when} on {machine}; {jobs} jobs per run, {accounts} accounts (G), prefetch {prefetch}, {runs} runs each, medians.\n\n\
@@ -838,7 +972,13 @@ async fn write_results(bench: &Bench, s: &Samples) -> anyhow::Result<()> {
 | latency at {rate:.0} msg/s, P p50 / p99 | {pl50:.2} / {pl99:.2} ms | — |\n\
 | latency at {rate:.0} msg/s, G p50 / p99 | {gl50:.2} / {gl99:.2} ms | — |\n\
 | p99 latency, G minus P | {lat_diff:.2} ms | ≤ 10 ms |\n\
-| peak RSS of sendgate | {rss:.1} MiB | ≤ 64 MiB |\n",
+| peak RSS of sendgate | {rss:.1} MiB | ≤ 64 MiB |\n\n\
+CPU time per 1,000 jobs, medians, in ms, summed over the machine's cores:\n\n\
+| run | broker | Postgres | client (P: the pass-through; G, H: sendgate) |\n|---|---|---|---|\n\
+| P, full load | {cp_b:.0} | — | {cp_c:.0} |\n\
+| G, full load | {cg_b:.0} | {cg_pg:.0} | {cg_c:.0} |\n\
+| H, full load | {ch_b:.0} | {ch_pg:.0} | {ch_c:.0} |\n\
+| G, latency run at {rate:.0} msg/s | {cl_b:.0} | {cl_pg:.0} | {cl_c:.0} |\n",
         machine = machine,
         jobs = bench.args.jobs,
         accounts = bench.args.accounts,
@@ -851,6 +991,17 @@ async fn write_results(bench: &Bench, s: &Samples) -> anyhow::Result<()> {
         pl99 = median(&s.lat_p_p99),
         gl50 = median(&s.lat_g_p50),
         gl99 = median(&s.lat_g_p99),
+        cp_b = cpu_p.broker,
+        cp_c = cpu_p.client,
+        cg_b = cpu_g.broker,
+        cg_pg = cpu_g.postgres,
+        cg_c = cpu_g.client,
+        ch_b = cpu_h.broker,
+        ch_pg = cpu_h.postgres,
+        ch_c = cpu_h.client,
+        cl_b = cpu_l.broker,
+        cl_pg = cpu_l.postgres,
+        cl_c = cpu_l.client,
     );
     std::fs::create_dir_all(&bench.args.out)?;
     let stamp = chrono::Utc::now().format("%Y%m%dT%H%M%SZ").to_string();
@@ -865,7 +1016,9 @@ async fn write_results(bench: &Bench, s: &Samples) -> anyhow::Result<()> {
         "prefetch": bench.args.prefetch,
         "samples": s,
         "medians": {"p": p, "g": g, "h": h, "g_over_p": g / p, "h_over_p": h / p,
-                    "latency_p99_diff_ms": lat_diff, "peak_rss_mib": rss},
+                    "latency_p99_diff_ms": lat_diff, "peak_rss_mib": rss,
+                    "cpu_ms_per_1000_jobs": {"p": cpu_p, "g": cpu_g, "h": cpu_h,
+                                             "g_latency": cpu_l}},
     });
     std::fs::write(
         bench.args.out.join(format!("{stamp}.json")),
