@@ -820,25 +820,34 @@ impl Gate {
         // Sending and confirming share one deadline: lapin can hang when the
         // broker goes away mid-publish.
         let deadline = tokio::time::Instant::now() + timeout;
-        let mut pending = Vec::with_capacity(indices.len());
-        for &i in indices {
-            let Some(message) = &outgoing[i] else {
-                continue;
-            };
-            let publish = channel.basic_publish(
-                message.exchange.clone(),
-                message.routing_key.clone(),
-                BasicPublishOptions {
-                    mandatory: true,
-                    ..BasicPublishOptions::default()
-                },
-                &batch[i].delivery.data,
-                message.properties.clone(),
-            );
-            let confirm = tokio::time::timeout_at(deadline, publish)
-                .await
-                .map_err(|_| SessionError::ConfirmTimeout(timeout))??;
-            pending.push((i, confirm));
+        // All of the batch's messages are queued on the connection before
+        // the first is written, so they go out together: awaiting each
+        // publish in turn would cost a hand-off to lapin's I/O thread and
+        // back, and a write, per message. The publishes are first polled in
+        // order, so the messages keep the batch's order.
+        let (sending, publishes): (Vec<usize>, Vec<_>) = indices
+            .iter()
+            .filter_map(|&i| {
+                let message = outgoing[i].as_ref()?;
+                let publish = channel.basic_publish(
+                    message.exchange.clone(),
+                    message.routing_key.clone(),
+                    BasicPublishOptions {
+                        mandatory: true,
+                        ..BasicPublishOptions::default()
+                    },
+                    &batch[i].delivery.data,
+                    message.properties.clone(),
+                );
+                Some((i, publish))
+            })
+            .unzip();
+        let handed = tokio::time::timeout_at(deadline, futures_util::future::join_all(publishes))
+            .await
+            .map_err(|_| SessionError::ConfirmTimeout(timeout))?;
+        let mut pending = Vec::with_capacity(sending.len());
+        for (i, confirm) in sending.into_iter().zip(handed) {
+            pending.push((i, confirm?));
         }
         Ok(Confirms {
             pending,
