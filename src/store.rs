@@ -493,11 +493,14 @@ impl Store {
         account_ids.sort_unstable();
         account_ids.dedup();
         let (key_accounts, keys) = batch_keys(jobs);
+        // Both statements on one connection: each return to the pool costs
+        // a round trip (sqlx checks the connection with a Sync).
+        let mut conn = self.pool.acquire().await?;
         let rows = sqlx::query(UNLOCKED_READ)
             .bind(&account_ids)
             .bind(&key_accounts)
             .bind(&keys)
-            .fetch_all(&self.pool)
+            .fetch_all(&mut *conn)
             .await?;
         let mut accounts = HashMap::with_capacity(account_ids.len());
         let mut prior = HashMap::new();
@@ -555,7 +558,7 @@ impl Store {
         );
         match bind_reservations(query, &effects.reservations)
             .bind(batch)
-            .execute(&self.pool)
+            .execute(&mut *conn)
             .await
         {
             Ok(_) => Ok(Unlocked::Done(Decided {
