@@ -102,8 +102,10 @@ struct Samples {
     cpu_p: Vec<Cpu>,
     cpu_g: Vec<Cpu>,
     cpu_h: Vec<Cpu>,
-    /// The same for G during the latency runs (higher per job: batches are
-    /// small there).
+    /// The same during the latency runs (higher per job: batches are small
+    /// there). For P the client is the whole benchmark process, so it
+    /// includes publishing and timing the jobs.
+    cpu_latency_p: Vec<Cpu>,
     cpu_latency_g: Vec<Cpu>,
     latency_rate: f64,
 }
@@ -853,6 +855,8 @@ async fn run_all(bench: &Bench) -> anyhow::Result<()> {
             bench.args.prefetch,
             stop.clone(),
         ));
+        let jobs = (s.latency_rate * bench.args.latency_secs as f64) as usize;
+        let (before, own) = (CpuTicks::now(), ticks_of(std::process::id()));
         let (p50, p99) = bench
             .latency(
                 &bench.names.p_in,
@@ -863,6 +867,8 @@ async fn run_all(bench: &Bench) -> anyhow::Result<()> {
             .await?;
         stop.cancel();
         task.await??;
+        let own = ticks_of(std::process::id()).saturating_sub(own);
+        let cpu_p = Cpu::per_thousand(before, CpuTicks::now(), own, jobs);
         // G
         let port = free_port()?;
         let mut child = bench.spawn_sendgate(port)?;
@@ -876,16 +882,16 @@ async fn run_all(bench: &Bench) -> anyhow::Result<()> {
                 s.latency_rate,
             )
             .await;
-        let jobs = (s.latency_rate * bench.args.latency_secs as f64) as usize;
         let own = ticks_of(child.id()).saturating_sub(own);
         let cpu = Cpu::per_thousand(before, CpuTicks::now(), own, jobs);
         s.rss_mib.push(peak_rss_mib(child.id()));
         terminate(&mut child)?;
         let (g50, g99) = lat?;
         eprintln!(
-            "  round {}: P p50 {p50:.2} ms p99 {p99:.2} ms | G p50 {g50:.2} ms p99 {g99:.2} ms | G CPU ms per 1k jobs {cpu}",
+            "  round {}: P p50 {p50:.2} ms p99 {p99:.2} ms | G p50 {g50:.2} ms p99 {g99:.2} ms | CPU ms per 1k jobs P {cpu_p} G {cpu}",
             round + 1
         );
+        s.cpu_latency_p.push(cpu_p);
         s.cpu_latency_g.push(cpu);
         s.lat_p_p50.push(p50);
         s.lat_p_p99.push(p99);
@@ -954,10 +960,11 @@ async fn write_results(bench: &Bench, s: &Samples) -> anyhow::Result<()> {
     let (p, g, h) = (median(&s.p), median(&s.g), median(&s.h));
     let rss = s.rss_mib.iter().copied().fold(0.0, f64::max);
     let lat_diff = median(&s.lat_g_p99) - median(&s.lat_p_p99);
-    let (cpu_p, cpu_g, cpu_h, cpu_l) = (
+    let (cpu_p, cpu_g, cpu_h, cpu_lp, cpu_l) = (
         Cpu::median(&s.cpu_p),
         Cpu::median(&s.cpu_g),
         Cpu::median(&s.cpu_h),
+        Cpu::median(&s.cpu_latency_p),
         Cpu::median(&s.cpu_latency_g),
     );
     let when = chrono::Utc::now().format("%Y-%m-%d %H:%M UTC").to_string();
@@ -978,6 +985,7 @@ CPU time per 1,000 jobs, medians, in ms, summed over the machine's cores:\n\n\
 | P, full load | {cp_b:.0} | — | {cp_c:.0} |\n\
 | G, full load | {cg_b:.0} | {cg_pg:.0} | {cg_c:.0} |\n\
 | H, full load | {ch_b:.0} | {ch_pg:.0} | {ch_c:.0} |\n\
+| P, latency run at {rate:.0} msg/s (client: the whole benchmark, publisher included) | {clp_b:.0} | — | {clp_c:.0} |\n\
 | G, latency run at {rate:.0} msg/s | {cl_b:.0} | {cl_pg:.0} | {cl_c:.0} |\n",
         machine = machine,
         jobs = bench.args.jobs,
@@ -999,6 +1007,8 @@ CPU time per 1,000 jobs, medians, in ms, summed over the machine's cores:\n\n\
         ch_b = cpu_h.broker,
         ch_pg = cpu_h.postgres,
         ch_c = cpu_h.client,
+        clp_b = cpu_lp.broker,
+        clp_c = cpu_lp.client,
         cl_b = cpu_l.broker,
         cl_pg = cpu_l.postgres,
         cl_c = cpu_l.client,
@@ -1018,7 +1028,7 @@ CPU time per 1,000 jobs, medians, in ms, summed over the machine's cores:\n\n\
         "medians": {"p": p, "g": g, "h": h, "g_over_p": g / p, "h_over_p": h / p,
                     "latency_p99_diff_ms": lat_diff, "peak_rss_mib": rss,
                     "cpu_ms_per_1000_jobs": {"p": cpu_p, "g": cpu_g, "h": cpu_h,
-                                             "g_latency": cpu_l}},
+                                             "p_latency": cpu_lp, "g_latency": cpu_l}},
     });
     std::fs::write(
         bench.args.out.join(format!("{stamp}.json")),
