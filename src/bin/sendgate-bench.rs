@@ -64,8 +64,23 @@ struct Args {
     #[arg(long)]
     latency_rate: Option<f64>,
     /// Extra `SENDGATE__…=value` settings for the gate, repeatable.
-    #[arg(long = "set", value_name = "KEY=VALUE")]
-    set: Vec<String>,
+    #[arg(long = "set", value_name = "KEY=VALUE", value_parser = parse_setting)]
+    set: Vec<(String, String)>,
+}
+
+/// A `--set` argument: an environment variable sendgate reads, so a typo
+/// cannot silently run the gate with its defaults.
+fn parse_setting(setting: &str) -> Result<(String, String), String> {
+    let (key, value) = setting
+        .split_once('=')
+        .ok_or_else(|| format!("expected KEY=VALUE, got {setting:?}"))?;
+    if !key.starts_with("SENDGATE__") {
+        return Err(format!(
+            "{key:?} is not a sendgate setting: write it as SENDGATE__<SECTION>__<KEY>, \
+             for example SENDGATE__GATE__BATCH_WAIT_MS"
+        ));
+    }
+    Ok((key.to_owned(), value.to_owned()))
 }
 
 struct Names {
@@ -363,11 +378,8 @@ impl Bench {
             .env_remove("RUST_LOG")
             .stdout(Stdio::null())
             .stderr(Stdio::inherit());
-        for setting in &self.args.set {
-            let (k, v) = setting
-                .split_once('=')
-                .with_context(|| format!("--set {setting}: expected KEY=VALUE"))?;
-            command.env(k, v);
+        for (key, value) in &self.args.set {
+            command.env(key, value);
         }
         command
             .spawn()
