@@ -979,6 +979,28 @@ async fn write_results(bench: &Bench, s: &Samples) -> anyhow::Result<()> {
         Cpu::median(&s.cpu_latency_p),
         Cpu::median(&s.cpu_latency_g),
     );
+    let rate = s.latency_rate;
+    let cpu_rows: String = [
+        ("P, full load".to_owned(), cpu_p, false),
+        ("G, full load".to_owned(), cpu_g, true),
+        ("H, full load".to_owned(), cpu_h, true),
+        (
+            format!("P, latency run at {rate:.0} msg/s (client: the whole benchmark, publisher included)"),
+            cpu_lp,
+            false,
+        ),
+        (format!("G, latency run at {rate:.0} msg/s"), cpu_l, true),
+    ]
+    .iter()
+    .map(|(run, cpu, database)| {
+        let postgres = if *database {
+            format!("{:.0}", cpu.postgres)
+        } else {
+            "—".to_owned()
+        };
+        format!("| {run} | {:.0} | {postgres} | {:.0} |\n", cpu.broker, cpu.client)
+    })
+    .collect();
     let when = chrono::Utc::now().format("%Y-%m-%d %H:%M UTC").to_string();
     let table = format!(
         "Measured {when} on {machine}; {jobs} jobs per run, {accounts} accounts (G), prefetch {prefetch}, {runs} runs each, medians.\n\n\
@@ -994,11 +1016,7 @@ async fn write_results(bench: &Bench, s: &Samples) -> anyhow::Result<()> {
 | peak RSS of sendgate | {rss:.1} MiB | ≤ 64 MiB |\n\n\
 CPU time per 1,000 jobs, medians, in ms, summed over the machine's cores:\n\n\
 | run | broker | Postgres | client (P: the pass-through; G, H: sendgate) |\n|---|---|---|---|\n\
-| P, full load | {cp_b:.0} | — | {cp_c:.0} |\n\
-| G, full load | {cg_b:.0} | {cg_pg:.0} | {cg_c:.0} |\n\
-| H, full load | {ch_b:.0} | {ch_pg:.0} | {ch_c:.0} |\n\
-| P, latency run at {rate:.0} msg/s (client: the whole benchmark, publisher included) | {clp_b:.0} | — | {clp_c:.0} |\n\
-| G, latency run at {rate:.0} msg/s | {cl_b:.0} | {cl_pg:.0} | {cl_c:.0} |\n",
+{cpu_rows}",
         machine = machine,
         jobs = bench.args.jobs,
         accounts = bench.args.accounts,
@@ -1006,24 +1024,10 @@ CPU time per 1,000 jobs, medians, in ms, summed over the machine's cores:\n\n\
         runs = bench.args.runs,
         gp = g / p,
         hp = h / p,
-        rate = s.latency_rate,
         pl50 = median(&s.lat_p_p50),
         pl99 = median(&s.lat_p_p99),
         gl50 = median(&s.lat_g_p50),
         gl99 = median(&s.lat_g_p99),
-        cp_b = cpu_p.broker,
-        cp_c = cpu_p.client,
-        cg_b = cpu_g.broker,
-        cg_pg = cpu_g.postgres,
-        cg_c = cpu_g.client,
-        ch_b = cpu_h.broker,
-        ch_pg = cpu_h.postgres,
-        ch_c = cpu_h.client,
-        clp_b = cpu_lp.broker,
-        clp_c = cpu_lp.client,
-        cl_b = cpu_l.broker,
-        cl_pg = cpu_l.postgres,
-        cl_c = cpu_l.client,
     );
     std::fs::create_dir_all(&bench.args.out)?;
     let stamp = chrono::Utc::now().format("%Y%m%dT%H%M%SZ").to_string();
