@@ -200,12 +200,16 @@ async fn the_binary_gates_jobs_counts_them_in_metrics_and_drains_on_sigterm() {
     let deadline = Instant::now() + WAIT;
     let metrics = loop {
         let text = http_get(http, "/metrics").await.unwrap().1;
-        if metric_value(&text, "sendgate_jobs_received_total") == Some(22.0) {
+        // Jobs are counted as received when their batch starts and by
+        // outcome when it is decided; none in flight means all 22 are done.
+        if metric_value(&text, "sendgate_jobs_received_total") == Some(22.0)
+            && metric_value(&text, "sendgate_jobs_in_flight") == Some(0.0)
+        {
             break text;
         }
         assert!(
             Instant::now() < deadline,
-            "metrics never counted 22 jobs:\n{text}"
+            "metrics never counted 22 finished jobs:\n{text}"
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
