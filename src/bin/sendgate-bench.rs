@@ -45,16 +45,16 @@ struct Args {
     #[arg(long, default_value_t = 1_000)]
     accounts: usize,
     /// Repetitions of each throughput measurement (P, G, H).
-    #[arg(long, default_value_t = 3)]
+    #[arg(long, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..), default_value_t = 3)]
     runs: usize,
     /// Repetitions of the latency measurement (P, then G). More than the
     /// throughput runs: now and then the broker stalls for a few hundred ms,
     /// and a round it hits reports that stall as its p99, for P as for G;
     /// the median of 7 rounds is not moved by one or two of them.
-    #[arg(long, default_value_t = 7)]
+    #[arg(long, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..), default_value_t = 7)]
     latency_runs: usize,
     /// Length of each latency run, in seconds.
-    #[arg(long, default_value_t = 10)]
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..), default_value_t = 10)]
     latency_secs: u64,
     /// Prefetch for both the pass-through and sendgate.
     #[arg(long, default_value_t = 500)]
