@@ -2,14 +2,22 @@
 # Build stage: a release binary, with dependencies cached in their own layer.
 FROM rust:1.95-slim-bookworm AS build
 WORKDIR /src
+# The workspace's manifests, with empty sources, so the dependencies build
+# once; the benchmark member is never built here.
 COPY Cargo.toml Cargo.lock build.rs ./
-RUN mkdir src && echo 'fn main() {}' > src/main.rs && touch src/lib.rs \
-    && cargo build --release --locked \
-    && rm -rf src
+COPY crates/core/Cargo.toml crates/core/
+COPY bench/Cargo.toml bench/
+RUN mkdir -p src crates/core/src bench/src \
+    && echo 'fn main() {}' > src/main.rs && touch src/lib.rs crates/core/src/lib.rs \
+    && echo 'fn main() {}' > bench/src/main.rs \
+    && cargo build --release --locked --bin sendgate \
+    && rm -rf src crates/core/src
+COPY crates crates
 COPY src src
 COPY migrations migrations
 COPY config config
-RUN touch src/main.rs src/lib.rs && cargo build --release --locked
+RUN touch src/main.rs src/lib.rs crates/core/src/lib.rs \
+    && cargo build --release --locked --bin sendgate
 
 # Runtime stage: a small Debian with the binary, run as an unprivileged user.
 FROM debian:bookworm-slim

@@ -1,4 +1,4 @@
-//! `sendgate run`: wires the store, the HTTP listener and the gate workers
+//! `sendgate run`: wires the store, the HTTP listener and the workers
 //! together, and drains them on shutdown.
 
 use std::net::SocketAddr;
@@ -7,23 +7,37 @@ use std::time::Duration;
 
 use anyhow::Context;
 use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
+use crate::amqp::session::Broker;
 use crate::clock::Clock;
 use crate::config::Settings;
-use crate::gate::{Gate, Marks, Role};
+use crate::domain::plan::Limits;
 use crate::health::Health;
-use crate::plan::Limits;
+use crate::retry;
 use crate::store::Store;
+use crate::worker::{self, JobsWorker, Marks, OutcomesWorker, Shared};
+
+/// How often the metrics exporter's histograms are maintained.
+const METRICS_UPKEEP: Duration = Duration::from_secs(5);
 
 /// A started sendgate: migrated database and bound HTTP listener, ready to
 /// [`App::run`].
 pub struct App {
-    gate: Arc<Gate>,
+    shared: Arc<Shared>,
     listener: TcpListener,
-    marker: tokio::task::JoinHandle<()>,
+    marker: JoinHandle<()>,
     close_marker: CancellationToken,
+}
+
+/// What runs beside the workers until they have drained.
+struct Background {
+    http: JoinHandle<std::io::Result<()>>,
+    upkeep: JoinHandle<()>,
+    depth: Option<JoinHandle<()>>,
+    stop: CancellationToken,
 }
 
 impl App {
@@ -48,14 +62,15 @@ impl App {
         health.set_database_ok(true);
         let close_marker = CancellationToken::new();
         let (marks, marker) = Marks::spawn(store.clone(), close_marker.clone());
+        let broker = Broker::new(settings.amqp.clone());
         Ok(App {
-            gate: Arc::new(Gate {
+            shared: Arc::new(Shared {
                 settings,
                 store,
                 clock,
                 health,
                 marks,
-                connection: tokio::sync::Mutex::new(None),
+                broker,
             }),
             listener,
             marker,
@@ -79,59 +94,36 @@ impl App {
     /// The HTTP server failed.
     pub async fn run(self, stop: CancellationToken) -> anyhow::Result<()> {
         let App {
-            gate,
+            shared,
             listener,
             marker,
             close_marker,
         } = self;
-        let metrics = crate::metrics::install();
-        let http_stop = CancellationToken::new();
-        let router = crate::http::router(metrics.clone(), gate.health.clone(), gate.store.clone())
-            .merge(crate::api::router(
-                gate.store.clone(),
-                gate.clock.clone(),
-                gate.settings.api.token.clone(),
-            ));
-        let http = tokio::spawn({
-            let http_stop = http_stop.clone();
-            async move {
-                axum::serve(listener, router)
-                    .with_graceful_shutdown(http_stop.cancelled_owned())
-                    .await
-            }
-        });
-        let upkeep = tokio::spawn({
-            let http_stop = http_stop.clone();
-            async move {
-                let mut tick = tokio::time::interval(Duration::from_secs(5));
-                loop {
-                    tokio::select! {
-                        _ = http_stop.cancelled() => return,
-                        _ = tick.tick() => metrics.run_upkeep(),
-                    }
-                }
-            }
-        });
-
-        let depth = gate.settings.amqp.depth_poll().map(|interval| {
-            tokio::spawn(crate::depth::poll(
-                gate.settings.amqp.clone(),
-                interval,
-                http_stop.clone(),
-            ))
-        });
+        let background = serve(&shared, listener);
         let mut workers = tokio::task::JoinSet::new();
-        workers.spawn(gate.clone().run_worker(0, Role::Jobs, stop.clone()));
-        workers.spawn(gate.clone().run_worker(1, Role::Outcomes, stop.clone()));
-        let sweeper = tokio::spawn(sweep_expired_holds(
-            gate.store.clone(),
-            gate.settings.reservations.clone(),
+        workers.spawn(worker::run(
+            JobsWorker {
+                shared: shared.clone(),
+                id: 0,
+            },
+            stop.clone(),
+        ));
+        workers.spawn(worker::run(
+            OutcomesWorker {
+                shared: shared.clone(),
+                id: 1,
+            },
+            stop.clone(),
+        ));
+        let sweeper = tokio::spawn(worker::sweep::sweep_expired_holds(
+            shared.store.clone(),
+            shared.settings.reservations.clone(),
             stop.clone(),
         ));
 
         stop.cancelled().await;
-        gate.health.set_draining();
-        let grace = gate.settings.shutdown.grace_period();
+        shared.health.set_draining();
+        let grace = shared.settings.shutdown.grace_period();
         info!(grace_period = ?grace, "draining in-flight jobs");
         let drained = tokio::time::timeout(grace, async {
             while workers.join_next().await.is_some() {}
@@ -142,55 +134,73 @@ impl App {
                 "grace period ran out; unfinished jobs are left unacknowledged for redelivery");
             workers.shutdown().await;
         }
-        gate.close_connection().await;
+        shared.broker.close().await;
         let _ = sweeper.await;
         close_marker.cancel();
         let _ = marker.await;
-        http_stop.cancel();
-        let _ = upkeep.await;
-        if let Some(depth) = depth {
-            let _ = depth.await;
-        }
-        match http.await {
-            Ok(result) => result.context("HTTP server failed")?,
-            Err(err) => warn!(error = %err, "HTTP task ended abnormally"),
-        }
-        gate.store.close().await;
+        background.stop().await?;
+        shared.store.close().await;
         info!("stopped");
         Ok(())
     }
 }
 
-/// Commits holds that got no outcome within the hold time, every sweep
-/// interval, until `stop`. Every process sweeps; `SKIP LOCKED` keeps them
-/// from doing the same rows twice.
-async fn sweep_expired_holds(
-    store: Store,
-    settings: crate::config::ReservationSettings,
-    stop: CancellationToken,
-) {
-    let mut tick = tokio::time::interval(settings.sweep_interval());
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = stop.cancelled() => return,
-            _ = tick.tick() => {}
+/// Starts the HTTP server, the metrics upkeep and the queue depth poll.
+fn serve(shared: &Arc<Shared>, listener: TcpListener) -> Background {
+    let metrics = crate::metrics::install();
+    let stop = CancellationToken::new();
+    let router = crate::http::router(
+        metrics.clone(),
+        shared.health.clone(),
+        shared.store.clone(),
+        shared.clock.clone(),
+        shared.settings.api.token.clone(),
+    );
+    let http = tokio::spawn(
+        axum::serve(listener, router)
+            .with_graceful_shutdown(stop.clone().cancelled_owned())
+            .into_future(),
+    );
+    let upkeep = tokio::spawn({
+        let stop = stop.clone();
+        async move {
+            let mut tick = tokio::time::interval(METRICS_UPKEEP);
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = tick.tick() => metrics.run_upkeep(),
+                }
+            }
         }
-        loop {
-            match store.expire_holds(settings.hold(), 1000).await {
-                Ok(0) => break,
-                Ok(n) => {
-                    crate::metrics::holds_expired(n);
-                    info!(committed = n, "expired holds committed");
-                    if n < 1000 {
-                        break;
-                    }
-                }
-                Err(err) => {
-                    crate::metrics::db_error(err.kind());
-                    warn!(error = %err, "cannot sweep expired holds; trying again next interval");
-                    break;
-                }
+    });
+    let depth = shared.settings.amqp.depth_poll().map(|interval| {
+        tokio::spawn(crate::amqp::depth::poll(
+            shared.settings.amqp.clone(),
+            interval,
+            stop.clone(),
+        ))
+    });
+    Background {
+        http,
+        upkeep,
+        depth,
+        stop,
+    }
+}
+
+impl Background {
+    /// Stops the HTTP server and the pollers, once the workers are done.
+    async fn stop(self) -> anyhow::Result<()> {
+        self.stop.cancel();
+        let _ = self.upkeep.await;
+        if let Some(depth) = self.depth {
+            let _ = depth.await;
+        }
+        match self.http.await {
+            Ok(result) => result.context("HTTP server failed"),
+            Err(err) => {
+                warn!(error = %err, "HTTP task ended abnormally");
+                Ok(())
             }
         }
     }
@@ -198,37 +208,26 @@ async fn sweep_expired_holds(
 
 /// Creates and migrates the database, retrying while it is unreachable.
 async fn prepare_database(settings: &Settings, stop: &CancellationToken) -> anyhow::Result<Store> {
-    let limits = limits(settings);
-    let store = Store::connect_lazy(&settings.database, limits)?;
-    let mut backoff = backoff::ExponentialBackoffBuilder::new()
-        .with_max_interval(Duration::from_secs(10))
-        .with_max_elapsed_time(None)
-        .build();
-    loop {
-        let attempt = async {
-            Store::create_database_if_missing(settings.database.url.expose()).await?;
-            store.migrate().await
-        };
-        match attempt.await {
-            Ok(()) => return Ok(store),
-            Err(err) if err.is_transient() => {
-                let delay = backoff::backoff::Backoff::next_backoff(&mut backoff)
-                    .unwrap_or(Duration::from_secs(10));
-                warn!(error = %err, url = %settings.database.url.redacted(), retry_in = ?delay,
-                    "database unreachable; waiting for it");
-                tokio::select! {
-                    _ = stop.cancelled() => anyhow::bail!("stopped while waiting for the database"),
-                    _ = tokio::time::sleep(delay) => {}
-                }
+    let store = Store::connect_lazy(&settings.database, limits(settings))?;
+    let url = settings.database.url.redacted();
+    let (store_ref, database_url) = (&store, settings.database.url.expose());
+    let prepared = retry::until_ok(
+        move || async move {
+            Store::create_database_if_missing(database_url).await?;
+            store_ref.migrate().await
+        },
+        |err, delay| {
+            if err.is_transient() {
+                warn!(error = %err, url = %url, retry_in = ?delay, "database unreachable; waiting for it");
             }
-            Err(err) => {
-                return Err(err).with_context(|| {
-                    format!(
-                        "cannot prepare the database at {}",
-                        settings.database.url.redacted()
-                    )
-                });
-            }
+            err.is_transient()
+        },
+    );
+    tokio::select! {
+        _ = stop.cancelled() => anyhow::bail!("stopped while waiting for the database"),
+        prepared = prepared => {
+            prepared.with_context(|| format!("cannot prepare the database at {url}"))?;
+            Ok(store)
         }
     }
 }
@@ -238,5 +237,6 @@ pub fn limits(settings: &Settings) -> Limits {
     Limits {
         signup_credits: i64::from(settings.plans.free.signup_credits),
         daily_sends: i64::from(settings.plans.pro.daily_sends),
+        on_limit: settings.plans.pro.on_limit,
     }
 }

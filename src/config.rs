@@ -10,8 +10,16 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
 
+pub use crate::domain::plan::OnLimit;
 use config::{Config, Environment, File, FileFormat};
 use serde::{Deserialize, Serialize};
+
+fn invalid(setting: &'static str, problem: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        setting,
+        problem: problem.into(),
+    }
+}
 
 /// The defaults, compiled into the binary so it runs from any directory.
 pub const DEFAULT_TOML: &str = include_str!("../config/default.toml");
@@ -156,16 +164,6 @@ pub struct ProPlanSettings {
     pub on_limit: OnLimit,
 }
 
-/// What happens to a pro job over the daily limit.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum OnLimit {
-    /// Dead-letter it `daily_limit_reached` (the default).
-    DeadLetter,
-    /// Hold it until the account's next day starts, then gate it again.
-    Defer,
-}
-
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct JobSettings {
@@ -305,12 +303,33 @@ impl Settings {
     /// # Errors
     /// The first setting out of its range.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        fn invalid(setting: &'static str, problem: impl Into<String>) -> ConfigError {
-            ConfigError::Invalid {
-                setting,
-                problem: problem.into(),
-            }
+        self.validate_connections()?;
+        self.validate_amqp()?;
+        if self.jobs.max_body_bytes == 0 {
+            return Err(invalid("jobs.max_body_bytes", "must be at least 1"));
         }
+        if self.gate.batch_size == 0 || self.gate.batch_size > 10_000 {
+            return Err(invalid("gate.batch_size", "must be between 1 and 10000"));
+        }
+        if self.gate.concurrent_batches == 0 || self.gate.concurrent_batches > 16 {
+            return Err(invalid(
+                "gate.concurrent_batches",
+                "must be between 1 and 16",
+            ));
+        }
+        if self.gate.consumers == 0 || self.gate.consumers > 64 {
+            return Err(invalid("gate.consumers", "must be between 1 and 64"));
+        }
+        if tracing_subscriber::EnvFilter::try_new(&self.log.level).is_err() {
+            return Err(invalid(
+                "log.level",
+                format!("`{}` is not a level filter", self.log.level),
+            ));
+        }
+        Ok(())
+    }
+
+    fn validate_connections(&self) -> Result<(), ConfigError> {
         let url_scheme =
             |value: &Secret, setting: &'static str, schemes: &[&str]| match url::Url::parse(
                 value.expose(),
@@ -335,6 +354,10 @@ impl Settings {
         if self.database.max_connections == 0 {
             return Err(invalid("database.max_connections", "must be at least 1"));
         }
+        Ok(())
+    }
+
+    fn validate_amqp(&self) -> Result<(), ConfigError> {
         for (setting, name) in [
             ("amqp.send_queue", &self.amqp.send_queue),
             ("amqp.delivery_queue", &self.amqp.delivery_queue),
@@ -361,27 +384,6 @@ impl Settings {
         }
         if self.amqp.publish_timeout_ms == 0 {
             return Err(invalid("amqp.publish_timeout_ms", "must be at least 1"));
-        }
-        if self.jobs.max_body_bytes == 0 {
-            return Err(invalid("jobs.max_body_bytes", "must be at least 1"));
-        }
-        if self.gate.batch_size == 0 || self.gate.batch_size > 10_000 {
-            return Err(invalid("gate.batch_size", "must be between 1 and 10000"));
-        }
-        if self.gate.concurrent_batches == 0 || self.gate.concurrent_batches > 16 {
-            return Err(invalid(
-                "gate.concurrent_batches",
-                "must be between 1 and 16",
-            ));
-        }
-        if self.gate.consumers == 0 || self.gate.consumers > 64 {
-            return Err(invalid("gate.consumers", "must be between 1 and 64"));
-        }
-        if tracing_subscriber::EnvFilter::try_new(&self.log.level).is_err() {
-            return Err(invalid(
-                "log.level",
-                format!("`{}` is not a level filter", self.log.level),
-            ));
         }
         Ok(())
     }

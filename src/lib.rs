@@ -4,56 +4,54 @@
 //! publishes send jobs to a RabbitMQ queue; sendgate charges each job to its
 //! account's plan exactly once (in Postgres, under the job's idempotency
 //! key), forwards the jobs that pass to the delivery queue, and dead-letters
-//! the rest with a machine-readable reason. `../shared/SPEC.md` (shipped as
-//! the README's contract) is the source of truth.
+//! the rest with a machine-readable reason. SPEC.md (shipped as the README's
+//! contract) is the source of truth.
 //!
-//! ## Layout
+//! ## Layout: where a change goes
 //!
-//! - [`job`] parses and validates a job's body and `message_id`. Pure.
-//! - [`plan`] is the product vocabulary: plans, charges, refusal reasons, and
-//!   an account's calendar day in its time zone. Pure.
-//! - [`decision`] decides a whole batch of jobs against the state of their
-//!   accounts and says what to write. Pure, so it is unit- and
-//!   property-tested without a database.
-//! - [`settle`] settles reservations with delivery outcomes (commit or
-//!   release). Pure.
-//! - [`store`] owns every SQL statement: accounts, the append-only credit
-//!   ledger, reservations and Pro usage. A batch is decided in one
-//!   transaction that locks its free and pro accounts in id order; a batch
-//!   of scale accounts only (nothing to protect) takes one read and one
-//!   atomic insert, without a transaction.
-//! - [`amqp`] owns the broker topology and the shape of outcome messages.
-//! - [`gate`] is the worker loop: gather jobs into batches (one transaction
-//!   at a time while the gate keeps up, more when jobs back up), decide,
-//!   publish with publisher confirms, ack only what the broker confirmed;
-//!   reconnect with backoff when the broker goes away.
-//! - [`app`] wires it together for `sendgate run` and drains on shutdown;
-//!   [`http`] serves `/metrics`, `/healthz`, `/readyz`; [`api`] the
-//!   account API; [`health`] holds the
-//!   readiness the workers report.
-//! - [`depth`] polls queue depths for the metrics;
-//! - [`redrive`] lists dead letters and moves chosen ones back;
-//! - [`metrics`] owns every metric name (and `docs/metrics.md`); [`config`] the layered settings;
-//!   [`telemetry`] logging; [`shutdown`] signals; [`clock`] the source of
-//!   "now", replaceable in tests.
+//! - [`domain`] (the `sendgate-core` crate in `crates/core`) is the pure
+//!   core: identifiers validated once, the job, the plans, the decision of a
+//!   batch and the settling of delivery reports. It has no I/O: its
+//!   `Cargo.toml` names no tokio, lapin or sqlx, so the compiler keeps it
+//!   that way, and its rules are unit- and property-tested in place. A new
+//!   product rule starts here.
+//! - [`store`] owns every SQL statement: the hot decide path, settling,
+//!   marks, accounts; rows decode in one place, the long statements sit
+//!   next to their reasoning, and [`store::StoreError`] says whether a
+//!   retry can help.
+//! - [`amqp`] owns everything that speaks AMQP: the topology, the messages
+//!   that carry each outcome, the shared connection and a worker's session,
+//!   publishing with confirms and acking; plus queue depths and redrive.
+//! - [`worker`] runs the consume loops on top of those: the jobs pipeline
+//!   (batch, decide, publish, ack), the outcomes worker, the background
+//!   confirm marks, the hold sweep, and each decided job's log line and
+//!   metrics as one event.
+//! - [`http`] serves `/metrics`, `/healthz`, `/readyz` and the `/v1` API;
+//!   [`health`] is the readiness the workers report.
+//! - [`app`] wires it all together for `sendgate run` and drains on
+//!   shutdown; [`shutdown`] turns signals into that.
+//! - [`retry`] is the one place that knows `backoff`; [`metrics`] owns every
+//!   metric name (and `docs/metrics.md`); [`config`] the layered settings;
+//!   [`telemetry`] logging; [`clock`] the source of "now", replaceable in
+//!   tests.
+//!
+//! The layers only point down: `domain` depends on nothing here; `store`
+//! and `amqp` on `domain` and `config`; `worker` on those; `http` and `app`
+//! on top.
 
 #![forbid(unsafe_code)]
 
+pub use sendgate_core as domain;
+
 pub mod amqp;
-pub mod api;
 pub mod app;
 pub mod clock;
 pub mod config;
-pub mod decision;
-pub mod depth;
-pub mod gate;
 pub mod health;
 pub mod http;
-pub mod job;
 pub mod metrics;
-pub mod plan;
-pub mod redrive;
-pub mod settle;
+pub mod retry;
 pub mod shutdown;
 pub mod store;
 pub mod telemetry;
+pub mod worker;

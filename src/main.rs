@@ -9,7 +9,8 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use sendgate::clock::{Clock, SystemClock};
 use sendgate::config::Settings;
-use sendgate::plan::{Plan, parse_timezone};
+use sendgate::domain::ids::AccountId;
+use sendgate::domain::plan::{Plan, parse_timezone};
 use sendgate::store::{AccountSummary, Created, Store};
 use tokio_util::sync::CancellationToken;
 
@@ -76,7 +77,8 @@ struct DeadLetterFilter {
 enum AccountsCommand {
     /// Create an account; a free one gets its signup credits exactly once.
     Create {
-        id: String,
+        #[arg(value_parser = parse_account_id)]
+        id: AccountId,
         #[arg(long, value_parser = parse_plan)]
         plan: Plan,
         /// IANA time zone of the account's calendar day (Pro daily limit).
@@ -85,13 +87,15 @@ enum AccountsCommand {
     },
     /// Change an account's plan; it applies from the next job on.
     SetPlan {
-        id: String,
+        #[arg(value_parser = parse_account_id)]
+        id: AccountId,
         #[arg(value_parser = parse_plan)]
         plan: Plan,
     },
     /// Show plan, credit balance, today's usage and the recent ledger.
     Show {
-        id: String,
+        #[arg(value_parser = parse_account_id)]
+        id: AccountId,
         /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
@@ -100,6 +104,10 @@ enum AccountsCommand {
 
 fn parse_plan(value: &str) -> Result<Plan, String> {
     value.parse::<Plan>().map_err(|err| err.to_string())
+}
+
+fn parse_account_id(value: &str) -> Result<AccountId, String> {
+    AccountId::parse(value).map_err(|err| err.to_string())
 }
 
 fn check_timezone(value: &str) -> Result<String, String> {
@@ -226,9 +234,9 @@ async fn dead_letters(command: DeadLettersCommand, settings: &Settings) -> anyho
         DeadLettersCommand::List { filter } => (filter, false, false),
         DeadLettersCommand::Redrive { filter, dry_run } => (filter, !dry_run, dry_run),
     };
-    let chosen = sendgate::redrive::run(
+    let chosen = sendgate::amqp::redrive::run(
         &settings.amqp,
-        &sendgate::redrive::Filter {
+        &sendgate::amqp::redrive::Filter {
             reason: filter.reason,
             account: filter.account,
         },

@@ -8,7 +8,7 @@ use std::time::Duration;
 use metrics::{counter, gauge, histogram};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 
-use crate::plan::{Charge, Plan, Reason};
+use crate::domain::plan::{Charge, Plan, Reason};
 
 pub const JOBS_RECEIVED: &str = "sendgate_jobs_received_total";
 pub const JOBS_FORWARDED: &str = "sendgate_jobs_forwarded_total";

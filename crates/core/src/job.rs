@@ -1,0 +1,265 @@
+//! The send job as the scheduler publishes it (SPEC §2), parsed and validated
+//! once. Pure: no I/O, so every rule is unit-tested here.
+//!
+//! Only `account_id` and `idempotency_key` matter to the gate; every other
+//! field is opaque and the body is forwarded byte for byte.
+
+use sha2::{Digest, Sha256};
+
+use crate::ids::{AccountId, IdempotencyKey, JobKey};
+
+/// A job that passed validation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Job {
+    pub account_id: AccountId,
+    pub idempotency_key: IdempotencyKey,
+    /// SHA-256 of the body bytes: "same payload" means the same bytes.
+    pub payload_sha256: [u8; 32],
+}
+
+/// Why a job is `invalid_job`; the message is the dead letter's detail.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct InvalidJob(pub String);
+
+impl Job {
+    /// Validates a delivery's body and `message_id` property.
+    ///
+    /// # Errors
+    /// [`InvalidJob`] with a human-readable detail naming what was wrong.
+    pub fn parse(
+        body: &[u8],
+        message_id: Option<&str>,
+        max_body_bytes: usize,
+    ) -> Result<Job, InvalidJob> {
+        let invalid = |detail: String| Err(InvalidJob(detail));
+        if body.len() > max_body_bytes {
+            return invalid(format!(
+                "body is {} bytes, over the limit of {max_body_bytes} bytes",
+                body.len()
+            ));
+        }
+        let text = match std::str::from_utf8(body) {
+            Ok(text) => text,
+            Err(err) => {
+                return invalid(format!(
+                    "body is not valid UTF-8 (invalid byte at offset {})",
+                    err.valid_up_to()
+                ));
+            }
+        };
+        let value: serde_json::Value = match serde_json::from_str(text) {
+            Ok(value) => value,
+            Err(err) => return invalid(format!("body is not JSON: {err}")),
+        };
+        let serde_json::Value::Object(fields) = value else {
+            return invalid(format!(
+                "body is a JSON {}, not an object",
+                json_kind(&value)
+            ));
+        };
+
+        let account_id = match fields.get("account_id") {
+            None => return invalid("`account_id` is missing".to_owned()),
+            Some(serde_json::Value::String(id)) => id,
+            Some(other) => {
+                return invalid(format!(
+                    "`account_id` must be a string, found a {}",
+                    json_kind(other)
+                ));
+            }
+        };
+        let account_id = AccountId::parse(account_id.as_str()).map_err(|e| InvalidJob(e.0))?;
+
+        let body_key = match fields.get("idempotency_key") {
+            None | Some(serde_json::Value::Null) => None,
+            Some(serde_json::Value::String(key)) => Some(key.as_str()),
+            Some(other) => {
+                return invalid(format!(
+                    "`idempotency_key` must be a string, found a {}",
+                    json_kind(other)
+                ));
+            }
+        };
+        let message_id = message_id.filter(|id| !id.is_empty());
+        let key = match (body_key, message_id) {
+            (None, None) => {
+                return invalid(
+                    "`idempotency_key` is missing from the body and there is no message_id"
+                        .to_owned(),
+                );
+            }
+            (Some(body_key), Some(message_id)) if body_key != message_id => {
+                return invalid(format!(
+                    "`idempotency_key` {body_key:?} differs from the message_id {message_id:?}"
+                ));
+            }
+            (Some(key), _) | (None, Some(key)) => key,
+        };
+        let idempotency_key = IdempotencyKey::parse(key).map_err(|e| InvalidJob(e.0))?;
+
+        Ok(Job {
+            account_id,
+            idempotency_key,
+            payload_sha256: Sha256::digest(body).into(),
+        })
+    }
+
+    /// What the job is charged under.
+    pub fn key(&self) -> JobKey {
+        JobKey::new(&self.account_id, &self.idempotency_key)
+    }
+
+    pub fn into_key(self) -> JobKey {
+        JobKey {
+            account_id: self.account_id,
+            idempotency_key: self.idempotency_key,
+        }
+    }
+}
+
+fn json_kind(value: &serde_json::Value) -> &'static str {
+    match value {
+        serde_json::Value::Null => "null",
+        serde_json::Value::Bool(_) => "boolean",
+        serde_json::Value::Number(_) => "number",
+        serde_json::Value::String(_) => "string",
+        serde_json::Value::Array(_) => "array",
+        serde_json::Value::Object(_) => "object",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ids::{MAX_ACCOUNT_ID_CHARS, MAX_KEY_CHARS};
+
+    const LIMIT: usize = 64 * 1024;
+
+    fn detail(body: &[u8], message_id: Option<&str>) -> String {
+        Job::parse(body, message_id, LIMIT)
+            .expect_err("job must be refused")
+            .0
+    }
+
+    #[test]
+    fn a_well_formed_job_parses() {
+        let job = Job::parse(
+            br#"{"account_id":"acme","idempotency_key":"k1","voice_note":"x"}"#,
+            None,
+            LIMIT,
+        )
+        .expect("valid");
+        assert_eq!(job.account_id.as_str(), "acme");
+        assert_eq!(job.idempotency_key.as_str(), "k1");
+    }
+
+    #[test]
+    fn the_key_may_come_from_message_id_alone() {
+        let job = Job::parse(br#"{"account_id":"acme"}"#, Some("k9"), LIMIT).expect("valid");
+        assert_eq!(job.idempotency_key.as_str(), "k9");
+    }
+
+    #[test]
+    fn equal_key_and_message_id_are_accepted() {
+        let job = Job::parse(
+            br#"{"account_id":"a","idempotency_key":"k"}"#,
+            Some("k"),
+            LIMIT,
+        )
+        .expect("valid");
+        assert_eq!(job.idempotency_key.as_str(), "k");
+    }
+
+    #[test]
+    fn the_same_bytes_hash_the_same_and_other_bytes_differ() {
+        let a = Job::parse(br#"{"account_id":"a","idempotency_key":"k"}"#, None, LIMIT);
+        let b = Job::parse(br#"{"account_id":"a","idempotency_key":"k"}"#, None, LIMIT);
+        let c = Job::parse(
+            br#"{"account_id":"a","idempotency_key":"k","x":1}"#,
+            None,
+            LIMIT,
+        );
+        let (a, b, c) = (a.expect("valid"), b.expect("valid"), c.expect("valid"));
+        assert_eq!(a.payload_sha256, b.payload_sha256);
+        assert_ne!(a.payload_sha256, c.payload_sha256);
+    }
+
+    #[test]
+    fn every_kind_of_bad_input_is_named() {
+        assert!(detail(b"not json", None).contains("not JSON"));
+        assert!(detail(b"[1,2]", None).contains("array, not an object"));
+        assert!(detail(b"\"s\"", None).contains("string, not an object"));
+        assert!(detail(b"\xff\xfe{}", None).contains("not valid UTF-8"));
+        assert!(detail(br#"{"idempotency_key":"k"}"#, None).contains("`account_id` is missing"));
+        assert!(
+            detail(br#"{"account_id":7,"idempotency_key":"k"}"#, None)
+                .contains("`account_id` must be a string")
+        );
+        assert!(detail(br#"{"account_id":"","idempotency_key":"k"}"#, None).contains("empty"));
+        assert!(detail(br#"{"account_id":"a"}"#, None).contains("`idempotency_key` is missing"));
+        assert!(
+            detail(br#"{"account_id":"a","idempotency_key":5}"#, None)
+                .contains("`idempotency_key` must be a string")
+        );
+        assert!(
+            detail(br#"{"account_id":"a","idempotency_key":"k1"}"#, Some("k2"))
+                .contains("differs from the message_id")
+        );
+        assert!(
+            detail(br#"{"account_id":"a","idempotency_key":"k\n"}"#, None)
+                .contains("control character")
+        );
+    }
+
+    #[test]
+    fn fields_over_their_length_are_refused() {
+        let long_id = "a".repeat(MAX_ACCOUNT_ID_CHARS + 1);
+        let body = format!(r#"{{"account_id":"{long_id}","idempotency_key":"k"}}"#);
+        assert!(detail(body.as_bytes(), None).contains("over the limit of 128"));
+        let long_key = "k".repeat(MAX_KEY_CHARS + 1);
+        let body = format!(r#"{{"account_id":"a","idempotency_key":"{long_key}"}}"#);
+        assert!(detail(body.as_bytes(), None).contains("over the limit of 255"));
+        let max_key = "k".repeat(MAX_KEY_CHARS);
+        let body = format!(r#"{{"account_id":"a","idempotency_key":"{max_key}"}}"#);
+        assert!(Job::parse(body.as_bytes(), None, LIMIT).is_ok());
+    }
+
+    #[test]
+    fn a_body_over_the_size_limit_is_refused() {
+        let body = format!(
+            r#"{{"account_id":"a","idempotency_key":"k","pad":"{}"}}"#,
+            "x".repeat(100)
+        );
+        let err = Job::parse(body.as_bytes(), None, 50).expect_err("too big");
+        assert!(err.0.contains("over the limit of 50 bytes"), "{}", err.0);
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn no_input_panics_and_every_refusal_has_a_detail(
+            body in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..512),
+            message_id in proptest::option::of(".{0,300}"),
+        ) {
+            if let Err(InvalidJob(detail)) = Job::parse(&body, message_id.as_deref(), 256) {
+                proptest::prop_assert!(!detail.is_empty());
+            }
+        }
+
+        #[test]
+        fn json_objects_with_valid_fields_always_parse(
+            account in "[a-zA-Z0-9_.-]{1,128}",
+            key in "[ -~]{1,255}",
+            extra in ".{0,50}",
+        ) {
+            let body = serde_json::json!({
+                "account_id": account,
+                "idempotency_key": key,
+                "extra": extra,
+            })
+            .to_string();
+            let job = Job::parse(body.as_bytes(), None, 64 * 1024);
+            proptest::prop_assert!(job.is_ok(), "{:?}", job);
+        }
+    }
+}

@@ -1,0 +1,23 @@
+//! # sendgate-core
+//!
+//! The pure core of sendgate: everything the gate *decides*, with no I/O.
+//! It depends on no async runtime, broker client or database driver (its
+//! `Cargo.toml` names none), so the compiler keeps it pure and every rule is
+//! unit- and property-tested in place. The `sendgate` crate re-exports it as
+//! `sendgate::domain`.
+//!
+//! - [`ids`]: `AccountId`, `IdempotencyKey` and `JobKey`, validated once.
+//! - [`job`]: a send job's body and `message_id`, parsed (SPEC §2).
+//! - [`plan`]: plans, charges, refusal reasons, limits, and an account's
+//!   calendar day in its time zone (SPEC §1).
+//! - [`decision`]: a batch of jobs against its accounts' state: forward,
+//!   dead-letter, defer or drop as a duplicate, and what to write (SPEC §3).
+//! - [`settle`]: delivery reports against reservations: commit or release.
+
+#![forbid(unsafe_code)]
+
+pub mod decision;
+pub mod ids;
+pub mod job;
+pub mod plan;
+pub mod settle;

@@ -1,0 +1,454 @@
+//! Settling reservations with delivery outcomes. Pure, like [`crate::decision`]:
+//! the store loads the reservations and accounts under locks, [`settle_batch`]
+//! decides, and the store writes the [`SettleEffects`] in the same
+//! transaction.
+//!
+//! A reservation is settled once: `delivered` commits it; `failed` releases
+//! it, giving a free credit back (a `release` ledger row) or a pro daily slot
+//! back while its day has not ended. Later outcomes for it change nothing.
+
+use std::collections::HashMap;
+
+use chrono::{DateTime, NaiveDate, Utc};
+use uuid::Uuid;
+
+use crate::decision::{AccountState, BalanceChange, UsageChange};
+use crate::ids::{AccountId, IdempotencyKey, JobKey};
+use crate::plan::{Charge, local_day};
+
+/// A delivery worker's report, as published to the outcomes queue.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Report {
+    pub account_id: AccountId,
+    pub idempotency_key: IdempotencyKey,
+    pub delivered: bool,
+    pub detail: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct InvalidReport(pub String);
+
+impl Report {
+    /// Parses `{account_id, idempotency_key, outcome: "delivered"|"failed", detail}`.
+    ///
+    /// # Errors
+    /// [`InvalidReport`] naming what is wrong.
+    pub fn parse(body: &[u8]) -> Result<Report, InvalidReport> {
+        let invalid = |s: &str| InvalidReport(s.to_owned());
+        let value: serde_json::Value = serde_json::from_slice(body)
+            .map_err(|err| InvalidReport(format!("body is not JSON: {err}")))?;
+        let fields = value
+            .as_object()
+            .ok_or_else(|| invalid("body is not a JSON object"))?;
+        let text = |name: &str| -> Result<String, InvalidReport> {
+            match fields.get(name) {
+                Some(serde_json::Value::String(s)) if !s.is_empty() && s.chars().count() <= 255 => {
+                    Ok(s.clone())
+                }
+                Some(serde_json::Value::String(_)) => Err(InvalidReport(format!(
+                    "`{name}` must be 1 to 255 characters"
+                ))),
+                Some(_) => Err(InvalidReport(format!("`{name}` must be a string"))),
+                None => Err(InvalidReport(format!("`{name}` is missing"))),
+            }
+        };
+        let account_id = AccountId::parse(text("account_id")?).map_err(|e| InvalidReport(e.0))?;
+        let idempotency_key =
+            IdempotencyKey::parse(text("idempotency_key")?).map_err(|e| InvalidReport(e.0))?;
+        let delivered = match text("outcome")?.as_str() {
+            "delivered" => true,
+            "failed" => false,
+            other => {
+                return Err(InvalidReport(format!(
+                    "`outcome` is {other:?}; expected \"delivered\" or \"failed\""
+                )));
+            }
+        };
+        let detail = match fields.get("detail") {
+            None | Some(serde_json::Value::Null) => None,
+            Some(serde_json::Value::String(s)) => Some(s.chars().take(1000).collect()),
+            Some(_) => return Err(invalid("`detail` must be a string")),
+        };
+        Ok(Report {
+            account_id,
+            idempotency_key,
+            delivered,
+            detail,
+        })
+    }
+}
+
+/// A reservation's state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum State {
+    Held,
+    Committed,
+    Released,
+}
+
+impl State {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            State::Held => "held",
+            State::Committed => "committed",
+            State::Released => "released",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown reservation state `{0}`")]
+pub struct UnknownState(pub String);
+
+impl std::str::FromStr for State {
+    type Err = UnknownState;
+
+    fn from_str(s: &str) -> Result<State, UnknownState> {
+        match s {
+            "held" => Ok(State::Held),
+            "committed" => Ok(State::Committed),
+            "released" => Ok(State::Released),
+            other => Err(UnknownState(other.to_owned())),
+        }
+    }
+}
+
+impl Report {
+    /// What the report settles.
+    pub fn key(&self) -> JobKey {
+        JobKey::new(&self.account_id, &self.idempotency_key)
+    }
+}
+
+/// A reservation as the settling transaction finds it, locked.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reservation {
+    pub id: Uuid,
+    pub charge: Charge,
+    pub usage_day: Option<NaiveDate>,
+    pub state: State,
+}
+
+/// What happened to one report.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Settled {
+    Committed,
+    Released,
+    /// The reservation was settled before; nothing changed.
+    AlreadySettled,
+    /// No reservation under that account and key.
+    Unknown,
+}
+
+impl Settled {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Settled::Committed => "committed",
+            Settled::Released => "released",
+            Settled::AlreadySettled => "already_settled",
+            Settled::Unknown => "unknown_reservation",
+        }
+    }
+}
+
+/// A `release` ledger row.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Release {
+    pub account_id: AccountId,
+    pub balance_after: i64,
+    pub idempotency_key: IdempotencyKey,
+    pub reservation_id: Uuid,
+}
+
+/// A reservation's new state.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StateChange {
+    pub key: JobKey,
+    pub state: State,
+    pub detail: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SettleEffects {
+    pub settled: Vec<StateChange>,
+    pub releases: Vec<Release>,
+    /// Final credit balance of each account that got credits back.
+    pub balances: Vec<BalanceChange>,
+    /// Final usage of each (pro account, day) that got slots back.
+    pub usage: Vec<UsageChange>,
+}
+
+/// What releases in a batch have given back so far.
+struct Released<'a, 'r> {
+    balances: &'a mut HashMap<&'r AccountId, i64>,
+    used: &'a mut HashMap<(&'r AccountId, NaiveDate), i64>,
+    releases: &'a mut Vec<Release>,
+}
+
+impl<'r> Released<'_, 'r> {
+    /// Gives a failed send's charge back: a free credit (with a ledger row),
+    /// or a pro slot while its day lasts; nothing for an unmetered send.
+    fn give_back(
+        &mut self,
+        report: &'r Report,
+        reservation: &Reservation,
+        account: &AccountState,
+        usage: &HashMap<(AccountId, NaiveDate), i64>,
+        now: DateTime<Utc>,
+    ) {
+        let account_id = &report.account_id;
+        match reservation.charge {
+            Charge::Credit => {
+                let balance = self
+                    .balances
+                    .entry(account_id)
+                    .or_insert(account.credit_balance);
+                *balance += 1;
+                self.releases.push(Release {
+                    account_id: account_id.clone(),
+                    balance_after: *balance,
+                    idempotency_key: report.idempotency_key.clone(),
+                    reservation_id: reservation.id,
+                });
+            }
+            Charge::DailySlot => {
+                // A slot comes back only while its day lasts.
+                let Some(day) = reservation.usage_day else {
+                    return;
+                };
+                if day != local_day(now, account.timezone) {
+                    return;
+                }
+                let slot = self
+                    .used
+                    .entry((account_id, day))
+                    .or_insert_with(|| usage.get(&(account_id.clone(), day)).copied().unwrap_or(0));
+                *slot = (*slot - 1).max(0);
+            }
+            Charge::Unmetered => {}
+        }
+    }
+}
+
+/// Settles a batch of reports in order.
+pub fn settle_batch(
+    reports: &[Report],
+    reservations: &HashMap<JobKey, Reservation>,
+    accounts: &HashMap<AccountId, AccountState>,
+    usage: &HashMap<(AccountId, NaiveDate), i64>,
+    now: DateTime<Utc>,
+) -> (Vec<Settled>, SettleEffects) {
+    let mut balances: HashMap<&AccountId, i64> = HashMap::new();
+    let mut used: HashMap<(&AccountId, NaiveDate), i64> = HashMap::new();
+    let mut settled_now: HashMap<JobKey, State> = HashMap::new();
+    let mut effects = SettleEffects::default();
+    let mut results = Vec::with_capacity(reports.len());
+
+    for report in reports {
+        let key = report.key();
+        let Some(reservation) = reservations.get(&key) else {
+            results.push(Settled::Unknown);
+            continue;
+        };
+        if reservation.state != State::Held || settled_now.contains_key(&key) {
+            results.push(Settled::AlreadySettled);
+            continue;
+        }
+        let state = if report.delivered {
+            State::Committed
+        } else {
+            State::Released
+        };
+        settled_now.insert(key.clone(), state);
+        effects.settled.push(StateChange {
+            key,
+            state,
+            detail: report.detail.clone(),
+        });
+        if state == State::Committed {
+            results.push(Settled::Committed);
+            continue;
+        }
+        results.push(Settled::Released);
+        if let Some(account) = accounts.get(&report.account_id) {
+            let mut released = Released {
+                balances: &mut balances,
+                used: &mut used,
+                releases: &mut effects.releases,
+            };
+            released.give_back(report, reservation, account, usage, now);
+        }
+    }
+    effects.balances = balances
+        .into_iter()
+        .map(|(id, balance)| BalanceChange {
+            account_id: id.clone(),
+            balance,
+        })
+        .collect();
+    effects.balances.sort();
+    effects.usage = used
+        .into_iter()
+        .map(|((id, day), used)| UsageChange {
+            account_id: id.clone(),
+            day,
+            used,
+        })
+        .collect();
+    effects.usage.sort();
+    (results, effects)
+}
+
+#[cfg(test)]
+mod tests {
+    use chrono_tz::Tz;
+
+    use super::*;
+    use crate::plan::Plan;
+
+    fn at(s: &str) -> DateTime<Utc> {
+        DateTime::parse_from_rfc3339(s)
+            .expect("valid timestamp")
+            .with_timezone(&Utc)
+    }
+
+    fn id(account: &str) -> AccountId {
+        AccountId::parse(account).expect("valid account id")
+    }
+
+    fn key(account: &str, key: &str) -> JobKey {
+        JobKey {
+            account_id: id(account),
+            idempotency_key: IdempotencyKey::parse(key).expect("valid key"),
+        }
+    }
+
+    fn report(account: &str, key: &str, delivered: bool) -> Report {
+        let key = self::key(account, key);
+        Report {
+            account_id: key.account_id,
+            idempotency_key: key.idempotency_key,
+            delivered,
+            detail: None,
+        }
+    }
+
+    fn held(charge: Charge, day: Option<&str>) -> Reservation {
+        Reservation {
+            id: Uuid::nil(),
+            charge,
+            usage_day: day.map(|d| d.parse().expect("date")),
+            state: State::Held,
+        }
+    }
+
+    fn account(plan: Plan, balance: i64) -> AccountState {
+        AccountState {
+            plan,
+            timezone: Tz::UTC,
+            credit_balance: balance,
+            today: "2026-01-01".parse().expect("date"),
+            used_today: 0,
+        }
+    }
+
+    #[test]
+    fn a_failed_free_send_gives_its_credit_back_once() {
+        let now = at("2026-01-01T12:00:00Z");
+        let reservations = HashMap::from([(key("a", "k"), held(Charge::Credit, None))]);
+        let accounts = HashMap::from([(id("a"), account(Plan::Free, 3))]);
+        let reports = [
+            report("a", "k", false),
+            report("a", "k", false),
+            report("a", "x", true),
+        ];
+        let (results, effects) =
+            settle_batch(&reports, &reservations, &accounts, &HashMap::new(), now);
+        assert_eq!(
+            results,
+            vec![Settled::Released, Settled::AlreadySettled, Settled::Unknown]
+        );
+        assert_eq!(
+            effects.balances,
+            vec![BalanceChange {
+                account_id: id("a"),
+                balance: 4
+            }]
+        );
+        assert_eq!(effects.releases.len(), 1);
+        assert_eq!(effects.releases[0].balance_after, 4);
+    }
+
+    #[test]
+    fn a_delivered_send_is_committed_and_keeps_its_charge() {
+        let now = at("2026-01-01T12:00:00Z");
+        let reservations = HashMap::from([(key("a", "k"), held(Charge::Credit, None))]);
+        let accounts = HashMap::from([(id("a"), account(Plan::Free, 3))]);
+        let (results, effects) = settle_batch(
+            &[report("a", "k", true)],
+            &reservations,
+            &accounts,
+            &HashMap::new(),
+            now,
+        );
+        assert_eq!(results, vec![Settled::Committed]);
+        assert!(effects.balances.is_empty() && effects.releases.is_empty());
+        assert_eq!(effects.settled[0].state, State::Committed);
+    }
+
+    #[test]
+    fn a_pro_slot_comes_back_only_on_its_own_day() {
+        let reservations = HashMap::from([
+            (
+                key("p", "today"),
+                held(Charge::DailySlot, Some("2026-01-01")),
+            ),
+            (
+                key("p", "yesterday"),
+                held(Charge::DailySlot, Some("2025-12-31")),
+            ),
+        ]);
+        let accounts = HashMap::from([(id("p"), account(Plan::Pro, 0))]);
+        let usage = HashMap::from([((id("p"), "2026-01-01".parse().expect("date")), 20)]);
+        let (results, effects) = settle_batch(
+            &[report("p", "today", false), report("p", "yesterday", false)],
+            &reservations,
+            &accounts,
+            &usage,
+            at("2026-01-01T12:00:00Z"),
+        );
+        assert_eq!(results, vec![Settled::Released, Settled::Released]);
+        assert_eq!(
+            effects.usage,
+            vec![UsageChange {
+                account_id: id("p"),
+                day: "2026-01-01".parse().expect("date"),
+                used: 19
+            }]
+        );
+    }
+
+    #[test]
+    fn reports_are_validated() {
+        assert!(Report::parse(b"nope").is_err());
+        assert!(
+            Report::parse(br#"{"account_id":"a","idempotency_key":"k"}"#)
+                .expect_err("no outcome")
+                .0
+                .contains("`outcome` is missing")
+        );
+        assert!(
+            Report::parse(br#"{"account_id":"a","idempotency_key":"k","outcome":"lost"}"#)
+                .expect_err("bad outcome")
+                .0
+                .contains("expected")
+        );
+        let ok = Report::parse(
+            br#"{"account_id":"a","idempotency_key":"k","outcome":"failed","detail":"busy"}"#,
+        )
+        .expect("valid");
+        assert!(!ok.delivered);
+        assert_eq!(ok.detail.as_deref(), Some("busy"));
+    }
+}

@@ -1,0 +1,137 @@
+//! The message that carries each outcome (SPEC §3): where it goes, and its
+//! properties and headers. The body is always the original bytes and is not
+//! part of [`Outgoing`].
+
+use chrono::{DateTime, SecondsFormat, Utc};
+use lapin::BasicProperties;
+use lapin::types::{AMQPValue, FieldTable, ShortString};
+
+use super::{
+    HEADER_CHARGE, HEADER_CREDITS_REMAINING, HEADER_DAILY_REMAINING, HEADER_DECISION,
+    HEADER_DETAIL, HEADER_PLAN, HEADER_REASON, HEADER_RESERVATION_ID, HEADER_RETRY_AFTER,
+    long_string,
+};
+use crate::config::AmqpSettings;
+use crate::domain::decision::{DeadLetter, Decision, Forward};
+use crate::domain::plan::Plan;
+
+/// Where and how to publish one outcome.
+#[derive(Debug, Clone)]
+pub struct Outgoing {
+    pub exchange: ShortString,
+    pub routing_key: ShortString,
+    pub properties: BasicProperties,
+}
+
+/// Builds the message for a decision (none for a duplicate, which is only
+/// acked). The original properties and headers are kept, minus any stale
+/// `x-sendgate-*` headers (a replayed dead letter has some); `now` dates a
+/// deferral's expiry.
+pub fn outgoing(
+    settings: &AmqpSettings,
+    original: &BasicProperties,
+    idempotency_key: Option<&str>,
+    decision: &Decision,
+    now: DateTime<Utc>,
+) -> Option<Outgoing> {
+    let mut headers = carried_headers(original, |_| false);
+    let mut properties = original.clone().with_delivery_mode(2);
+    let (exchange, routing_key) = match decision {
+        Decision::Duplicate => return None,
+        Decision::Forward(forward) => {
+            forward_headers(&mut headers, forward);
+            (String::new(), settings.delivery_queue.clone())
+        }
+        Decision::DeadLetter(dead) => {
+            dead_letter_headers(&mut headers, dead);
+            (
+                settings.dead_letter_exchange.clone(),
+                dead.reason.as_str().to_owned(),
+            )
+        }
+        Decision::Defer(dead) => {
+            // Expiring (and so returning to the send queue) when the
+            // account's next day starts.
+            let until = dead.retry_after.unwrap_or(now);
+            headers
+                .insert(HEADER_DECISION.into(), long_string("deferred"))
+                .insert(HEADER_RETRY_AFTER.into(), long_string(&rfc3339(until)));
+            let wait_ms = (until - now).num_milliseconds().max(1);
+            properties = properties.with_expiration(wait_ms.to_string().into());
+            (String::new(), settings.deferred_queue.clone())
+        }
+    };
+    properties = properties.with_headers(headers);
+    if original.content_type().is_none() && !matches!(decision, Decision::Defer(_)) {
+        properties = properties.with_content_type("application/json".into());
+    }
+    if let Some(key) = idempotency_key {
+        properties = properties.with_message_id(key.into());
+    }
+    Some(Outgoing {
+        exchange: exchange.into(),
+        routing_key: routing_key.into(),
+        properties,
+    })
+}
+
+/// The publisher's headers that travel on: never sendgate's own (they are
+/// set afresh), nor any that `also_drop` names.
+pub fn carried_headers(original: &BasicProperties, also_drop: impl Fn(&str) -> bool) -> FieldTable {
+    let mut headers = FieldTable::default();
+    if let Some(original) = original.headers() {
+        for (name, value) in original {
+            let name_text = name.as_str();
+            if !name_text.starts_with("x-sendgate-") && !also_drop(name_text) {
+                headers.insert(name.clone(), value.clone());
+            }
+        }
+    }
+    headers
+}
+
+fn forward_headers(headers: &mut FieldTable, forward: &Forward) {
+    headers
+        .insert(HEADER_DECISION.into(), long_string("forwarded"))
+        .insert(HEADER_PLAN.into(), long_string(forward.plan.as_str()))
+        .insert(HEADER_CHARGE.into(), long_string(forward.charge.as_str()))
+        .insert(
+            HEADER_RESERVATION_ID.into(),
+            long_string(&forward.reservation_id.to_string()),
+        );
+    if let Some(remaining) = forward.remaining {
+        let name = match forward.plan {
+            Plan::Free => HEADER_CREDITS_REMAINING,
+            _ => HEADER_DAILY_REMAINING,
+        };
+        headers.insert(name.into(), AMQPValue::LongLongInt(remaining));
+    }
+}
+
+fn dead_letter_headers(headers: &mut FieldTable, dead: &DeadLetter) {
+    headers
+        .insert(HEADER_DECISION.into(), long_string("dead_lettered"))
+        .insert(HEADER_REASON.into(), long_string(dead.reason.as_str()))
+        .insert(HEADER_DETAIL.into(), long_string(&dead.detail));
+    if let Some(at) = dead.retry_after {
+        headers.insert(HEADER_RETRY_AFTER.into(), long_string(&rfc3339(at)));
+    }
+}
+
+fn rfc3339(at: DateTime<Utc>) -> String {
+    at.to_rfc3339_opts(SecondsFormat::Secs, true)
+}
+
+/// A header's value as text, for tests and tools reading outcomes.
+pub fn header_text(properties: &BasicProperties, name: &str) -> Option<String> {
+    let value = properties.headers().as_ref()?.inner().get(name)?;
+    match value {
+        AMQPValue::LongString(s) => Some(String::from_utf8_lossy(s.as_bytes()).into_owned()),
+        AMQPValue::ShortString(s) => Some(s.as_str().to_owned()),
+        AMQPValue::LongLongInt(n) => Some(n.to_string()),
+        AMQPValue::LongInt(n) => Some(n.to_string()),
+        AMQPValue::ShortInt(n) => Some(n.to_string()),
+        AMQPValue::LongUInt(n) => Some(n.to_string()),
+        other => Some(format!("{other:?}")),
+    }
+}

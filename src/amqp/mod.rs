@@ -1,0 +1,61 @@
+//! RabbitMQ: everything that speaks AMQP.
+//!
+//! - [`topology`]: the exchange and queues of SPEC §4, declared idempotently;
+//! - [`message`]: the messages that carry each outcome, and their headers;
+//! - [`session`]: the process's shared connection, and a worker's channels
+//!   and consumers on it;
+//! - [`confirm`]: publishing with publisher confirms, and acking a batch;
+//! - [`depth`]: queue depths for the metrics;
+//! - [`redrive`]: listing dead letters and moving chosen ones back.
+//!
+//! The consume loops that use these are in [`crate::worker`].
+
+pub mod confirm;
+pub mod depth;
+pub mod message;
+pub mod redrive;
+pub mod session;
+pub mod topology;
+
+use std::str::FromStr;
+
+use lapin::types::{AMQPValue, LongString};
+use lapin::uri::AMQPUri;
+use lapin::{Connection, ConnectionProperties};
+
+pub use message::{Outgoing, header_text};
+pub use topology::declare_topology;
+
+use crate::config::AmqpSettings;
+
+pub const HEADER_DECISION: &str = "x-sendgate-decision";
+pub const HEADER_PLAN: &str = "x-sendgate-plan";
+pub const HEADER_CHARGE: &str = "x-sendgate-charge";
+pub const HEADER_RESERVATION_ID: &str = "x-sendgate-reservation-id";
+pub const HEADER_CREDITS_REMAINING: &str = "x-sendgate-credits-remaining";
+pub const HEADER_DAILY_REMAINING: &str = "x-sendgate-daily-remaining";
+pub const HEADER_REASON: &str = "x-sendgate-reason";
+pub const HEADER_DETAIL: &str = "x-sendgate-detail";
+pub const HEADER_RETRY_AFTER: &str = "x-sendgate-retry-after";
+/// Routing key of jobs the broker itself dead-letters from the send queue
+/// (its delivery limit, or a reject without requeue).
+pub const BROKER_DEAD_LETTER_KEY: &str = "delivery_limit";
+
+/// Opens a connection with the configured heartbeat, named `name` in the
+/// management UI.
+///
+/// # Errors
+/// An invalid URL, or the broker is unreachable or refuses the login.
+pub async fn connect(settings: &AmqpSettings, name: &str) -> lapin::Result<Connection> {
+    let mut uri = AMQPUri::from_str(settings.url.expose()).map_err(|err| {
+        std::io::Error::new(std::io::ErrorKind::InvalidInput, format!("amqp.url: {err}"))
+    })?;
+    uri.query.heartbeat = Some(settings.heartbeat_secs);
+    uri.query.connection_timeout.get_or_insert(10_000);
+    let properties = ConnectionProperties::default().with_connection_name(name.into());
+    Connection::connect_uri(uri, properties).await
+}
+
+fn long_string(value: &str) -> AMQPValue {
+    AMQPValue::LongString(LongString::from(value))
+}

@@ -1,0 +1,165 @@
+//! `sendgate dead-letters list|redrive`: look at the dead-letter queue and
+//! move chosen jobs back to the send queue (after an upgrade, say), where
+//! they are judged afresh.
+//!
+//! Messages are taken with `basic.get` and held unacknowledged. A matching
+//! one is published to the send queue, and acked from the dead-letter queue
+//! only after the broker confirmed that publish. The others are never acked:
+//! closing the channel returns them to the dead-letter queue, in their order.
+
+use lapin::options::{
+    BasicAckOptions, BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions,
+    QueueDeclareOptions,
+};
+use lapin::types::{FieldTable, ShortString};
+
+use super::message::carried_headers;
+use lapin::{BasicProperties, Confirmation};
+
+use crate::amqp::{self, HEADER_DETAIL, HEADER_REASON, header_text};
+use crate::config::AmqpSettings;
+
+/// Which dead letters to act on; `None` matches all.
+#[derive(Debug, Clone, Default)]
+pub struct Filter {
+    pub reason: Option<String>,
+    pub account: Option<String>,
+}
+
+/// One dead letter, as listed.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct DeadLetterInfo {
+    pub reason: String,
+    pub account_id: Option<String>,
+    pub idempotency_key: Option<String>,
+    pub detail: Option<String>,
+}
+
+impl Filter {
+    fn matches(&self, info: &DeadLetterInfo) -> bool {
+        self.reason.as_ref().is_none_or(|r| *r == info.reason)
+            && self
+                .account
+                .as_ref()
+                .is_none_or(|a| info.account_id.as_deref() == Some(a.as_str()))
+    }
+}
+
+fn describe(delivery: &lapin::message::Delivery) -> DeadLetterInfo {
+    let body: Option<serde_json::Value> = serde_json::from_slice(&delivery.data).ok();
+    let field = |name: &str| {
+        body.as_ref()
+            .and_then(|b| b.get(name))
+            .and_then(|v| v.as_str())
+            .map(str::to_owned)
+    };
+    DeadLetterInfo {
+        reason: header_text(&delivery.properties, HEADER_REASON)
+            .unwrap_or_else(|| delivery.routing_key.to_string()),
+        account_id: field("account_id"),
+        idempotency_key: field("idempotency_key").or_else(|| {
+            delivery
+                .properties
+                .message_id()
+                .as_ref()
+                .map(|id| id.to_string())
+        }),
+        detail: header_text(&delivery.properties, HEADER_DETAIL),
+    }
+}
+
+/// The original job's properties: sendgate's and the broker's dead-letter
+/// headers removed, so the job is judged afresh.
+fn as_sent(properties: &BasicProperties) -> BasicProperties {
+    let headers = carried_headers(properties, |name| {
+        name == "x-death" || name.starts_with("x-first-death") || name.starts_with("x-last-death")
+    });
+    properties
+        .clone()
+        .with_headers(headers)
+        .with_delivery_mode(2)
+}
+
+/// Lists (`move_them` false) or moves the dead letters matching `filter`,
+/// at most `limit`; returns the ones listed or moved.
+///
+/// # Errors
+/// The broker is unreachable, or refused a publish (nothing is acked then).
+pub async fn run(
+    settings: &AmqpSettings,
+    filter: &Filter,
+    limit: usize,
+    move_them: bool,
+) -> anyhow::Result<Vec<DeadLetterInfo>> {
+    let connection = amqp::connect(settings, "sendgate dead-letters").await?;
+    let channel = connection.create_channel().await?;
+    amqp::declare_topology(&channel, settings).await?;
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await?;
+    let waiting = channel
+        .queue_declare(
+            settings.dead_letter_queue.as_str().into(),
+            QueueDeclareOptions {
+                passive: true,
+                ..QueueDeclareOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await?
+        .message_count();
+
+    let mut held = Vec::new();
+    let mut chosen = Vec::new();
+    for _ in 0..waiting {
+        if chosen.len() >= limit {
+            break;
+        }
+        let Some(message) = channel
+            .basic_get(
+                settings.dead_letter_queue.as_str().into(),
+                BasicGetOptions { no_ack: false },
+            )
+            .await?
+        else {
+            break;
+        };
+        let delivery = message.delivery;
+        let info = describe(&delivery);
+        if !filter.matches(&info) {
+            held.push(delivery);
+            continue;
+        }
+        if move_them {
+            let confirmation = channel
+                .basic_publish(
+                    ShortString::from(""),
+                    settings.send_queue.as_str().into(),
+                    BasicPublishOptions {
+                        mandatory: true,
+                        ..BasicPublishOptions::default()
+                    },
+                    &delivery.data,
+                    as_sent(&delivery.properties),
+                )
+                .await?
+                .await?;
+            if !matches!(confirmation, Confirmation::Ack(None)) {
+                anyhow::bail!(
+                    "the broker did not accept a job for {}; it stays in {}",
+                    settings.send_queue,
+                    settings.dead_letter_queue
+                );
+            }
+            delivery.ack(BasicAckOptions::default()).await?;
+        } else {
+            held.push(delivery);
+        }
+        chosen.push(info);
+    }
+    // Everything not moved goes back when the channel closes.
+    drop(held);
+    channel.close(200, "done".into()).await?;
+    connection.close(200, "done".into()).await?;
+    Ok(chosen)
+}

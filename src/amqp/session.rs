@@ -1,0 +1,177 @@
+//! The process's one broker connection, and a worker's session on it: its
+//! channels, each with a consumer, prefetch and publisher confirms.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use lapin::message::Delivery;
+use lapin::options::{BasicConsumeOptions, BasicQosOptions, ConfirmSelectOptions};
+use lapin::types::FieldTable;
+use lapin::{Channel, Connection, Consumer};
+
+use crate::config::AmqpSettings;
+
+/// Why a worker must drop its broker session and start a new one.
+#[derive(Debug, thiserror::Error)]
+pub enum SessionError {
+    #[error("broker: {0}")]
+    Broker(#[from] lapin::Error),
+    #[error("the consumer stream ended (consumer cancelled or channel closed)")]
+    ConsumerEnded,
+    #[error("an ack could not be sent: the channel has failed")]
+    AckFailed,
+    #[error("a publish was not confirmed within {0:?}")]
+    ConfirmTimeout(Duration),
+}
+
+/// A delivery, when it arrived, and which of the session's channels it
+/// came on.
+pub struct Received {
+    pub delivery: Delivery,
+    pub at: Instant,
+    pub channel: usize,
+}
+
+impl Received {
+    /// The delivery's `message_id` property, if it has one.
+    pub fn message_id(&self) -> Option<&str> {
+        self.delivery
+            .properties
+            .message_id()
+            .as_ref()
+            .map(|id| id.as_str())
+    }
+}
+
+/// A worker's session: channels on the shared connection, a consumer on
+/// each. Outcomes are published on the first channel.
+pub struct Session {
+    pub connection: Arc<Connection>,
+    pub channels: Vec<Channel>,
+    pub consumers: Vec<Consumer>,
+}
+
+impl Session {
+    /// Closes the session's channels; unacked deliveries go back to their
+    /// queue.
+    pub async fn close(&self, reason: &str) {
+        for channel in &self.channels {
+            let _ = channel.close(200, reason.into()).await;
+        }
+    }
+}
+
+/// The process's broker connection, shared by every worker (each on its
+/// own channels): one connection means one I/O thread, not one per worker.
+pub struct Broker {
+    settings: AmqpSettings,
+    /// A tokio mutex: connecting awaits while it is held, so concurrent
+    /// workers wait for one connection instead of opening several.
+    slot: tokio::sync::Mutex<Option<Arc<Connection>>>,
+}
+
+impl Broker {
+    pub fn new(settings: AmqpSettings) -> Self {
+        Broker {
+            settings,
+            slot: tokio::sync::Mutex::new(None),
+        }
+    }
+
+    /// The shared connection; opens it when there is none or the last one
+    /// broke.
+    async fn connection(&self) -> lapin::Result<Arc<Connection>> {
+        let mut slot = self.slot.lock().await;
+        if let Some(connection) = slot.as_ref().filter(|c| c.status().connected()) {
+            return Ok(connection.clone());
+        }
+        let connection = Arc::new(super::connect(&self.settings, "sendgate").await?);
+        *slot = Some(connection.clone());
+        Ok(connection)
+    }
+
+    /// Forgets (and closes) `connection` if it is still the shared one.
+    pub async fn drop_connection(&self, connection: &Arc<Connection>) {
+        let mut slot = self.slot.lock().await;
+        if slot.as_ref().is_some_and(|c| Arc::ptr_eq(c, connection)) {
+            *slot = None;
+            drop(slot);
+            let _ = connection.close(320, "sendgate reconnecting".into()).await;
+        }
+    }
+
+    /// Closes the shared connection, once every worker has stopped.
+    pub async fn close(&self) {
+        if let Some(connection) = self.slot.lock().await.take() {
+            let _ = connection.close(200, "sendgate shutting down".into()).await;
+        }
+    }
+
+    /// Opens `count` channels consuming `queue`, tagged `tag-N`; the first
+    /// one declares the topology first.
+    ///
+    /// # Errors
+    /// The broker is unreachable or refused a channel; no consumer is left
+    /// behind then.
+    pub async fn open_session(
+        &self,
+        queue: &str,
+        count: usize,
+        tag: &str,
+    ) -> lapin::Result<Session> {
+        let connection = self.connection().await?;
+        let mut session = Session {
+            connection,
+            channels: Vec::with_capacity(count),
+            consumers: Vec::with_capacity(count),
+        };
+        for i in 0..count {
+            match self
+                .open_channel(&session.connection, queue, format!("{tag}-{i}"), i == 0)
+                .await
+            {
+                Ok((channel, consumer)) => {
+                    session.channels.push(channel);
+                    session.consumers.push(consumer);
+                }
+                Err(err) => {
+                    session.close("sendgate reconnecting").await;
+                    if !session.connection.status().connected() {
+                        self.drop_connection(&session.connection).await;
+                    }
+                    return Err(err);
+                }
+            }
+        }
+        Ok(session)
+    }
+
+    async fn open_channel(
+        &self,
+        connection: &Connection,
+        queue: &str,
+        tag: String,
+        declare: bool,
+    ) -> lapin::Result<(Channel, Consumer)> {
+        let channel = connection.create_channel().await?;
+        if declare {
+            super::declare_topology(&channel, &self.settings).await?;
+        }
+        // basic.qos is per channel: applied on every new session.
+        channel
+            .basic_qos(self.settings.prefetch, BasicQosOptions::default())
+            .await?;
+        channel
+            .confirm_select(ConfirmSelectOptions::default())
+            .await?;
+        let consumer = channel
+            .basic_consume(
+                queue.into(),
+                tag.into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+        Ok((channel, consumer))
+    }
+}

@@ -1,0 +1,113 @@
+//! The topology of SPEC §4. Declaring it again after a broker restart or a
+//! deleted queue brings it back; declaring what exists changes nothing.
+
+use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
+use lapin::types::{AMQPValue, FieldTable};
+use lapin::{Channel, ExchangeKind};
+
+use super::{BROKER_DEAD_LETTER_KEY, long_string};
+use crate::config::AmqpSettings;
+
+/// Declares the exchange and queues sendgate uses, idempotently.
+///
+/// # Errors
+/// The channel failed, or an existing queue has other arguments (the broker
+/// then closes the channel with PRECONDITION_FAILED).
+pub async fn declare_topology(channel: &Channel, settings: &AmqpSettings) -> lapin::Result<()> {
+    channel
+        .exchange_declare(
+            settings.dead_letter_exchange.as_str().into(),
+            ExchangeKind::Topic,
+            ExchangeDeclareOptions {
+                durable: true,
+                ..ExchangeDeclareOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await?;
+    declare_quorum(channel, &settings.dead_letter_queue, quorum_arguments()).await?;
+    channel
+        .queue_bind(
+            settings.dead_letter_queue.as_str().into(),
+            settings.dead_letter_exchange.as_str().into(),
+            "#".into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    declare_quorum(channel, &settings.delivery_queue, quorum_arguments()).await?;
+    declare_quorum(channel, &settings.outcomes_queue, quorum_arguments()).await?;
+    declare_quorum(channel, &settings.send_queue, send_arguments(settings)).await?;
+    declare_quorum(
+        channel,
+        &settings.deferred_queue,
+        deferred_arguments(settings),
+    )
+    .await?;
+    Ok(())
+}
+
+/// A durable quorum queue.
+///
+/// # Errors
+/// The channel failed, or the queue exists with other arguments.
+pub async fn declare_quorum(
+    channel: &Channel,
+    name: &str,
+    arguments: FieldTable,
+) -> lapin::Result<()> {
+    let durable = QueueDeclareOptions {
+        durable: true,
+        ..QueueDeclareOptions::default()
+    };
+    channel
+        .queue_declare(name.into(), durable, arguments)
+        .await?;
+    Ok(())
+}
+
+/// The arguments of a plain quorum queue.
+pub fn quorum_arguments() -> FieldTable {
+    let mut arguments = FieldTable::default();
+    arguments.insert("x-queue-type".into(), long_string("quorum"));
+    arguments
+}
+
+/// The send queue: broker-level rejects and its delivery limit route to the
+/// dead-letter exchange.
+fn send_arguments(settings: &AmqpSettings) -> FieldTable {
+    let mut arguments = quorum_arguments();
+    arguments
+        .insert(
+            "x-dead-letter-exchange".into(),
+            long_string(&settings.dead_letter_exchange),
+        )
+        .insert(
+            "x-dead-letter-routing-key".into(),
+            long_string(BROKER_DEAD_LETTER_KEY),
+        )
+        .insert(
+            "x-delivery-limit".into(),
+            AMQPValue::LongLongInt(i64::from(settings.delivery_limit)),
+        );
+    arguments
+}
+
+/// The deferred queue holds pro jobs over their daily limit until the
+/// account's next day (per-message TTL), then dead-letters them back into the
+/// send queue, at least once.
+fn deferred_arguments(settings: &AmqpSettings) -> FieldTable {
+    let mut arguments = quorum_arguments();
+    arguments
+        .insert("x-dead-letter-exchange".into(), long_string(""))
+        .insert(
+            "x-dead-letter-routing-key".into(),
+            long_string(&settings.send_queue),
+        )
+        .insert(
+            "x-dead-letter-strategy".into(),
+            long_string("at-least-once"),
+        )
+        .insert("x-overflow".into(), long_string("reject-publish"));
+    arguments
+}

@@ -1,0 +1,324 @@
+//! The hot path: a batch of valid jobs decided and recorded.
+//!
+//! Two ways through. A batch whose accounts are all on the scale plan has
+//! nothing to protect: one read and one atomic insert, no transaction. Any
+//! other batch locks its metered accounts, reads their usage and the earlier
+//! reservations, and writes everything in one statement, in one transaction.
+
+use std::collections::HashMap;
+
+use chrono::{DateTime, NaiveDate, Utc};
+use sqlx::postgres::PgRow;
+use sqlx::{PgConnection, Row};
+use uuid::Uuid;
+
+use super::rows::{self, distinct_accounts, key_arrays};
+use super::{Query, Store, StoreError, bind_changes, sql};
+use crate::domain::decision::{
+    AccountState, Decision, Effects, NewReservation, PriorReservation, decide_batch,
+};
+use crate::domain::ids::{AccountId, JobKey};
+use crate::domain::job::Job;
+use crate::domain::plan::{Limits, Plan};
+
+/// Hinted scale accounts kept at most; the hint starts over beyond this.
+const SCALE_HINT_CAPACITY: usize = 100_000;
+
+/// How many times a batch is decided again after racing another worker
+/// for the same keys, before the worker is told to retry later.
+const RACE_ATTEMPTS: usize = 3;
+
+/// The decisions of a batch, in the jobs' order, and the id of the forward
+/// batch its new charges belong to (none when it charged nothing).
+#[derive(Debug, Clone, Default)]
+pub struct Recorded {
+    pub decisions: Vec<Decision>,
+    pub batch: Option<Uuid>,
+}
+
+/// How an attempt at the unlocked path ended.
+enum Unlocked {
+    Done(Recorded),
+    /// Another worker charged one of the keys first: decide again.
+    Raced,
+    /// A metered account or a released reservation: needs the locked path.
+    NeedsLock,
+}
+
+/// The state a batch is decided against.
+#[derive(Default)]
+struct Loaded {
+    accounts: HashMap<AccountId, AccountState>,
+    prior: HashMap<JobKey, PriorReservation>,
+}
+
+impl Loaded {
+    fn decide(&self, jobs: &[Job], limits: Limits, now: DateTime<Utc>) -> (Vec<Decision>, Effects) {
+        decide_batch(jobs, &self.accounts, &self.prior, limits, now, Uuid::now_v7)
+    }
+}
+
+impl Store {
+    /// Decides and records a batch of valid jobs in one transaction; the
+    /// decisions come back in the jobs' order.
+    ///
+    /// # Errors
+    /// [`StoreError::is_transient`] when the batch should be retried;
+    /// nothing was recorded then.
+    pub async fn decide(&self, jobs: &[Job], now: DateTime<Utc>) -> Result<Recorded, StoreError> {
+        if jobs.is_empty() {
+            return Ok(Recorded::default());
+        }
+        // A scale account is not locked, so two workers may charge the same
+        // new key at once: the second insert then finds the first one's row,
+        // and deciding the batch again (now seeing that row) is the answer.
+        for _ in 0..RACE_ATTEMPTS {
+            if self.hinted_scale(jobs) {
+                match self.try_decide_unlocked(jobs, now).await? {
+                    Unlocked::Done(recorded) => return Ok(recorded),
+                    Unlocked::Raced => continue,
+                    Unlocked::NeedsLock => {}
+                }
+            }
+            if let Some(recorded) = self.try_decide_locked(jobs, now).await? {
+                return Ok(recorded);
+            }
+        }
+        Err(StoreError::Contention)
+    }
+
+    /// Whether every account of the batch was on the scale plan when last
+    /// seen.
+    fn hinted_scale(&self, jobs: &[Job]) -> bool {
+        let hint = self.scale_hint.lock().unwrap_or_else(|e| e.into_inner());
+        jobs.iter().all(|j| hint.contains(j.account_id.as_str()))
+    }
+
+    fn remember_plans(&self, accounts: &HashMap<AccountId, AccountState>) {
+        let mut hint = self.scale_hint.lock().unwrap_or_else(|e| e.into_inner());
+        if hint.len() > SCALE_HINT_CAPACITY {
+            hint.clear();
+        }
+        for (id, account) in accounts {
+            if account.plan == Plan::Scale {
+                if !hint.contains(id.as_str()) {
+                    hint.insert(id.to_string());
+                }
+            } else {
+                hint.remove(id.as_str());
+            }
+        }
+    }
+
+    /// The unlocked path, for a batch whose accounts are all on the scale
+    /// plan: one statement reads the accounts and earlier reservations, one
+    /// records the new charges (atomically: a key another worker charged in
+    /// between fails the whole statement, and the batch is decided again).
+    /// Two round trips instead of five.
+    async fn try_decide_unlocked(
+        &self,
+        jobs: &[Job],
+        now: DateTime<Utc>,
+    ) -> Result<Unlocked, StoreError> {
+        let account_ids = distinct_accounts(jobs.iter().map(|j| &j.account_id));
+        let (key_accounts, keys) =
+            key_arrays(jobs.iter().map(|j| (&j.account_id, &j.idempotency_key)));
+        // Both statements on one connection: each return to the pool costs
+        // a round trip (sqlx checks the connection with a Sync).
+        let mut conn = self.pool.acquire().await?;
+        let rows = sqlx::query(sql::UNLOCKED_READ)
+            .bind(&account_ids)
+            .bind(&key_accounts)
+            .bind(&keys)
+            .fetch_all(&mut *conn)
+            .await?;
+        let mut loaded = Loaded::default();
+        for row in &rows {
+            if row.try_get::<&str, _>("kind")? == "account" {
+                loaded.accounts.insert(
+                    rows::account_id(row, "account_id")?,
+                    rows::account_state(row, now)?,
+                );
+                continue;
+            }
+            let reservation = rows::prior_reservation(row)?;
+            if reservation.released {
+                // Charged afresh through the locked path's upsert.
+                return Ok(Unlocked::NeedsLock);
+            }
+            loaded.prior.insert(rows::job_key(row)?, reservation);
+        }
+        if loaded.accounts.values().any(|a| a.plan != Plan::Scale) {
+            self.remember_plans(&loaded.accounts);
+            return Ok(Unlocked::NeedsLock);
+        }
+        let (decisions, effects) = loaded.decide(jobs, self.limits, now);
+        if !(effects.ledger.is_empty() && effects.balances.is_empty() && effects.usage.is_empty()) {
+            return Ok(Unlocked::NeedsLock);
+        }
+        if effects.is_empty() {
+            return Ok(Unlocked::Done(Recorded {
+                decisions,
+                batch: None,
+            }));
+        }
+        let batch = Uuid::now_v7();
+        let insert = bind_reservations(sqlx::query(sql::RECORD_UNMETERED), &effects.reservations)
+            .bind(batch);
+        match insert.execute(&mut *conn).await {
+            Ok(_) => Ok(Unlocked::Done(Recorded {
+                decisions,
+                batch: Some(batch),
+            })),
+            Err(sqlx::Error::Database(db)) if db.code().as_deref() == Some("23505") => {
+                Ok(Unlocked::Raced)
+            }
+            Err(err) => Err(err.into()),
+        }
+    }
+
+    /// One attempt at the locked path; `None` when a concurrent charge of
+    /// the same key won and the batch must be decided again.
+    async fn try_decide_locked(
+        &self,
+        jobs: &[Job],
+        now: DateTime<Utc>,
+    ) -> Result<Option<Recorded>, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let mut loaded = Loaded {
+            accounts: lock_accounts(&mut tx, jobs, now).await?,
+            prior: HashMap::new(),
+        };
+        read_prior(&mut tx, jobs, &mut loaded).await?;
+        self.remember_plans(&loaded.accounts);
+        let (decisions, effects) = loaded.decide(jobs, self.limits, now);
+        let batch = (!effects.is_empty()).then(Uuid::now_v7);
+        if let Some(batch) = batch {
+            let inserted: i64 = self
+                .record_metered(&effects, batch)
+                .fetch_one(&mut *tx)
+                .await?
+                .try_get(0)?;
+            if inserted != effects.reservations.len() as i64 {
+                tx.rollback().await?;
+                return Ok(None);
+            }
+        }
+        tx.commit().await?;
+        Ok(Some(Recorded { decisions, batch }))
+    }
+
+    /// [`sql::RECORD_METERED`] with a batch's effects bound.
+    fn record_metered<'q>(&self, effects: &'q Effects, batch: Uuid) -> Query<'q> {
+        let l = &effects.ledger;
+        let query = bind_reservations(sqlx::query(sql::RECORD_METERED), &effects.reservations)
+            .bind(l.iter().map(|x| x.account_id.as_str()).collect::<Vec<_>>())
+            .bind(l.iter().map(|x| x.balance_after).collect::<Vec<_>>())
+            .bind(
+                l.iter()
+                    .map(|x| x.idempotency_key.as_str())
+                    .collect::<Vec<_>>(),
+            )
+            .bind(l.iter().map(|x| x.reservation_id).collect::<Vec<_>>());
+        bind_changes(query, &effects.balances, &effects.usage)
+            .bind(i32::try_from(self.limits.daily_sends).unwrap_or(i32::MAX))
+            .bind(batch)
+    }
+}
+
+/// The batch's accounts, metered ones locked ([`sql::LOCK_METERED`]). An
+/// account that moved from scale to a metered plan while the batch waited
+/// is read again, locked.
+async fn lock_accounts(
+    conn: &mut PgConnection,
+    jobs: &[Job],
+    now: DateTime<Utc>,
+) -> Result<HashMap<AccountId, AccountState>, StoreError> {
+    let account_ids = distinct_accounts(jobs.iter().map(|j| &j.account_id));
+    let rows = sqlx::query(sql::LOCK_METERED)
+        .bind(&account_ids)
+        .fetch_all(&mut *conn)
+        .await?;
+    let mut accounts = HashMap::with_capacity(rows.len());
+    let mut unlocked_metered = Vec::new();
+    for row in &rows {
+        let id = rows::account_id(row, "id")?;
+        let account = rows::account_state(row, now)?;
+        if account.plan != Plan::Scale && !row.try_get::<bool, _>("locked")? {
+            unlocked_metered.push(id.clone());
+        }
+        accounts.insert(id, account);
+    }
+    if unlocked_metered.is_empty() {
+        return Ok(accounts);
+    }
+    let ids = distinct_accounts(unlocked_metered.iter());
+    for row in sqlx::query(sql::LOCK_ALL)
+        .bind(&ids)
+        .fetch_all(&mut *conn)
+        .await?
+    {
+        let fresh = rows::account_state(&row, now)?;
+        if let Some(account) = accounts.get_mut(rows::account_id(&row, "id")?.as_str()) {
+            account.plan = fresh.plan;
+            account.credit_balance = fresh.credit_balance;
+        }
+    }
+    Ok(accounts)
+}
+
+/// Pro usage and earlier reservations, read after the locks are held.
+async fn read_prior(
+    conn: &mut PgConnection,
+    jobs: &[Job],
+    loaded: &mut Loaded,
+) -> Result<(), StoreError> {
+    let (pro_ids, pro_days): (Vec<&str>, Vec<NaiveDate>) = loaded
+        .accounts
+        .iter()
+        .filter(|(_, a)| a.plan == Plan::Pro)
+        .map(|(id, a)| (id.as_str(), a.today))
+        .unzip();
+    let (key_accounts, keys) = key_arrays(jobs.iter().map(|j| (&j.account_id, &j.idempotency_key)));
+    let rows: Vec<PgRow> = sqlx::query(sql::PRIOR_READ)
+        .bind(&pro_ids)
+        .bind(&pro_days)
+        .bind(&key_accounts)
+        .bind(&keys)
+        .fetch_all(&mut *conn)
+        .await?;
+    for row in &rows {
+        if row.try_get::<&str, _>("kind")? == "usage" {
+            let id: &str = row.try_get("account_id")?;
+            if let Some(account) = loaded.accounts.get_mut(id) {
+                account.used_today = row.try_get::<i64, _>("used")?;
+            }
+            continue;
+        }
+        loaded
+            .prior
+            .insert(rows::job_key(row)?, rows::prior_reservation(row)?);
+    }
+    Ok(())
+}
+
+/// Binds new reservations as parameters $1 to $8 (parallel arrays).
+fn bind_reservations<'q>(query: Query<'q>, r: &'q [NewReservation]) -> Query<'q> {
+    query
+        .bind(r.iter().map(|x| x.id).collect::<Vec<_>>())
+        .bind(r.iter().map(|x| x.account_id.as_str()).collect::<Vec<_>>())
+        .bind(
+            r.iter()
+                .map(|x| x.idempotency_key.as_str())
+                .collect::<Vec<_>>(),
+        )
+        .bind(
+            r.iter()
+                .map(|x| x.payload_sha256.to_vec())
+                .collect::<Vec<_>>(),
+        )
+        .bind(r.iter().map(|x| x.plan.as_str()).collect::<Vec<_>>())
+        .bind(r.iter().map(|x| x.charge.as_str()).collect::<Vec<_>>())
+        .bind(r.iter().map(|x| x.usage_day).collect::<Vec<_>>())
+        .bind(r.iter().map(|x| x.remaining).collect::<Vec<_>>())
+}

@@ -1,0 +1,144 @@
+//! Rows decode here, once per row shape, into the domain's types. A column
+//! whose value the code cannot read is [`StoreError::Corrupt`], never a
+//! guess and never the caller's fault.
+
+use std::str::FromStr;
+
+use chrono::{DateTime, NaiveDate, Utc};
+use chrono_tz::Tz;
+use sqlx::Row;
+use sqlx::postgres::PgRow;
+use uuid::Uuid;
+
+use super::StoreError;
+use crate::domain::decision::{AccountState, PriorReservation};
+use crate::domain::ids::{AccountId, IdempotencyKey, JobKey};
+use crate::domain::plan::{Charge, Plan, local_day, parse_timezone};
+use crate::domain::settle::{Reservation, State};
+
+pub(super) fn plan(row: &PgRow, column: &str) -> Result<Plan, StoreError> {
+    let name: String = row.try_get(column)?;
+    Plan::from_str(&name).map_err(|err| StoreError::corrupt(column, err))
+}
+
+fn charge(row: &PgRow) -> Result<Charge, StoreError> {
+    let name: String = row.try_get("charge")?;
+    Charge::from_str(&name).map_err(|err| StoreError::corrupt("charge", err))
+}
+
+pub(super) fn account_id(row: &PgRow, column: &str) -> Result<AccountId, StoreError> {
+    let id: String = row.try_get(column)?;
+    AccountId::parse(id).map_err(|err| StoreError::corrupt(column, err))
+}
+
+pub(super) fn job_key(row: &PgRow) -> Result<JobKey, StoreError> {
+    let key: String = row.try_get("idempotency_key")?;
+    Ok(JobKey {
+        account_id: account_id(row, "account_id")?,
+        idempotency_key: IdempotencyKey::parse(key)
+            .map_err(|err| StoreError::corrupt("idempotency_key", err))?,
+    })
+}
+
+/// Time zones are validated on the way in; UTC is the safe fallback for a
+/// row edited by hand (the day boundary moves, no charge is lost).
+pub(super) fn timezone(name: &str) -> Tz {
+    parse_timezone(name).unwrap_or(Tz::UTC)
+}
+
+/// An account row (`plan`, `timezone`, `credit_balance`) as a batch sees it
+/// at `now`; Pro usage is filled in later.
+pub(super) fn account_state(row: &PgRow, now: DateTime<Utc>) -> Result<AccountState, StoreError> {
+    let zone: String = row.try_get("timezone")?;
+    let tz = timezone(&zone);
+    Ok(AccountState {
+        plan: plan(row, "plan")?,
+        timezone: tz,
+        credit_balance: row.try_get("credit_balance")?,
+        today: local_day(now, tz),
+        used_today: 0,
+    })
+}
+
+/// A reservation as deciding reads it (the columns of
+/// [`super::sql::reservation_lookup!`]).
+pub(super) fn prior_reservation(row: &PgRow) -> Result<PriorReservation, StoreError> {
+    let hash: Vec<u8> = row.try_get("payload_sha256")?;
+    let state: Option<String> = row.try_get("state")?;
+    Ok(PriorReservation {
+        id: row.try_get("id")?,
+        payload_sha256: hash
+            .try_into()
+            .map_err(|_| StoreError::corrupt("payload_sha256", "not 32 bytes"))?,
+        plan: plan(row, "plan")?,
+        charge: charge(row)?,
+        remaining: row.try_get("remaining")?,
+        forward_confirmed: row.try_get("forward_confirmed")?,
+        released: state.as_deref() == Some(State::Released.as_str()),
+    })
+}
+
+/// A reservation as settling reads it, with its day's Pro usage.
+pub(super) struct HeldRow {
+    pub key: JobKey,
+    pub reservation: Reservation,
+    pub used_that_day: Option<i32>,
+}
+
+pub(super) fn held(row: &PgRow) -> Result<HeldRow, StoreError> {
+    let state: String = row.try_get("state")?;
+    Ok(HeldRow {
+        key: job_key(row)?,
+        reservation: Reservation {
+            id: row.try_get::<Uuid, _>("id")?,
+            charge: charge(row)?,
+            usage_day: row.try_get::<Option<NaiveDate>, _>("usage_day")?,
+            state: State::from_str(&state).map_err(|err| StoreError::corrupt("state", err))?,
+        },
+        used_that_day: row.try_get("used")?,
+    })
+}
+
+/// One row of the credit ledger.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct LedgerEntry {
+    pub id: i64,
+    pub delta: i64,
+    pub kind: String,
+    pub balance_after: i64,
+    pub idempotency_key: Option<String>,
+    pub reservation_id: Option<Uuid>,
+    pub at: DateTime<Utc>,
+}
+
+pub(super) fn ledger_entry(row: &PgRow) -> Result<LedgerEntry, StoreError> {
+    Ok(LedgerEntry {
+        id: row.try_get("id")?,
+        delta: row.try_get("delta")?,
+        kind: row.try_get("kind")?,
+        balance_after: row.try_get("balance_after")?,
+        idempotency_key: row.try_get("idempotency_key")?,
+        reservation_id: row.try_get("reservation_id")?,
+        at: row.try_get("created_at")?,
+    })
+}
+
+/// The distinct account ids of a batch, sorted: the order every statement
+/// locks accounts in.
+pub(super) fn distinct_accounts<'a>(ids: impl Iterator<Item = &'a AccountId>) -> Vec<&'a str> {
+    let mut ids: Vec<&str> = ids.map(AccountId::as_str).collect();
+    ids.sort_unstable();
+    ids.dedup();
+    ids
+}
+
+/// The distinct (account, key) pairs of a batch, as the two parallel text
+/// arrays the SQL unnests.
+pub(super) fn key_arrays<'a>(
+    keys: impl Iterator<Item = (&'a AccountId, &'a IdempotencyKey)>,
+) -> (Vec<&'a str>, Vec<&'a str>) {
+    let mut pairs: Vec<(&str, &str)> = keys.map(|(a, k)| (a.as_str(), k.as_str())).collect();
+    pairs.sort_unstable();
+    pairs.dedup();
+    pairs.into_iter().unzip()
+}

@@ -1,0 +1,108 @@
+//! Delivery reports settled against reservations, and holds that never got
+//! a report committed by the sweep.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+
+use super::rows::{self, distinct_accounts, key_arrays};
+use super::{Query, Store, StoreError, bind_changes, sql};
+use crate::domain::settle::{Report, SettleEffects, Settled, settle_batch};
+
+impl Store {
+    /// Settles reservations with delivery outcomes, in one transaction;
+    /// results come back in the reports' order.
+    ///
+    /// # Errors
+    /// [`StoreError::is_transient`] when the batch should be retried.
+    pub async fn settle(
+        &self,
+        reports: &[Report],
+        now: DateTime<Utc>,
+    ) -> Result<Vec<Settled>, StoreError> {
+        if reports.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut tx = self.pool.begin_with(sql::BEGIN_PLANNED).await?;
+        // Same lock order as deciding: accounts, then their reservations.
+        let account_ids = distinct_accounts(reports.iter().map(|r| &r.account_id));
+        let mut accounts = HashMap::with_capacity(account_ids.len());
+        for row in sqlx::query(sql::LOCK_ALL)
+            .bind(&account_ids)
+            .fetch_all(&mut *tx)
+            .await?
+        {
+            accounts.insert(
+                rows::account_id(&row, "id")?,
+                rows::account_state(&row, now)?,
+            );
+        }
+        let (key_accounts, keys) =
+            key_arrays(reports.iter().map(|r| (&r.account_id, &r.idempotency_key)));
+        let mut reservations = HashMap::new();
+        let mut usage = HashMap::new();
+        for row in sqlx::query(sql::HELD_READ)
+            .bind(&key_accounts)
+            .bind(&keys)
+            .fetch_all(&mut *tx)
+            .await?
+        {
+            let held = rows::held(&row)?;
+            if let (Some(day), Some(used)) = (held.reservation.usage_day, held.used_that_day) {
+                usage.insert((held.key.account_id.clone(), day), i64::from(used));
+            }
+            reservations.insert(held.key, held.reservation);
+        }
+        let (results, effects) = settle_batch(reports, &reservations, &accounts, &usage, now);
+        if !effects.settled.is_empty() {
+            settle_write(&effects).execute(&mut *tx).await?;
+        }
+        tx.commit().await?;
+        Ok(results)
+    }
+
+    /// Commits holds older than `max_age` that never got an outcome, at
+    /// most `limit` at a time. Safe with many workers.
+    ///
+    /// # Errors
+    /// [`StoreError::is_transient`] when it should be retried.
+    pub async fn expire_holds(&self, max_age: Duration, limit: i64) -> Result<u64, StoreError> {
+        let mut tx = self.pool.begin_with(sql::BEGIN_PLANNED).await?;
+        let committed = sqlx::query(sql::EXPIRE_HOLDS)
+            .bind(format!("{} milliseconds", max_age.as_millis()))
+            .bind(limit)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+        tx.commit().await?;
+        Ok(committed)
+    }
+}
+
+/// [`sql::SETTLE_WRITE`] with the effects bound.
+fn settle_write(effects: &SettleEffects) -> Query<'_> {
+    let (st, rl) = (&effects.settled, &effects.releases);
+    let query = sqlx::query(sql::SETTLE_WRITE)
+        .bind(
+            st.iter()
+                .map(|x| x.key.account_id.as_str())
+                .collect::<Vec<_>>(),
+        )
+        .bind(
+            st.iter()
+                .map(|x| x.key.idempotency_key.as_str())
+                .collect::<Vec<_>>(),
+        )
+        .bind(st.iter().map(|x| x.state.as_str()).collect::<Vec<_>>())
+        .bind(st.iter().map(|x| x.detail.as_deref()).collect::<Vec<_>>())
+        .bind(rl.iter().map(|x| x.account_id.as_str()).collect::<Vec<_>>())
+        .bind(rl.iter().map(|x| x.balance_after).collect::<Vec<_>>())
+        .bind(
+            rl.iter()
+                .map(|x| x.idempotency_key.as_str())
+                .collect::<Vec<_>>(),
+        )
+        .bind(rl.iter().map(|x| x.reservation_id).collect::<Vec<_>>());
+    bind_changes(query, &effects.balances, &effects.usage)
+}

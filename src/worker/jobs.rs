@@ -1,0 +1,390 @@
+//! The jobs worker: consume send jobs in batches, decide each batch in one
+//! database transaction, publish every outcome with publisher confirms, then
+//! ack.
+//!
+//! Order of a batch, and why it is safe to stop at any point:
+//! 1. parse every delivery (bad ones become `invalid_job` dead letters);
+//! 2. decide and record the charges in one transaction ([`Store::decide`]);
+//!    a crash after this leaves reservations whose forward is unconfirmed,
+//!    and the redelivered job is forwarded again without a second charge;
+//! 3. publish the outcomes, pipelined, and wait for all their confirms; an
+//!    outcome that is nacked, returned unroutable or not confirmed in time is
+//!    retried with backoff, after re-declaring the topology;
+//! 4. ack the batch (one `multiple` ack per channel). Nothing is acked before
+//!    its outcome is confirmed, and a transient failure never requeues a
+//!    job: the worker holds its deliveries and retries, so it stops pulling
+//!    new work;
+//! 5. mark the confirmed forwards (in the background, many batches in one
+//!    statement), so later copies are dropped as duplicates.
+//!
+//! Deciding, publishing and acking run as three stages of a pipeline, so the
+//! database and the broker work at the same time. Batches pass from stage to
+//! stage in the order they were gathered, which keeps the `multiple` acks of
+//! each batch exact.
+//!
+//! [`Store::decide`]: crate::store::Store::decide
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures_util::StreamExt;
+use futures_util::stream::{BoxStream, FuturesOrdered};
+use lapin::message::Delivery;
+use lapin::options::BasicCancelOptions;
+use lapin::{Channel, Consumer};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, error};
+use uuid::Uuid;
+
+use super::batcher::Batcher;
+use super::marks::Confirmed;
+use super::record::JobDecided;
+use super::{InFlight, Shared, Worker, requeue_after_error};
+use crate::amqp::confirm::{self, Acknowledge, Confirms, Publication};
+use crate::amqp::message::{self, Outgoing};
+use crate::amqp::session::{Received, SessionError};
+use crate::domain::decision::Decision;
+use crate::domain::ids::JobKey;
+use crate::domain::job::{InvalidJob, Job};
+use crate::domain::plan::Reason;
+use crate::metrics;
+
+/// Consumes the send queue on `[gate] consumers` channels, all feeding one
+/// batcher.
+pub struct JobsWorker {
+    pub shared: Arc<Shared>,
+    pub id: usize,
+}
+
+/// One delivery of a batch and what became of it.
+struct Slot {
+    received: Received,
+    /// What the job is charged under, when it parsed.
+    key: Option<JobKey>,
+    decision: Decision,
+    /// The message carrying the decision; none for a duplicate.
+    outgoing: Option<Outgoing>,
+}
+
+/// A decided batch, on its way to being published and acked.
+struct DecidedBatch {
+    slots: Vec<Slot>,
+    decide_time: Duration,
+    /// The forward batch of this batch's new charges, if it made any.
+    forward_batch: Option<Uuid>,
+    _in_flight: InFlight,
+}
+
+/// What the deciding stage hands on.
+enum Decided {
+    Publish(DecidedBatch),
+    /// The database refused the batch for a reason retrying cannot fix.
+    Requeue {
+        batch: Vec<Received>,
+        in_flight: InFlight,
+    },
+}
+
+/// What the publishing stage hands on.
+enum Sent {
+    Confirming {
+        done: DecidedBatch,
+        confirms: Confirms,
+        started: Instant,
+    },
+    Requeue {
+        batch: Vec<Received>,
+        in_flight: InFlight,
+    },
+}
+
+impl DecidedBatch {
+    fn publications(&self) -> Vec<Publication<'_>> {
+        self.slots
+            .iter()
+            .enumerate()
+            .filter_map(|(index, slot)| {
+                Some(Publication {
+                    index,
+                    body: &slot.received.delivery.data,
+                    message: slot.outgoing.as_ref()?,
+                })
+            })
+            .collect()
+    }
+
+    /// The forwards to mark once confirmed: new charges by their batch,
+    /// forwards of earlier charges by key.
+    fn confirmed(&self) -> Confirmed {
+        let keys = self
+            .slots
+            .iter()
+            .filter_map(|slot| match (&slot.decision, &slot.key) {
+                (Decision::Forward(f), Some(key)) if !f.fresh => Some(key.clone()),
+                _ => None,
+            });
+        Confirmed {
+            batches: self.forward_batch.into_iter().collect(),
+            keys: keys.collect(),
+        }
+    }
+}
+
+impl Worker for JobsWorker {
+    fn queue(&self) -> &str {
+        &self.shared.settings.amqp.send_queue
+    }
+
+    fn channels(&self) -> usize {
+        self.shared.settings.gate.consumers
+    }
+
+    fn shared(&self) -> &Shared {
+        &self.shared
+    }
+
+    fn id(&self) -> usize {
+        self.id
+    }
+
+    async fn consume(
+        &self,
+        channels: &[Channel],
+        consumers: Vec<Consumer>,
+        stop: &CancellationToken,
+    ) -> Result<(), SessionError> {
+        let channel = &channels[0];
+        let (decided_tx, decided_rx) = mpsc::channel::<Decided>(1);
+        let (sent_tx, sent_rx) = mpsc::channel::<Sent>(4);
+        tokio::try_join!(
+            self.decide_stage(channels, consumers, decided_tx, stop),
+            self.publish_stage(channel, decided_rx, sent_tx),
+            self.ack_stage(channel, sent_rx),
+        )
+        .map(|_| ())
+    }
+}
+
+/// One stream of (channel index, delivery) from every consumer; a consumer
+/// that ends (cancelled by the broker, channel closed) ends the stream with
+/// `None`, which ends the session.
+fn merge(consumers: Vec<Consumer>) -> BoxStream<'static, Option<(usize, lapin::Result<Delivery>)>> {
+    futures_util::stream::select_all(consumers.into_iter().enumerate().map(|(i, consumer)| {
+        consumer
+            .map(move |delivery| Some((i, delivery)))
+            .chain(futures_util::stream::once(async { None }))
+            .boxed()
+    }))
+    .boxed()
+}
+
+impl JobsWorker {
+    /// Gathers deliveries into batches and decides them, up to
+    /// `[gate] concurrent_batches` at once. On `stop`, consuming is
+    /// cancelled and what was received is still decided, published and
+    /// acked.
+    async fn decide_stage(
+        &self,
+        channels: &[Channel],
+        consumers: Vec<Consumer>,
+        out: mpsc::Sender<Decided>,
+        stop: &CancellationToken,
+    ) -> Result<(), SessionError> {
+        let tags: Vec<_> = consumers.iter().map(Consumer::tag).collect();
+        let mut deliveries = merge(consumers);
+        let gate = &self.shared.settings.gate;
+        let mut batcher = Batcher::new(gate.batch_size, gate.batch_wait(), gate.concurrent_batches);
+        let mut deciding = FuturesOrdered::new();
+        let mut stopping = false;
+        loop {
+            while let Some(batch) = batcher.next_batch(deciding.len(), stopping, Instant::now()) {
+                deciding.push_back(self.decide_batch(batch));
+            }
+            if stopping && batcher.is_empty() && deciding.is_empty() {
+                return Ok(());
+            }
+            let due = batcher
+                .due_at(deciding.len())
+                .map(tokio::time::Instant::from_std);
+            tokio::select! {
+                biased;
+                _ = stop.cancelled(), if !stopping => {
+                    for (channel, tag) in channels.iter().zip(&tags) {
+                        let _ = channel.basic_cancel(tag.clone(), BasicCancelOptions::default()).await;
+                    }
+                    stopping = true;
+                }
+                Some(decided) = deciding.next() => {
+                    if out.send(decided).await.is_err() {
+                        return Ok(());
+                    }
+                }
+                next = deliveries.next(), if !stopping && batcher.has_room() => {
+                    let (channel, delivery) = next.flatten().ok_or(SessionError::ConsumerEnded)?;
+                    batcher.push(Received { delivery: delivery?, at: Instant::now(), channel });
+                }
+                _ = tokio::time::sleep_until(due.unwrap_or_else(tokio::time::Instant::now)), if due.is_some() => {}
+            }
+        }
+    }
+
+    /// Publishes each decided batch's outcomes and hands their confirms on.
+    async fn publish_stage(
+        &self,
+        channel: &Channel,
+        mut decided: mpsc::Receiver<Decided>,
+        out: mpsc::Sender<Sent>,
+    ) -> Result<(), SessionError> {
+        let timeout = self.shared.settings.amqp.publish_timeout();
+        while let Some(next) = decided.recv().await {
+            let sent = match next {
+                Decided::Requeue { batch, in_flight } => Sent::Requeue { batch, in_flight },
+                Decided::Publish(done) => {
+                    let started = Instant::now();
+                    let confirms = confirm::publish(channel, &done.publications(), timeout).await?;
+                    Sent::Confirming {
+                        done,
+                        confirms,
+                        started,
+                    }
+                }
+            };
+            if out.send(sent).await.is_err() {
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    async fn ack_stage(
+        &self,
+        channel: &Channel,
+        mut sent: mpsc::Receiver<Sent>,
+    ) -> Result<(), SessionError> {
+        while let Some(next) = sent.recv().await {
+            self.complete(channel, next).await?;
+        }
+        Ok(())
+    }
+
+    /// Parses a batch and decides it in one transaction.
+    async fn decide_batch(&self, batch: Vec<Received>) -> Decided {
+        let in_flight = InFlight::new(batch.len());
+        metrics::jobs_received(batch.len());
+        let shared = &*self.shared;
+        let max_body = shared.settings.jobs.max_body_bytes;
+        let parsed: Vec<Result<Job, InvalidJob>> = batch
+            .iter()
+            .map(|received| Job::parse(&received.delivery.data, received.message_id(), max_body))
+            .collect();
+        let jobs: Vec<Job> = parsed
+            .iter()
+            .filter_map(|p| p.as_ref().ok())
+            .cloned()
+            .collect();
+        let started = Instant::now();
+        let recorded =
+            shared.with_database("jobs", || shared.store.decide(&jobs, shared.clock.now()));
+        let recorded = match recorded.await {
+            Ok(recorded) => recorded,
+            Err(err) => {
+                error!(worker = self.id, error = %err, jobs = batch.len(),
+                    "cannot record the batch; returning it to the queue");
+                return Decided::Requeue { batch, in_flight };
+            }
+        };
+        metrics::batch_decided(jobs.len(), started.elapsed());
+        let now = shared.clock.now();
+        let mut decisions = recorded.decisions.into_iter();
+        let slots = batch
+            .into_iter()
+            .zip(parsed)
+            .map(|(received, parsed)| {
+                let (key, decision) = match parsed {
+                    Ok(job) => (
+                        Some(job.into_key()),
+                        decisions.next().unwrap_or(Decision::Duplicate),
+                    ),
+                    Err(invalid) => (None, Decision::dead_letter(Reason::InvalidJob, invalid.0)),
+                };
+                let message_id = key
+                    .as_ref()
+                    .map(|k| k.idempotency_key.as_str())
+                    .or(received.message_id());
+                let properties = &received.delivery.properties;
+                let outgoing = message::outgoing(
+                    &shared.settings.amqp,
+                    properties,
+                    message_id,
+                    &decision,
+                    now,
+                );
+                Slot {
+                    received,
+                    key,
+                    decision,
+                    outgoing,
+                }
+            })
+            .collect();
+        Decided::Publish(DecidedBatch {
+            slots,
+            decide_time: started.elapsed(),
+            forward_batch: recorded.batch,
+            _in_flight: in_flight,
+        })
+    }
+
+    /// Waits for a published batch's confirms (publishing again what the
+    /// broker refused), acks the batch and marks the confirmed forwards.
+    async fn complete(&self, channel: &Channel, sent: Sent) -> Result<(), SessionError> {
+        let (done, confirms, started) = match sent {
+            Sent::Requeue { batch, in_flight } => {
+                let result = requeue_after_error(&batch).await;
+                drop(in_flight);
+                return result;
+            }
+            Sent::Confirming {
+                done,
+                confirms,
+                started,
+            } => (done, confirms, started),
+        };
+        let settings = &self.shared.settings.amqp;
+        let send_time = confirms.sent.saturating_duration_since(started);
+        let failed = confirm::await_confirms(confirms, settings.publish_timeout()).await?;
+        confirm::publish_until_accepted(channel, settings, &done.publications(), failed).await?;
+        let publish_time = started.elapsed();
+        // The confirmed forwards are marked in the background, off the ack
+        // path; if a mark is lost, a later copy is forwarded again (same
+        // reservation), never charged again.
+        let confirmed = done.confirmed();
+        confirm::acknowledge(done.slots.iter().map(|s| &s.received), Acknowledge::Ack).await?;
+        self.shared.marks.confirmed(confirmed);
+        let waited = done.slots[0]
+            .received
+            .at
+            .elapsed()
+            .saturating_sub(done.decide_time + publish_time);
+        debug!(worker = self.id, jobs = done.slots.len(), ?waited, decide = ?done.decide_time,
+            publish = ?publish_time, send = ?send_time, "batch done");
+        let level = self.shared.settings.log.decisions;
+        for slot in &done.slots {
+            JobDecided {
+                worker: self.id,
+                decision: &slot.decision,
+                account: slot.key.as_ref().map(|k| k.account_id.as_str()),
+                key: slot
+                    .key
+                    .as_ref()
+                    .map(|k| k.idempotency_key.as_str())
+                    .or(slot.received.message_id()),
+                redelivered: slot.received.delivery.redelivered,
+                elapsed: slot.received.at.elapsed(),
+            }
+            .emit(level);
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,46 @@
+//! Holds that got no delivery report within the hold time are committed,
+//! every sweep interval. Every process sweeps; `SKIP LOCKED` keeps them
+//! from doing the same rows twice.
+
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::config::ReservationSettings;
+use crate::metrics;
+use crate::store::Store;
+
+/// Rows one statement commits at most.
+const SWEEP_CHUNK: i64 = 1000;
+
+/// Sweeps until `stop`.
+pub async fn sweep_expired_holds(
+    store: Store,
+    settings: ReservationSettings,
+    stop: CancellationToken,
+) {
+    let mut tick = tokio::time::interval(settings.sweep_interval());
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        loop {
+            match store.expire_holds(settings.hold(), SWEEP_CHUNK).await {
+                Ok(0) => break,
+                Ok(n) => {
+                    metrics::holds_expired(n);
+                    info!(committed = n, "expired holds committed");
+                    if n < SWEEP_CHUNK as u64 {
+                        break;
+                    }
+                }
+                Err(err) => {
+                    metrics::db_error(err.kind());
+                    warn!(error = %err, "cannot sweep expired holds; trying again next interval");
+                    break;
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,514 @@
+//! The one test harness: each test gets its own database and its own queue
+//! names on the real Postgres and RabbitMQ ([`TestEnv`]), a client playing
+//! the scheduler and the downstream ([`Broker`]), the gate in-process
+//! ([`start_gate`]) or as the real binary ([`process`]), and helpers that
+//! wait for an event instead of sleeping ([`eventually`]).
+
+#![allow(dead_code, clippy::unwrap_used)]
+
+pub mod process;
+
+#[allow(unused_imports)]
+pub use process::{BIN, Process, cli, free_port};
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, Utc};
+use lapin::message::Delivery;
+use lapin::options::{
+    BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions, ExchangeDeleteOptions,
+    QueueDeleteOptions,
+};
+use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
+use sendgate::app::App;
+use sendgate::clock::{Clock, ManualClock};
+use sendgate::config::Settings;
+use sendgate::store::Store;
+use sqlx::migrate::MigrateDatabase;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio_util::sync::CancellationToken;
+
+pub fn amqp_url() -> String {
+    std::env::var("AMQP_URL").unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
+}
+
+pub fn pg_base_url() -> String {
+    std::env::var("TEST_PG_URL")
+        .unwrap_or_else(|_| "postgres://postgres:postgres@127.0.0.1:5432".into())
+}
+
+/// One test's isolated database and queues.
+pub struct TestEnv {
+    pub id: String,
+    pub db_url: String,
+    pub env: Vec<(String, String)>,
+}
+
+impl TestEnv {
+    pub fn new() -> Self {
+        // Logs show with `--nocapture`; RUST_LOG picks the level.
+        sendgate::telemetry::init(&sendgate::config::LogSettings {
+            format: sendgate::config::LogFormat::Pretty,
+            level: "warn".to_owned(),
+            decisions: sendgate::config::DecisionLogLevel::Debug,
+        });
+        let id = uuid::Uuid::new_v4().simple().to_string()[..12].to_owned();
+        let db_url = format!("{}/sendgate_test_{id}", pg_base_url());
+        let env = vec![
+            ("DATABASE_URL".to_owned(), db_url.clone()),
+            ("AMQP_URL".to_owned(), amqp_url()),
+            (
+                "SENDGATE__HTTP__LISTEN".to_owned(),
+                "127.0.0.1:0".to_owned(),
+            ),
+            (
+                "SENDGATE__AMQP__SEND_QUEUE".to_owned(),
+                format!("t.{id}.send"),
+            ),
+            (
+                "SENDGATE__AMQP__DELIVERY_QUEUE".to_owned(),
+                format!("t.{id}.delivery"),
+            ),
+            (
+                "SENDGATE__AMQP__DEAD_LETTER_EXCHANGE".to_owned(),
+                format!("t.{id}.dead"),
+            ),
+            (
+                "SENDGATE__AMQP__DEAD_LETTER_QUEUE".to_owned(),
+                format!("t.{id}.dead"),
+            ),
+            (
+                "SENDGATE__AMQP__OUTCOMES_QUEUE".to_owned(),
+                format!("t.{id}.outcomes"),
+            ),
+            (
+                "SENDGATE__AMQP__DEFERRED_QUEUE".to_owned(),
+                format!("t.{id}.deferred"),
+            ),
+            (
+                "SENDGATE__SHUTDOWN__GRACE_PERIOD_SECS".to_owned(),
+                "10".to_owned(),
+            ),
+            ("SENDGATE__LOG__LEVEL".to_owned(), "warn".to_owned()),
+        ];
+        TestEnv { id, db_url, env }
+    }
+
+    /// Adds or replaces a `SENDGATE__…` setting.
+    pub fn set(&mut self, key: &str, value: &str) -> &mut Self {
+        self.env.retain(|(k, _)| k != key);
+        self.env.push((key.to_owned(), value.to_owned()));
+        self
+    }
+
+    pub fn settings(&self) -> Settings {
+        let env = self.env.clone();
+        let lookup = env.clone();
+        Settings::load_from(
+            None,
+            move |name| {
+                lookup
+                    .iter()
+                    .find(|(k, _)| k == name)
+                    .map(|(_, v)| v.clone())
+            },
+            env,
+        )
+        .expect("test settings are valid")
+    }
+
+    pub fn send_queue(&self) -> String {
+        format!("t.{}.send", self.id)
+    }
+    pub fn delivery_queue(&self) -> String {
+        format!("t.{}.delivery", self.id)
+    }
+    pub fn dead_queue(&self) -> String {
+        format!("t.{}.dead", self.id)
+    }
+    pub fn outcomes_queue(&self) -> String {
+        format!("t.{}.outcomes", self.id)
+    }
+
+    /// A migrated store on this test's database.
+    pub async fn store(&self) -> Store {
+        let settings = self.settings();
+        Store::create_database_if_missing(&self.db_url)
+            .await
+            .unwrap();
+        let store =
+            Store::connect_lazy(&settings.database, sendgate::app::limits(&settings)).unwrap();
+        store.migrate().await.unwrap();
+        store
+    }
+
+    /// Starts a gate in this process with the given clock.
+    pub async fn start_gate(&self, clock: Arc<dyn Clock>) -> RunningGate {
+        start_gate(self.settings(), clock).await
+    }
+
+    pub async fn broker(&self) -> Broker {
+        Broker::connect().await
+    }
+
+    /// Removes the test's queues and database.
+    pub async fn cleanup(self) {
+        let broker = Broker::connect().await;
+        for queue in [
+            self.send_queue(),
+            self.delivery_queue(),
+            self.dead_queue(),
+            self.outcomes_queue(),
+            format!("t.{}.deferred", self.id),
+        ] {
+            let _ = broker
+                .channel
+                .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
+                .await;
+        }
+        let _ = broker
+            .channel
+            .exchange_delete(
+                self.dead_queue().as_str().into(),
+                ExchangeDeleteOptions::default(),
+            )
+            .await;
+        let _ = sqlx::Postgres::force_drop_database(&self.db_url).await;
+    }
+}
+
+pub struct RunningGate {
+    pub stop: CancellationToken,
+    pub handle: tokio::task::JoinHandle<anyhow::Result<()>>,
+    pub http: SocketAddr,
+}
+
+impl RunningGate {
+    pub async fn shutdown(self) {
+        self.stop.cancel();
+        tokio::time::timeout(Duration::from_secs(30), self.handle)
+            .await
+            .expect("gate drains in time")
+            .expect("gate task did not panic")
+            .expect("gate exits cleanly");
+    }
+}
+
+pub async fn start_gate(settings: Settings, clock: Arc<dyn Clock>) -> RunningGate {
+    let stop = CancellationToken::new();
+    let app = App::build(settings, clock, &stop)
+        .await
+        .expect("gate starts");
+    let http = app.http_addr().unwrap();
+    let handle = tokio::spawn(app.run(stop.clone()));
+    // Ready means every worker is consuming.
+    eventually(Duration::from_secs(20), || async move {
+        http_get(http, "/readyz")
+            .await
+            .map(|(status, _)| status == 200)
+            .unwrap_or(false)
+    })
+    .await;
+    RunningGate { stop, handle, http }
+}
+
+pub fn manual_clock(at: &str) -> Arc<ManualClock> {
+    Arc::new(ManualClock::new(utc(at)))
+}
+
+pub fn utc(at: &str) -> DateTime<Utc> {
+    DateTime::parse_from_rfc3339(at)
+        .unwrap()
+        .with_timezone(&Utc)
+}
+
+/// A client of the real broker, playing the scheduler and the downstream.
+pub struct Broker {
+    pub connection: Connection,
+    pub channel: Channel,
+}
+
+impl Broker {
+    pub async fn connect() -> Self {
+        let connection = Connection::connect(&amqp_url(), ConnectionProperties::default())
+            .await
+            .expect("RabbitMQ is reachable");
+        let channel = connection.create_channel().await.unwrap();
+        channel
+            .confirm_select(ConfirmSelectOptions::default())
+            .await
+            .unwrap();
+        Broker {
+            connection,
+            channel,
+        }
+    }
+
+    /// Publishes a job as the scheduler does: persistent JSON through the
+    /// default exchange, waiting for the broker's confirm.
+    pub async fn publish(&self, queue: &str, body: &[u8], message_id: Option<&str>) {
+        let mut properties = BasicProperties::default()
+            .with_delivery_mode(2)
+            .with_content_type("application/json".into());
+        if let Some(id) = message_id {
+            properties = properties.with_message_id(id.into());
+        }
+        let confirmation = self
+            .channel
+            .basic_publish(
+                "".into(),
+                queue.into(),
+                BasicPublishOptions {
+                    mandatory: true,
+                    ..BasicPublishOptions::default()
+                },
+                body,
+                properties,
+            )
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+        assert!(confirmation.is_ack(), "job was not accepted by the broker");
+        assert!(confirmation.take_message().is_none(), "job was unroutable");
+    }
+
+    pub async fn publish_job(&self, queue: &str, account: &str, key: &str) -> Vec<u8> {
+        let body = job_body(account, key);
+        self.publish(queue, &body, None).await;
+        body
+    }
+
+    /// Takes exactly `count` messages from `queue` (acking them), waiting up
+    /// to `timeout`; panics with what it got if fewer arrive.
+    pub async fn take(&self, queue: &str, count: usize, timeout: Duration) -> Vec<Delivery> {
+        let deadline = Instant::now() + timeout;
+        let mut got = Vec::new();
+        while got.len() < count {
+            match self
+                .channel
+                .basic_get(queue.into(), BasicGetOptions { no_ack: true })
+                .await
+                .unwrap()
+            {
+                Some(message) => got.push(message.delivery),
+                None if Instant::now() > deadline => panic!(
+                    "expected {count} messages in {queue}, got {} within {timeout:?}",
+                    got.len()
+                ),
+                None => tokio::time::sleep(Duration::from_millis(20)).await,
+            }
+        }
+        got
+    }
+
+    /// Everything currently in `queue`, after waiting `settle` for stragglers.
+    pub async fn take_all(&self, queue: &str, settle: Duration) -> Vec<Delivery> {
+        tokio::time::sleep(settle).await;
+        let mut got = Vec::new();
+        while let Some(message) = self
+            .channel
+            .basic_get(queue.into(), BasicGetOptions { no_ack: true })
+            .await
+            .unwrap()
+        {
+            got.push(message.delivery);
+        }
+        got
+    }
+}
+
+pub fn job_body(account: &str, key: &str) -> Vec<u8> {
+    serde_json::json!({
+        "account_id": account,
+        "idempotency_key": key,
+        "campaign_id": "spring-launch",
+        "recipient": "+4915112345678",
+        "voice_note_url": "https://cdn.example.test/notes/42.ogg",
+    })
+    .to_string()
+    .into_bytes()
+}
+
+pub fn header(delivery: &Delivery, name: &str) -> Option<String> {
+    sendgate::amqp::header_text(&delivery.properties, name)
+}
+
+/// Polls `probe` until it holds, or panics after `timeout`.
+pub async fn eventually<F, Fut>(timeout: Duration, mut probe: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if probe().await {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "condition not met within {timeout:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A minimal HTTP/1.0 GET: status code and body.
+pub async fn http_get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
+    try_http_request(addr, "GET", path, None, None).await
+}
+
+/// The value of an unlabelled or labelled series in Prometheus text output.
+pub fn metric_value(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .filter(|line| !line.starts_with('#'))
+        .find_map(|line| {
+            let (name, value) = line.rsplit_once(' ')?;
+            (name == series).then(|| value.parse().ok()).flatten()
+        })
+}
+
+/// Sum of a free account's ledger and its balance, which must agree.
+pub async fn balance_and_ledger(store: &Store, account: &str) -> (i64, i64) {
+    let row: (i64, i64) = sqlx::query_as(
+        "SELECT a.credit_balance, (SELECT coalesce(sum(delta),0)::int8 FROM credit_ledger l WHERE l.account_id = a.id)
+         FROM accounts a WHERE a.id = $1",
+    )
+    .bind(account)
+    .fetch_one(store.pool())
+    .await
+    .unwrap();
+    row
+}
+
+pub async fn reservation_count(store: &Store, account: &str) -> i64 {
+    sqlx::query_scalar("SELECT count(*) FROM reservations WHERE account_id = $1")
+        .bind(account)
+        .fetch_one(store.pool())
+        .await
+        .unwrap()
+}
+
+pub const WAIT: Duration = Duration::from_secs(20);
+
+/// A minimal HTTP/1.0 request with optional bearer token and JSON body:
+/// status code and body.
+pub async fn http_request(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    body: Option<&str>,
+) -> (u16, String) {
+    try_http_request(addr, method, path, token, body)
+        .await
+        .expect("the HTTP listener answers")
+}
+
+async fn try_http_request(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    body: Option<&str>,
+) -> std::io::Result<(u16, String)> {
+    let mut stream = tokio::net::TcpStream::connect(addr).await?;
+    let mut request = format!("{method} {path} HTTP/1.0\r\nHost: localhost\r\n");
+    if let Some(token) = token {
+        request.push_str(&format!("Authorization: Bearer {token}\r\n"));
+    }
+    match body {
+        Some(body) => request.push_str(&format!(
+            "Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        )),
+        None => request.push_str("\r\n"),
+    }
+    stream.write_all(request.as_bytes()).await?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await?;
+    let status = response
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    Ok((status, body))
+}
+
+impl Broker {
+    /// Messages ready in `queue` (0 when it does not exist).
+    pub async fn depth_of(&self, queue: &str) -> u32 {
+        let Ok(channel) = self.connection.create_channel().await else {
+            return 0;
+        };
+        channel
+            .queue_declare(
+                queue.into(),
+                lapin::options::QueueDeclareOptions {
+                    passive: true,
+                    ..Default::default()
+                },
+                lapin::types::FieldTable::default(),
+            )
+            .await
+            .map(|q| q.message_count())
+            .unwrap_or(0)
+    }
+}
+
+/// Whether sendgate has recorded the broker's confirm of a job's forward.
+pub async fn forward_confirmed(store: &Store, account: &str, key: &str) -> bool {
+    sqlx::query_scalar(
+        "SELECT r.forward_confirmed OR b.confirmed_at IS NOT NULL
+         FROM reservations r LEFT JOIN forward_batches b ON b.id = r.batch_id
+         WHERE r.account_id = $1 AND r.idempotency_key = $2",
+    )
+    .bind(account)
+    .bind(key)
+    .fetch_optional(store.pool())
+    .await
+    .unwrap()
+    .unwrap_or(false)
+}
+
+/// A series' value, whatever the order of its labels.
+pub fn series(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+    text.lines()
+        .filter(|line| !line.starts_with('#'))
+        .find_map(|line| {
+            let (series, value) = line.rsplit_once(' ')?;
+            let (series_name, series_labels) = match series.split_once('{') {
+                Some((n, rest)) => (n, rest.trim_end_matches('}')),
+                None => (series, ""),
+            };
+            if series_name != name {
+                return None;
+            }
+            let found: Vec<&str> = series_labels.split(',').filter(|l| !l.is_empty()).collect();
+            let wanted: Vec<String> = labels.iter().map(|(k, v)| format!("{k}=\"{v}\"")).collect();
+            (found.len() == wanted.len() && wanted.iter().all(|w| found.contains(&w.as_str())))
+                .then(|| value.parse().ok())
+                .flatten()
+        })
+        .unwrap_or_else(|| panic!("no series {name}{labels:?} in:\n{text}"))
+}
+
+/// An account id the test knows is valid.
+pub fn id(account: &str) -> sendgate::domain::ids::AccountId {
+    sendgate::domain::ids::AccountId::parse(account).unwrap()
+}
+
+/// Creates an account in UTC, as the test's setup.
+pub async fn create(store: &Store, account: &str, plan: sendgate::domain::plan::Plan) {
+    store
+        .create_account(&id(account), plan, "UTC")
+        .await
+        .unwrap();
+}

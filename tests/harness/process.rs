@@ -1,0 +1,129 @@
+//! The real `sendgate` binary as a user runs it: one-shot commands, and
+//! `sendgate run` processes that tests start, stop with SIGTERM or kill -9.
+
+use std::net::SocketAddr;
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use super::{TestEnv, eventually, http_get};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_sendgate");
+
+/// A port nobody listens on right now.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn command(env: &TestEnv) -> Command {
+    let mut command = Command::new(BIN);
+    command
+        .envs(env.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+        .env_remove("RUST_LOG");
+    command
+}
+
+/// `sendgate ARGS` with the test's settings, run to completion.
+pub fn cli(env: &TestEnv, args: &[&str]) -> Output {
+    command(env).args(args).output().expect("the binary runs")
+}
+
+/// A `sendgate run` process on a port of its own; killed when dropped.
+pub struct Process {
+    child: Option<Child>,
+    pub port: u16,
+}
+
+impl Process {
+    /// Starts `sendgate run`; its log goes to the test's stderr when `logs`.
+    pub fn spawn(env: &TestEnv, logs: bool) -> Process {
+        Process::spawn_on(env, free_port(), logs)
+    }
+
+    pub fn spawn_on(env: &TestEnv, port: u16, logs: bool) -> Process {
+        let child = command(env)
+            .arg("run")
+            .env("SENDGATE__HTTP__LISTEN", format!("127.0.0.1:{port}"))
+            .stdout(Stdio::null())
+            .stderr(if logs {
+                Stdio::inherit()
+            } else {
+                Stdio::null()
+            })
+            .spawn()
+            .expect("sendgate run starts");
+        Process {
+            child: Some(child),
+            port,
+        }
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        format!("127.0.0.1:{}", self.port).parse().unwrap()
+    }
+
+    pub fn is_running(&self) -> bool {
+        self.child.is_some()
+    }
+
+    /// Waits until `/readyz` answers 200.
+    pub async fn wait_ready(&self, timeout: Duration) {
+        let addr = self.addr();
+        eventually(timeout, || async move {
+            matches!(http_get(addr, "/readyz").await, Ok((200, _)))
+        })
+        .await;
+    }
+
+    /// Sends SIGTERM: drain and exit.
+    pub fn terminate(&self) {
+        if let Some(child) = &self.child {
+            let status = Command::new("kill")
+                .args(["-TERM", &child.id().to_string()])
+                .status()
+                .unwrap();
+            assert!(status.success(), "kill -TERM failed");
+        }
+    }
+
+    /// Waits for the process to exit; kills it and panics after `timeout`.
+    pub async fn wait_for_exit(&mut self, timeout: Duration) -> ExitStatus {
+        let mut child = self.child.take().expect("the process was started");
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                return status;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("sendgate did not exit within {timeout:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// SIGTERM, then a clean exit within `timeout`.
+    pub async fn stop(&mut self, timeout: Duration) {
+        self.terminate();
+        let status = self.wait_for_exit(timeout).await;
+        assert!(status.success(), "sendgate exited with {status} on SIGTERM");
+    }
+
+    /// kill -9: no drain, no goodbye.
+    pub fn kill9(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}

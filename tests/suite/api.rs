@@ -1,0 +1,333 @@
+//! The account API over real HTTP, against the real Postgres (and a gate on
+//! the real RabbitMQ for traffic).
+
+#![allow(clippy::unwrap_used)]
+
+use std::sync::Arc;
+
+use crate::harness::*;
+use sendgate::clock::SystemClock;
+use serde_json::Value;
+
+const TOKEN: &str = "test-token-1234";
+
+fn json(body: &str) -> Value {
+    serde_json::from_str(body).unwrap_or_else(|_| panic!("not JSON: {body}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_endpoint_needs_the_token_and_health_stays_open() {
+    let mut env = TestEnv::new();
+    env.set("SENDGATE__API__TOKEN", TOKEN);
+    let gate = env.start_gate(Arc::new(SystemClock)).await;
+    let http = gate.http;
+    for (method, path, body) in [
+        ("GET", "/v1/accounts/a", None),
+        ("PUT", "/v1/accounts/a", Some(r#"{"plan":"free"}"#)),
+        ("GET", "/v1/accounts/a/ledger", None),
+        ("GET", "/v1/accounts/a/capacity", None),
+    ] {
+        let (status, text) = http_request(http, method, path, None, body).await;
+        assert_eq!(status, 401, "{method} {path} without a token");
+        assert_eq!(json(&text)["error"], "missing or invalid bearer token");
+        let (status, _) = http_request(http, method, path, Some("wrong"), body).await;
+        assert_eq!(status, 401, "{method} {path} with a wrong token");
+    }
+    for path in ["/metrics", "/healthz", "/readyz"] {
+        assert_eq!(
+            http_request(http, "GET", path, None, None).await.0,
+            200,
+            "{path}"
+        );
+    }
+    gate.shutdown().await;
+    env.cleanup().await;
+}
+
+/// A gate with the API on (Pro: one send a day), and a free account `ann`.
+async fn api_gate() -> (TestEnv, RunningGate) {
+    let mut env = TestEnv::new();
+    env.set("SENDGATE__API__TOKEN", TOKEN);
+    env.set("SENDGATE__PLANS__PRO__DAILY_SENDS", "1");
+    let gate = env.start_gate(Arc::new(SystemClock)).await;
+    (env, gate)
+}
+
+async fn put_account(http: std::net::SocketAddr, id: &str, body: &str) -> (u16, String) {
+    http_request(
+        http,
+        "PUT",
+        &format!("/v1/accounts/{id}"),
+        Some(TOKEN),
+        Some(body),
+    )
+    .await
+}
+
+async fn finish(env: TestEnv, gate: RunningGate) {
+    gate.shutdown().await;
+    env.cleanup().await;
+}
+
+/// PUT creates (201) once; the same PUT again changes nothing (200).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_account_is_created_once_and_shown() {
+    let (env, gate) = api_gate().await;
+    let (http, t) = (gate.http, Some(TOKEN));
+
+    let (status, body) = http_request(
+        http,
+        "PUT",
+        "/v1/accounts/ann",
+        t,
+        Some(r#"{"plan":"free"}"#),
+    )
+    .await;
+    assert_eq!(status, 201, "{body}");
+    let created = json(&body);
+    assert_eq!(created["plan"], "free");
+    assert_eq!(created["credit_balance"], 20);
+    let (status, _) = http_request(
+        http,
+        "PUT",
+        "/v1/accounts/ann",
+        t,
+        Some(r#"{"plan":"free"}"#),
+    )
+    .await;
+    assert_eq!(status, 200, "creating twice changes nothing");
+
+    let (status, body) = http_request(http, "GET", "/v1/accounts/ann", t, None).await;
+    assert_eq!(status, 200);
+    assert_eq!(json(&body)["credit_balance"], 20);
+
+    finish(env, gate).await;
+}
+
+/// Three sends, then the ledger a page at a time and the capacity left.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_ledger_pages_newest_first_and_capacity_follows_the_sends() {
+    let (env, gate) = api_gate().await;
+    let (http, t) = (gate.http, Some(TOKEN));
+    assert_eq!(put_account(http, "ann", r#"{"plan":"free"}"#).await.0, 201);
+    let broker = env.broker().await;
+
+    // Send three jobs, then page through the ledger, newest first.
+    for i in 0..3 {
+        broker
+            .publish_job(&env.send_queue(), "ann", &format!("l-{i}"))
+            .await;
+    }
+    broker.take(&env.delivery_queue(), 3, WAIT).await;
+    let (status, body) =
+        http_request(http, "GET", "/v1/accounts/ann/ledger?limit=2", t, None).await;
+    assert_eq!(status, 200, "{body}");
+    let page = json(&body);
+    let entries = page["entries"].as_array().unwrap();
+    assert_eq!(entries.len(), 2);
+    assert_eq!(entries[0]["kind"], "send");
+    assert_eq!(entries[0]["balance_after"], 17);
+    let before = page["next_before"].as_i64().unwrap();
+    let (_, body) = http_request(
+        http,
+        "GET",
+        &format!("/v1/accounts/ann/ledger?limit=2&before={before}"),
+        t,
+        None,
+    )
+    .await;
+    let older = json(&body);
+    let older_entries = older["entries"].as_array().unwrap();
+    assert_eq!(older_entries.len(), 2);
+    assert_eq!(older_entries[1]["kind"], "signup_grant");
+    assert!(older_entries[0]["id"].as_i64().unwrap() < before);
+
+    let (_, body) = http_request(http, "GET", "/v1/accounts/ann/capacity", t, None).await;
+    let cap = json(&body);
+    assert_eq!(cap["sends_available"], 17);
+    assert_eq!(cap["unlimited"], false);
+
+    finish(env, gate).await;
+}
+
+/// Moving to pro keeps the credits on record; a spent day says when the next starts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upgrade_keeps_the_balance_and_a_full_pro_day_names_the_next() {
+    let (env, gate) = api_gate().await;
+    let (http, t) = (gate.http, Some(TOKEN));
+    assert_eq!(put_account(http, "ann", r#"{"plan":"free"}"#).await.0, 201);
+    let broker = env.broker().await;
+
+    // Upgrade: the plan changes, the balance stays on record.
+    let (status, body) = http_request(
+        http,
+        "PUT",
+        "/v1/accounts/ann",
+        t,
+        Some(r#"{"plan":"pro"}"#),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(json(&body)["plan"], "pro");
+    assert_eq!(
+        json(&body)["credit_balance"],
+        20,
+        "the free balance stays on record"
+    );
+    broker.publish_job(&env.send_queue(), "ann", "pro-1").await;
+    broker.take(&env.delivery_queue(), 1, WAIT).await;
+    let (_, body) = http_request(http, "GET", "/v1/accounts/ann/capacity", t, None).await;
+    let cap = json(&body);
+    assert_eq!(cap["sends_available"], 0);
+    let next: chrono::DateTime<chrono::Utc> =
+        cap["next_available_at"].as_str().unwrap().parse().unwrap();
+    let tomorrow = chrono::Utc::now().date_naive() + chrono::Duration::days(1);
+    assert_eq!(
+        next.naive_utc(),
+        tomorrow.and_hms_opt(0, 0, 0).unwrap(),
+        "the next UTC day"
+    );
+
+    finish(env, gate).await;
+}
+
+/// Scale: no number, no limit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_scale_account_has_unlimited_capacity() {
+    let (env, gate) = api_gate().await;
+    let (http, t) = (gate.http, Some(TOKEN));
+
+    let (status, body) = http_request(
+        http,
+        "PUT",
+        "/v1/accounts/sc",
+        t,
+        Some(r#"{"plan":"scale","timezone":"Europe/Berlin"}"#),
+    )
+    .await;
+    assert_eq!(status, 201, "{body}");
+    let (_, body) = http_request(http, "GET", "/v1/accounts/sc/capacity", t, None).await;
+    assert_eq!(json(&body)["unlimited"], true);
+    assert!(json(&body)["sends_available"].is_null());
+
+    finish(env, gate).await;
+}
+
+/// Bad input: 4xx with a JSON error naming the problem.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_gets_a_json_error_naming_the_problem() {
+    let (env, gate) = api_gate().await;
+    let (http, t) = (gate.http, Some(TOKEN));
+    assert_eq!(put_account(http, "ann", r#"{"plan":"free"}"#).await.0, 201);
+
+    assert_eq!(
+        put_account(http, "sc", r#"{"plan":"scale","timezone":"Europe/Berlin"}"#)
+            .await
+            .0,
+        201
+    );
+    let long_id = "x".repeat(129);
+    for (method, path, body, status, needle) in [
+        (
+            "PUT",
+            "/v1/accounts/bob".to_owned(),
+            Some(r#"{"plan":"gold"}"#),
+            400,
+            "unknown plan",
+        ),
+        (
+            "PUT",
+            "/v1/accounts/bob".to_owned(),
+            Some(r#"{"plan":"free","timezone":"Mars/Base"}"#),
+            400,
+            "Mars/Base",
+        ),
+        (
+            "PUT",
+            "/v1/accounts/bob".to_owned(),
+            Some("not json"),
+            400,
+            "",
+        ),
+        (
+            "PUT",
+            "/v1/accounts/bob".to_owned(),
+            Some(r#"{"plan":"free","extra":1}"#),
+            400,
+            "extra",
+        ),
+        (
+            "PUT",
+            format!("/v1/accounts/{long_id}"),
+            Some(r#"{"plan":"free"}"#),
+            400,
+            "1 to 128",
+        ),
+        (
+            "PUT",
+            "/v1/accounts/sc".to_owned(),
+            Some(r#"{"plan":"pro","timezone":"UTC"}"#),
+            409,
+            "time zone",
+        ),
+        (
+            "GET",
+            "/v1/accounts/nobody".to_owned(),
+            None,
+            404,
+            "does not exist",
+        ),
+        (
+            "GET",
+            "/v1/accounts/nobody/capacity".to_owned(),
+            None,
+            404,
+            "does not exist",
+        ),
+        (
+            "GET",
+            "/v1/accounts/nobody/ledger".to_owned(),
+            None,
+            404,
+            "does not exist",
+        ),
+        (
+            "GET",
+            "/v1/accounts/ann/ledger?limit=0".to_owned(),
+            None,
+            400,
+            "limit",
+        ),
+        (
+            "GET",
+            "/v1/accounts/ann/ledger?limit=many".to_owned(),
+            None,
+            400,
+            "limit",
+        ),
+        (
+            "GET",
+            "/v1/accounts/ann/ledger?before=-3".to_owned(),
+            None,
+            400,
+            "before",
+        ),
+        (
+            "GET",
+            "/v1/accounts/ann/ledger?page=2".to_owned(),
+            None,
+            400,
+            "page",
+        ),
+    ] {
+        let (got, text) = http_request(http, method, &path, t, body).await;
+        assert_eq!(got, status, "{method} {path} {body:?}: {text}");
+        let error = json(&text)["error"].as_str().unwrap().to_owned();
+        assert!(
+            error.contains(needle),
+            "{method} {path}: {error:?} should mention {needle:?}"
+        );
+    }
+
+    finish(env, gate).await;
+}

@@ -1,0 +1,193 @@
+//! The real `sendgate` binary as a user runs it: the account commands, the
+//! metrics it exports, and a SIGTERM drain.
+
+#![allow(clippy::unwrap_used)]
+
+use std::time::{Duration, Instant};
+
+use crate::harness::*;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn account_commands_grant_once_and_report_clear_errors() {
+    let env = TestEnv::new();
+
+    let out = cli(&env, &["accounts", "create", "zed", "--plan", "free"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("20 signup credits"));
+    // Creating it twice grants nothing more.
+    let out = cli(&env, &["accounts", "create", "zed", "--plan", "free"]);
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).contains("already exists"));
+
+    let out = cli(&env, &["accounts", "show", "zed", "--json"]);
+    assert!(out.status.success());
+    let shown: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(shown["plan"], "free");
+    assert_eq!(shown["credit_balance"], 20);
+    assert_eq!(shown["ledger_sum"], 20);
+    assert_eq!(shown["recent_ledger"].as_array().unwrap().len(), 1);
+    assert_eq!(shown["recent_ledger"][0]["kind"], "signup_grant");
+
+    let out = cli(&env, &["accounts", "set-plan", "zed", "scale"]);
+    assert!(out.status.success());
+    let out = cli(&env, &["accounts", "show", "zed"]);
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        table.contains("scale") && table.contains("credits      20"),
+        "{table}"
+    );
+
+    // Errors: one clear line on stderr and a non-zero exit.
+    let out = cli(&env, &["accounts", "show", "nobody"]);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+    assert!(stderr.contains("`nobody` does not exist"), "{stderr}");
+
+    let out = cli(&env, &["accounts", "set-plan", "nobody", "pro"]);
+    assert!(!out.status.success());
+
+    let out = cli(&env, &["accounts", "create", "yan", "--plan", "gold"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("unknown plan `gold`"));
+
+    let out = cli(
+        &env,
+        &[
+            "accounts",
+            "create",
+            "yan",
+            "--plan",
+            "pro",
+            "--timezone",
+            "Mars/Base",
+        ],
+    );
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("Mars/Base"));
+
+    let mut bad = TestEnv::new();
+    bad.set("SENDGATE__AMQP__PREFETCH", "many");
+    let out = cli(&bad, &["migrate"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("amqp.prefetch"));
+
+    let mut unreachable = TestEnv::new();
+    unreachable.set("DATABASE_URL", "postgres://postgres@127.0.0.1:1/none");
+    unreachable.set("SENDGATE__DATABASE__ACQUIRE_TIMEOUT_MS", "1000");
+    let out = cli(&unreachable, &["accounts", "show", "x"]);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("cannot reach the database"), "{stderr}");
+
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_binary_gates_jobs_counts_them_in_metrics_and_drains_on_sigterm() {
+    let env = TestEnv::new();
+    let out = cli(&env, &["accounts", "create", "alice", "--plan", "free"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = cli(&env, &["accounts", "create", "bulk", "--plan", "scale"]);
+    assert!(out.status.success());
+
+    let mut sendgate = Process::spawn(&env, true);
+    let http = sendgate.addr();
+    sendgate.wait_ready(WAIT).await;
+    assert_eq!(http_get(http, "/healthz").await.unwrap().0, 200);
+
+    let broker = env.broker().await;
+    for i in 1..=21 {
+        broker
+            .publish_job(&env.send_queue(), "alice", &format!("a-{i}"))
+            .await;
+    }
+    broker.take(&env.delivery_queue(), 20, WAIT).await;
+    broker.take(&env.dead_queue(), 1, WAIT).await;
+    // A repeat of a job already forwarded counts as a duplicate.
+    broker.publish_job(&env.send_queue(), "alice", "a-1").await;
+
+    let deadline = Instant::now() + WAIT;
+    let metrics = loop {
+        let text = http_get(http, "/metrics").await.unwrap().1;
+        // Jobs are counted as received when their batch starts and by
+        // outcome when it is decided; none in flight means all 22 are done.
+        if metric_value(&text, "sendgate_jobs_received_total") == Some(22.0)
+            && metric_value(&text, "sendgate_jobs_in_flight") == Some(0.0)
+        {
+            break text;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "metrics never counted 22 finished jobs:\n{text}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(
+        series(
+            &metrics,
+            "sendgate_jobs_forwarded_total",
+            &[("plan", "free"), ("charge", "credit")]
+        ),
+        20.0
+    );
+    assert_eq!(
+        series(
+            &metrics,
+            "sendgate_jobs_dead_lettered_total",
+            &[("reason", "out_of_credits")]
+        ),
+        1.0
+    );
+    assert_eq!(
+        series(
+            &metrics,
+            "sendgate_jobs_dead_lettered_total",
+            &[("reason", "invalid_job")]
+        ),
+        0.0
+    );
+    assert_eq!(series(&metrics, "sendgate_jobs_duplicate_total", &[]), 1.0);
+    assert_eq!(
+        series(&metrics, "sendgate_job_duration_seconds_count", &[]),
+        22.0
+    );
+    assert_eq!(series(&metrics, "sendgate_ready", &[]), 1.0);
+    assert!(metrics.contains("# TYPE sendgate_job_duration_seconds histogram"));
+    assert!(!metrics.contains("alice"), "no account in metric labels");
+
+    // SIGTERM with work queued: the process drains and exits 0, and every
+    // job is either forwarded or still waiting in the send queue.
+    for i in 0..500 {
+        broker
+            .publish_job(&env.send_queue(), "bulk", &format!("b-{i}"))
+            .await;
+    }
+    sendgate.stop(Duration::from_secs(30)).await;
+
+    let forwarded = broker
+        .take_all(&env.delivery_queue(), Duration::from_millis(200))
+        .await;
+    let waiting = broker.take_all(&env.send_queue(), Duration::ZERO).await;
+    let mut keys: Vec<String> = forwarded
+        .iter()
+        .chain(&waiting)
+        .map(|d| {
+            let job: serde_json::Value = serde_json::from_slice(&d.data).unwrap();
+            job["idempotency_key"].as_str().unwrap().to_owned()
+        })
+        .collect();
+    keys.sort();
+    keys.dedup();
+    assert_eq!(keys.len(), 500, "I1: no job lost in the drain");
+
+    env.cleanup().await;
+}

@@ -1,0 +1,321 @@
+//! Reservations after the forward: delivery outcomes commit or release
+//! them, and holds without an outcome expire. Real RabbitMQ and Postgres.
+
+#![allow(clippy::unwrap_used)]
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::harness::*;
+use sendgate::clock::SystemClock;
+use sendgate::domain::plan::Plan;
+use sendgate::store::Store;
+
+async fn report(broker: &Broker, env: &TestEnv, account: &str, key: &str, outcome: &str) {
+    let body = serde_json::json!({
+        "account_id": account, "idempotency_key": key, "outcome": outcome, "detail": "test",
+    });
+    broker
+        .publish(&env.outcomes_queue(), body.to_string().as_bytes(), None)
+        .await;
+}
+
+async fn state(store: &Store, account: &str, key: &str) -> String {
+    sqlx::query_scalar(
+        "SELECT state FROM reservations WHERE account_id = $1 AND idempotency_key = $2",
+    )
+    .bind(account)
+    .bind(key)
+    .fetch_one(store.pool())
+    .await
+    .unwrap()
+}
+
+async fn ledger_kinds(store: &Store, account: &str) -> Vec<(String, i64, i64)> {
+    sqlx::query_as(
+        "SELECT kind, delta, balance_after FROM credit_ledger WHERE account_id = $1 ORDER BY id",
+    )
+    .bind(account)
+    .fetch_all(store.pool())
+    .await
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_delivery_gives_a_free_credit_back_and_a_delivered_one_keeps_it() {
+    let mut env = TestEnv::new();
+    env.set("SENDGATE__PLANS__FREE__SIGNUP_CREDITS", "2");
+    let store = env.store().await;
+    create(&store, "fay", Plan::Free).await;
+    let gate = env.start_gate(Arc::new(SystemClock)).await;
+    let broker = env.broker().await;
+
+    let first = broker.publish_job(&env.send_queue(), "fay", "one").await;
+    broker.publish_job(&env.send_queue(), "fay", "two").await;
+    broker.take(&env.delivery_queue(), 2, WAIT).await;
+    assert_eq!(balance_and_ledger(&store, "fay").await, (0, 0));
+    assert_eq!(state(&store, "fay", "one").await, "held");
+
+    report(&broker, &env, "fay", "one", "failed").await;
+    report(&broker, &env, "fay", "two", "delivered").await;
+    eventually(WAIT, || async {
+        state(&store, "fay", "one").await == "released"
+            && state(&store, "fay", "two").await == "committed"
+    })
+    .await;
+    assert_eq!(balance_and_ledger(&store, "fay").await, (1, 1));
+    let ledger = ledger_kinds(&store, "fay").await;
+    assert_eq!(ledger.last().unwrap(), &("release".to_owned(), 1, 1));
+
+    // Duplicate and late outcomes change nothing.
+    report(&broker, &env, "fay", "one", "failed").await;
+    report(&broker, &env, "fay", "one", "delivered").await;
+    report(&broker, &env, "fay", "two", "failed").await;
+    // Outcomes for no reservation, and malformed ones, are dead-lettered.
+    report(&broker, &env, "fay", "never-sent", "failed").await;
+    broker
+        .publish(&env.outcomes_queue(), b"{\"outcome\":\"failed\"}", None)
+        .await;
+    let dead = broker.take(&env.dead_queue(), 2, WAIT).await;
+    let mut reasons: Vec<String> = dead.iter().map(|d| d.routing_key.to_string()).collect();
+    reasons.sort();
+    assert_eq!(reasons, vec!["invalid_outcome", "unknown_reservation"]);
+    assert_eq!(balance_and_ledger(&store, "fay").await, (1, 1));
+    assert_eq!(
+        ledger_kinds(&store, "fay").await.len(),
+        4,
+        "grant, two sends, one release"
+    );
+    assert_eq!(state(&store, "fay", "two").await, "committed");
+
+    // The failed send, sent again, is a new attempt: charged afresh.
+    broker.publish(&env.send_queue(), &first, None).await;
+    let again = broker.take(&env.delivery_queue(), 1, WAIT).await;
+    assert_eq!(
+        header(&again[0], "x-sendgate-credits-remaining").as_deref(),
+        Some("0")
+    );
+    assert_eq!(balance_and_ledger(&store, "fay").await, (0, 0));
+    assert_eq!(state(&store, "fay", "one").await, "held");
+
+    gate.shutdown().await;
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_pro_delivery_gives_its_daily_slot_back() {
+    let mut env = TestEnv::new();
+    env.set("SENDGATE__PLANS__PRO__DAILY_SENDS", "1");
+    let store = env.store().await;
+    create(&store, "pat", Plan::Pro).await;
+    let gate = env.start_gate(Arc::new(SystemClock)).await;
+    let broker = env.broker().await;
+
+    broker.publish_job(&env.send_queue(), "pat", "a").await;
+    broker.take(&env.delivery_queue(), 1, WAIT).await;
+    broker.publish_job(&env.send_queue(), "pat", "b").await;
+    let dead = broker.take(&env.dead_queue(), 1, WAIT).await;
+    assert_eq!(dead[0].routing_key.as_str(), "daily_limit_reached");
+
+    report(&broker, &env, "pat", "a", "failed").await;
+    eventually(WAIT, || async {
+        state(&store, "pat", "a").await == "released"
+    })
+    .await;
+    // The slot is back: the refused job passes now.
+    broker.publish_job(&env.send_queue(), "pat", "b").await;
+    let forwarded = broker.take(&env.delivery_queue(), 1, WAIT).await;
+    assert_eq!(
+        header(&forwarded[0], "x-sendgate-daily-remaining").as_deref(),
+        Some("0")
+    );
+
+    gate.shutdown().await;
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sweep_commits_expired_holds_once_with_two_workers_running() {
+    let mut env = TestEnv::new();
+    env.set("SENDGATE__RESERVATIONS__HOLD_SECS", "1");
+    env.set("SENDGATE__RESERVATIONS__SWEEP_INTERVAL_SECS", "1");
+    let store = env.store().await;
+    create(&store, "sam", Plan::Scale).await;
+    let before = expired_so_far();
+    let gates = vec![
+        env.start_gate(Arc::new(SystemClock)).await,
+        env.start_gate(Arc::new(SystemClock)).await,
+    ];
+    let broker = env.broker().await;
+    for i in 0..40 {
+        broker
+            .publish_job(&env.send_queue(), "sam", &format!("h-{i}"))
+            .await;
+    }
+    broker.take(&env.delivery_queue(), 40, WAIT).await;
+    eventually(WAIT, || async {
+        let held: i64 =
+            sqlx::query_scalar("SELECT count(*) FROM reservations WHERE state = 'held'")
+                .fetch_one(store.pool())
+                .await
+                .unwrap();
+        held == 0
+    })
+    .await;
+    let committed: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM reservations WHERE state = 'committed' AND settle_detail LIKE 'no outcome%'",
+    )
+    .fetch_one(store.pool())
+    .await
+    .unwrap();
+    assert_eq!(committed, 40);
+    // Both processes swept; together they committed each hold exactly once.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(expired_so_far() - before, 40.0);
+    for gate in gates {
+        gate.shutdown().await;
+    }
+    env.cleanup().await;
+}
+
+fn expired_so_far() -> f64 {
+    let text = sendgate::metrics::install().render();
+    metric_value(&text, "sendgate_holds_expired_total").unwrap_or(0.0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redrive_moves_exactly_the_matching_jobs_and_they_pass_after_an_upgrade() {
+    let mut env = TestEnv::new();
+    env.set("SENDGATE__PLANS__FREE__SIGNUP_CREDITS", "1");
+    let store = env.store().await;
+    create(&store, "up", Plan::Free).await;
+    create(&store, "stay", Plan::Free).await;
+    let gate = env.start_gate(Arc::new(SystemClock)).await;
+    let broker = env.broker().await;
+
+    // Each account spends its credit, then has jobs refused; one bad job too.
+    for (account, n) in [("up", 4), ("stay", 3)] {
+        for i in 0..n {
+            broker
+                .publish_job(&env.send_queue(), account, &format!("{account}-{i}"))
+                .await;
+        }
+    }
+    broker.publish(&env.send_queue(), b"garbage", None).await;
+    broker.take(&env.delivery_queue(), 2, WAIT).await;
+    eventually(WAIT, || async {
+        let out = cli(&env, &["dead-letters", "list"]);
+        String::from_utf8_lossy(&out.stdout).contains("6 dead letter(s)")
+    })
+    .await;
+    gate.shutdown().await;
+
+    let listed = cli(&env, &["dead-letters", "list", "--account", "up"]);
+    let text = String::from_utf8_lossy(&listed.stdout);
+    assert!(text.contains("3 dead letter(s)"), "{text}");
+    let order_before = cli(&env, &["dead-letters", "list"]);
+
+    let dry = cli(
+        &env,
+        &["dead-letters", "redrive", "--account", "up", "--dry-run"],
+    );
+    assert!(String::from_utf8_lossy(&dry.stdout).contains("3 dead letter(s) would be moved"));
+    assert_eq!(
+        String::from_utf8_lossy(&cli(&env, &["dead-letters", "list"]).stdout),
+        String::from_utf8_lossy(&order_before.stdout),
+        "a dry run and a listing move nothing and keep the order"
+    );
+
+    // The account upgrades; its refused jobs are replayed and now pass.
+    store.set_plan(&id("up"), Plan::Pro).await.unwrap();
+    let moved = cli(
+        &env,
+        &[
+            "dead-letters",
+            "redrive",
+            "--reason",
+            "out_of_credits",
+            "--account",
+            "up",
+        ],
+    );
+    assert!(
+        moved.status.success(),
+        "{}",
+        String::from_utf8_lossy(&moved.stderr)
+    );
+    assert!(String::from_utf8_lossy(&moved.stdout).contains("moved 3 dead letter(s)"));
+    let left = cli(&env, &["dead-letters", "list"]);
+    let left = String::from_utf8_lossy(&left.stdout);
+    assert!(left.contains("3 dead letter(s)"), "{left}");
+    assert!(!left.contains("up-"), "only matching jobs moved: {left}");
+    // Those left keep their relative order.
+    let rows = |t: &str| {
+        t.lines()
+            .filter(|l| l.contains("stay-") || l.contains("invalid_job"))
+            .map(str::to_owned)
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(
+        rows(left.as_ref()),
+        rows(&String::from_utf8_lossy(&order_before.stdout))
+    );
+
+    let gate = env.start_gate(Arc::new(SystemClock)).await;
+    let passed = broker.take(&env.delivery_queue(), 3, WAIT).await;
+    for d in &passed {
+        assert_eq!(header(d, "x-sendgate-plan").as_deref(), Some("pro"));
+        assert!(
+            header(d, "x-sendgate-reason").is_none(),
+            "stale headers were removed"
+        );
+    }
+    gate.shutdown().await;
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deferred_pro_jobs_come_back_on_the_next_day_and_pass() {
+    let mut env = TestEnv::new();
+    env.set("SENDGATE__PLANS__PRO__DAILY_SENDS", "1");
+    env.set("SENDGATE__PLANS__PRO__ON_LIMIT", "defer");
+    let store = env.store().await;
+    create(&store, "dee", Plan::Pro).await;
+    // A short day: the next one starts 1.5 s after "now".
+    let clock = manual_clock("2026-03-01T23:59:58.500Z");
+    let gate = env.start_gate(clock.clone()).await;
+    let broker = env.broker().await;
+
+    broker.publish_job(&env.send_queue(), "dee", "today").await;
+    broker.take(&env.delivery_queue(), 1, WAIT).await;
+    let later = broker
+        .publish_job(&env.send_queue(), "dee", "tomorrow")
+        .await;
+    // Held, not dead-lettered: nothing arrives for now.
+    eventually(WAIT, || async {
+        broker.depth_of(&format!("t.{}.deferred", env.id)).await == 1
+    })
+    .await;
+    clock.set(utc("2026-03-02T00:00:00.500Z"));
+    let next_day = broker.take(&env.delivery_queue(), 1, WAIT).await;
+    assert_eq!(next_day[0].data, later);
+    assert_eq!(
+        header(&next_day[0], "x-sendgate-daily-remaining").as_deref(),
+        Some("0")
+    );
+    assert!(
+        broker
+            .take_all(&env.dead_queue(), Duration::from_millis(200))
+            .await
+            .is_empty(),
+        "nothing was dead-lettered"
+    );
+    let days: Vec<(chrono::NaiveDate, i32)> =
+        sqlx::query_as("SELECT day, used FROM daily_usage WHERE account_id = 'dee' ORDER BY day")
+            .fetch_all(store.pool())
+            .await
+            .unwrap();
+    assert_eq!(days.iter().map(|d| d.1).collect::<Vec<_>>(), vec![1, 1]);
+    gate.shutdown().await;
+    env.cleanup().await;
+}

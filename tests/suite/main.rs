@@ -1,0 +1,13 @@
+//! The integration suite, one binary: every test here isolates itself (its
+//! own database and queue names on the real Postgres and RabbitMQ), so they
+//! run side by side. The fault suite, which stops and restarts services, is
+//! its own binary (`tests/faults`).
+
+mod api;
+mod binary;
+mod gate;
+#[path = "../harness/mod.rs"]
+mod harness;
+mod lifecycle;
+mod operability;
+mod store;
