@@ -5,6 +5,7 @@ WORKDIR /src
 # The workspace's manifests, with empty sources, so the dependencies build
 # once; the benchmark member is never built here.
 COPY Cargo.toml Cargo.lock build.rs ./
+COPY vendor vendor
 COPY crates/core/Cargo.toml crates/core/
 COPY bench/Cargo.toml bench/
 RUN mkdir -p src crates/core/src bench/src \
