@@ -217,10 +217,11 @@ async fn prepare_database(settings: &Settings, stop: &CancellationToken) -> anyh
             store_ref.migrate().await
         },
         |err, delay| {
-            if err.is_transient() {
+            let wait = err.is_transient() && !err.is_misconfiguration();
+            if wait {
                 warn!(error = %err, url = %url, retry_in = ?delay, "database unreachable; waiting for it");
             }
-            err.is_transient()
+            wait
         },
     );
     tokio::select! {

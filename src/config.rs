@@ -305,6 +305,7 @@ impl Settings {
     pub fn validate(&self) -> Result<(), ConfigError> {
         self.validate_connections()?;
         self.validate_amqp()?;
+        self.validate_durations()?;
         if self.jobs.max_body_bytes == 0 {
             return Err(invalid("jobs.max_body_bytes", "must be at least 1"));
         }
@@ -325,6 +326,73 @@ impl Settings {
                 "log.level",
                 format!("`{}` is not a level filter", self.log.level),
             ));
+        }
+        Ok(())
+    }
+
+    /// Every duration within a range that makes sense, so none can
+    /// overflow a deadline (`Instant + Duration`) at run time.
+    fn validate_durations(&self) -> Result<(), ConfigError> {
+        const MINUTE_MS: u64 = 60_000;
+        const DAY_SECS: u64 = 86_400;
+        let bounds: [(&'static str, u64, u64, u64); 9] = [
+            ("gate.batch_wait_ms", self.gate.batch_wait_ms, 0, MINUTE_MS),
+            (
+                "amqp.publish_timeout_ms",
+                self.amqp.publish_timeout_ms,
+                1,
+                10 * MINUTE_MS,
+            ),
+            (
+                "amqp.heartbeat_secs",
+                u64::from(self.amqp.heartbeat_secs),
+                0,
+                3_600,
+            ),
+            (
+                "amqp.depth_poll_secs",
+                self.amqp.depth_poll_secs,
+                0,
+                DAY_SECS,
+            ),
+            (
+                "database.acquire_timeout_ms",
+                self.database.acquire_timeout_ms,
+                1,
+                10 * MINUTE_MS,
+            ),
+            (
+                "database.statement_timeout_ms",
+                self.database.statement_timeout_ms,
+                0,
+                60 * MINUTE_MS,
+            ),
+            (
+                "reservations.hold_secs",
+                self.reservations.hold_secs,
+                1,
+                365 * DAY_SECS,
+            ),
+            (
+                "reservations.sweep_interval_secs",
+                self.reservations.sweep_interval_secs,
+                1,
+                DAY_SECS,
+            ),
+            (
+                "shutdown.grace_period_secs",
+                self.shutdown.grace_period_secs,
+                0,
+                3_600,
+            ),
+        ];
+        for (setting, value, min, max) in bounds {
+            if value < min || value > max {
+                return Err(invalid(
+                    setting,
+                    format!("is {value}; must be between {min} and {max}"),
+                ));
+            }
         }
         Ok(())
     }
@@ -381,9 +449,6 @@ impl Settings {
         }
         if self.amqp.delivery_limit == 0 {
             return Err(invalid("amqp.delivery_limit", "must be at least 1"));
-        }
-        if self.amqp.publish_timeout_ms == 0 {
-            return Err(invalid("amqp.publish_timeout_ms", "must be at least 1"));
         }
         Ok(())
     }
@@ -482,6 +547,28 @@ mod tests {
     fn an_out_of_range_value_is_named() {
         let err = load(&[("SENDGATE__GATE__BATCH_SIZE", "0")]).expect_err("refused");
         assert!(err.to_string().contains("gate.batch_size"), "{err}");
+    }
+
+    #[test]
+    fn durations_that_would_overflow_a_deadline_are_refused_by_name() {
+        for (variable, setting) in [
+            ("SENDGATE__GATE__BATCH_WAIT_MS", "gate.batch_wait_ms"),
+            (
+                "SENDGATE__AMQP__PUBLISH_TIMEOUT_MS",
+                "amqp.publish_timeout_ms",
+            ),
+            (
+                "SENDGATE__SHUTDOWN__GRACE_PERIOD_SECS",
+                "shutdown.grace_period_secs",
+            ),
+            (
+                "SENDGATE__RESERVATIONS__HOLD_SECS",
+                "reservations.hold_secs",
+            ),
+        ] {
+            let err = load(&[(variable, "18446744073709551615")]).expect_err("refused");
+            assert!(err.to_string().contains(setting), "{variable}: {err}");
+        }
     }
 
     #[test]

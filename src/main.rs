@@ -239,6 +239,7 @@ async fn dead_letters(command: DeadLettersCommand, settings: &Settings) -> anyho
         &sendgate::amqp::redrive::Filter {
             reason: filter.reason,
             account: filter.account,
+            jobs_only: move_them || dry_run,
         },
         filter.limit,
         move_them,
@@ -248,13 +249,14 @@ async fn dead_letters(command: DeadLettersCommand, settings: &Settings) -> anyho
     let mut out = std::io::stdout().lock();
     writeln!(
         out,
-        "{:<22}  {:<20}  {:<30}  detail",
-        "reason", "account", "idempotency key"
+        "{:<6}  {:<22}  {:<20}  {:<30}  detail",
+        "source", "reason", "account", "idempotency key"
     )?;
     for d in &chosen {
         writeln!(
             out,
-            "{:<22}  {:<20}  {:<30}  {}",
+            "{:<6}  {:<22}  {:<20}  {:<30}  {}",
+            d.source,
             d.reason,
             d.account_id.as_deref().unwrap_or("-"),
             d.idempotency_key.as_deref().unwrap_or("-"),

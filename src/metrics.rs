@@ -24,6 +24,7 @@ pub const DB_ERRORS: &str = "sendgate_db_errors_total";
 pub const PUBLISH_FAILURES: &str = "sendgate_publish_failures_total";
 pub const QUEUE_MESSAGES: &str = "sendgate_queue_messages";
 pub const OUTCOMES: &str = "sendgate_outcomes_total";
+pub const OUTCOMES_STALE: &str = "sendgate_outcomes_stale_total";
 pub const HOLDS_EXPIRED: &str = "sendgate_holds_expired_total";
 pub const READY: &str = "sendgate_ready";
 pub const BUILD_INFO: &str = "sendgate_build_info";
@@ -171,6 +172,13 @@ pub const CATALOGUE: &[MetricDoc] = &[
         help: "Delivery outcome reports, by what they did to their reservation.",
     },
     MetricDoc {
+        name: OUTCOMES_STALE,
+        kind: Kind::Counter,
+        labels: &[],
+        unit: "reports",
+        help: "Delivery reports on a reservation that is no longer its key's current one (released and charged afresh since): acked with no effect.",
+    },
+    MetricDoc {
         name: HOLDS_EXPIRED,
         kind: Kind::Counter,
         labels: &[],
@@ -293,6 +301,7 @@ fn describe() {
     counter!(AMQP_RECONNECTS).absolute(0);
     counter!(PUBLISH_FAILURES).absolute(0);
     counter!(HOLDS_EXPIRED).absolute(0);
+    counter!(OUTCOMES_STALE).absolute(0);
     for result in [
         "committed",
         "released",
@@ -361,8 +370,13 @@ pub fn publish_failed() {
     counter!(PUBLISH_FAILURES).increment(1);
 }
 
+/// A settled report; a stale one has its own counter.
 pub fn outcome(result: &'static str) {
-    counter!(OUTCOMES, "result" => result).increment(1);
+    if result == "stale" {
+        counter!(OUTCOMES_STALE).increment(1);
+    } else {
+        counter!(OUTCOMES, "result" => result).increment(1);
+    }
 }
 
 pub fn holds_expired(n: u64) {

@@ -9,7 +9,7 @@ use lapin::types::{AMQPValue, FieldTable, ShortString};
 use super::{
     HEADER_CHARGE, HEADER_CREDITS_REMAINING, HEADER_DAILY_REMAINING, HEADER_DECISION,
     HEADER_DETAIL, HEADER_PLAN, HEADER_REASON, HEADER_RESERVATION_ID, HEADER_RETRY_AFTER,
-    long_string,
+    HEADER_SOURCE, long_string,
 };
 use crate::config::AmqpSettings;
 use crate::domain::decision::{DeadLetter, Decision, Forward};
@@ -24,9 +24,9 @@ pub struct Outgoing {
 }
 
 /// Builds the message for a decision (none for a duplicate, which is only
-/// acked). The original properties and headers are kept, minus any stale
-/// `x-sendgate-*` headers (a replayed dead letter has some); `now` dates a
-/// deferral's expiry.
+/// acked), from an allow-list of the original's properties and headers
+/// ([`carried_properties`], [`carried_headers`]); `now` dates a deferral's
+/// expiry.
 pub fn outgoing(
     settings: &AmqpSettings,
     original: &BasicProperties,
@@ -34,8 +34,8 @@ pub fn outgoing(
     decision: &Decision,
     now: DateTime<Utc>,
 ) -> Option<Outgoing> {
-    let mut headers = carried_headers(original, |_| false);
-    let mut properties = original.clone().with_delivery_mode(2);
+    let mut headers = carried_headers(original);
+    let mut properties = carried_properties(original);
     let (exchange, routing_key) = match decision {
         Decision::Duplicate => return None,
         Decision::Forward(forward) => {
@@ -75,19 +75,65 @@ pub fn outgoing(
     })
 }
 
-/// The publisher's headers that travel on: never sendgate's own (they are
-/// set afresh), nor any that `also_drop` names.
-pub fn carried_headers(original: &BasicProperties, also_drop: impl Fn(&str) -> bool) -> FieldTable {
+/// The properties an outgoing message keeps: an allow-list, never a copy.
+/// Persistent, and the publisher's `content_type`, `content_encoding`,
+/// `correlation_id`, `timestamp`, `type`, `app_id` and `reply_to`. Never
+/// `user_id` (the broker checks it against the connection's user: a
+/// scheduler's would close sendgate's channel), never `expiration` (a dead
+/// letter would silently expire), never `priority` or `cluster_id`; the
+/// `message_id` is set by the caller.
+pub fn carried_properties(original: &BasicProperties) -> BasicProperties {
+    let mut properties = BasicProperties::default().with_delivery_mode(2);
+    if let Some(value) = original.content_type() {
+        properties = properties.with_content_type(value.clone());
+    }
+    if let Some(value) = original.content_encoding() {
+        properties = properties.with_content_encoding(value.clone());
+    }
+    if let Some(value) = original.correlation_id() {
+        properties = properties.with_correlation_id(value.clone());
+    }
+    if let Some(value) = original.timestamp() {
+        properties = properties.with_timestamp(*value);
+    }
+    if let Some(value) = original.kind() {
+        properties = properties.with_type(value.clone());
+    }
+    if let Some(value) = original.app_id() {
+        properties = properties.with_app_id(value.clone());
+    }
+    if let Some(value) = original.reply_to() {
+        properties = properties.with_reply_to(value.clone());
+    }
+    properties
+}
+
+/// The publisher's own headers, which travel on. Never sendgate's
+/// (`x-sendgate-*`: set afresh, a publisher's are not trusted), never `CC`
+/// or `BCC` (the broker would route copies to other queues), and never the
+/// broker's own bookkeeping (`x-death`, `x-first-death-*`,
+/// `x-last-death-*`, `x-delivery-count`).
+pub fn carried_headers(original: &BasicProperties) -> FieldTable {
     let mut headers = FieldTable::default();
     if let Some(original) = original.headers() {
         for (name, value) in original {
-            let name_text = name.as_str();
-            if !name_text.starts_with("x-sendgate-") && !also_drop(name_text) {
+            if is_carried(name.as_str()) {
                 headers.insert(name.clone(), value.clone());
             }
         }
     }
     headers
+}
+
+fn is_carried(name: &str) -> bool {
+    let lower = name.to_ascii_lowercase();
+    !(lower.starts_with("x-sendgate-")
+        || lower == "cc"
+        || lower == "bcc"
+        || lower == "x-death"
+        || lower.starts_with("x-first-death")
+        || lower.starts_with("x-last-death")
+        || lower == "x-delivery-count")
 }
 
 fn forward_headers(headers: &mut FieldTable, forward: &Forward) {
@@ -109,8 +155,14 @@ fn forward_headers(headers: &mut FieldTable, forward: &Forward) {
 }
 
 fn dead_letter_headers(headers: &mut FieldTable, dead: &DeadLetter) {
+    let source = if dead.reason.is_about_reports() {
+        "report"
+    } else {
+        "job"
+    };
     headers
         .insert(HEADER_DECISION.into(), long_string("dead_lettered"))
+        .insert(HEADER_SOURCE.into(), long_string(source))
         .insert(HEADER_REASON.into(), long_string(dead.reason.as_str()))
         .insert(HEADER_DETAIL.into(), long_string(&dead.detail));
     if let Some(at) = dead.retry_after {

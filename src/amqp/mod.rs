@@ -37,6 +37,9 @@ pub const HEADER_DAILY_REMAINING: &str = "x-sendgate-daily-remaining";
 pub const HEADER_REASON: &str = "x-sendgate-reason";
 pub const HEADER_DETAIL: &str = "x-sendgate-detail";
 pub const HEADER_RETRY_AFTER: &str = "x-sendgate-retry-after";
+/// On a dead letter: what was refused, `job` or `report`. Redrive moves
+/// only jobs.
+pub const HEADER_SOURCE: &str = "x-sendgate-source";
 /// Routing key of jobs the broker itself dead-letters from the send queue
 /// (its delivery limit, or a reject without requeue).
 pub const BROKER_DEAD_LETTER_KEY: &str = "delivery_limit";

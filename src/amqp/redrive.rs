@@ -2,6 +2,11 @@
 //! move chosen jobs back to the send queue (after an upgrade, say), where
 //! they are judged afresh.
 //!
+//! Only refused jobs are ever moved: refused delivery reports (their own
+//! reasons, `x-sendgate-source: report`, or dead-lettered by the broker from
+//! the outcomes queue) are listed but never sent to the send queue, where
+//! they would parse as jobs.
+//!
 //! Messages are taken with `basic.get` and held unacknowledged. A matching
 //! one is published to the send queue, and acked from the dead-letter queue
 //! only after the broker confirmed that publish. The others are never acked:
@@ -11,25 +16,30 @@ use lapin::options::{
     BasicAckOptions, BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions,
     QueueDeclareOptions,
 };
-use lapin::types::{FieldTable, ShortString};
+use lapin::types::{AMQPValue, FieldTable, ShortString};
 
-use super::message::carried_headers;
+use super::message::{carried_headers, carried_properties};
 use lapin::{BasicProperties, Confirmation};
 
-use crate::amqp::{self, HEADER_DETAIL, HEADER_REASON, header_text};
+use crate::amqp::{self, HEADER_DETAIL, HEADER_REASON, HEADER_SOURCE, header_text};
 use crate::config::AmqpSettings;
+use crate::domain::plan::Reason;
 
 /// Which dead letters to act on; `None` matches all.
 #[derive(Debug, Clone, Default)]
 pub struct Filter {
     pub reason: Option<String>,
     pub account: Option<String>,
+    /// Only refused jobs, never refused delivery reports (redrive).
+    pub jobs_only: bool,
 }
 
 /// One dead letter, as listed.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct DeadLetterInfo {
     pub reason: String,
+    /// `job` or `report`: what was refused.
+    pub source: &'static str,
     pub account_id: Option<String>,
     pub idempotency_key: Option<String>,
     pub detail: Option<String>,
@@ -37,7 +47,8 @@ pub struct DeadLetterInfo {
 
 impl Filter {
     fn matches(&self, info: &DeadLetterInfo) -> bool {
-        self.reason.as_ref().is_none_or(|r| *r == info.reason)
+        (!self.jobs_only || info.source == "job")
+            && self.reason.as_ref().is_none_or(|r| *r == info.reason)
             && self
                 .account
                 .as_ref()
@@ -45,7 +56,36 @@ impl Filter {
     }
 }
 
-fn describe(delivery: &lapin::message::Delivery) -> DeadLetterInfo {
+/// Whether a dead letter is a refused delivery report: sendgate marks its
+/// own (`x-sendgate-source`, or a report's reason), and the broker's carry
+/// the queue they came from in `x-death`.
+fn is_report(delivery: &lapin::message::Delivery, reason: &str, outcomes_queue: &str) -> bool {
+    let properties = &delivery.properties;
+    header_text(properties, HEADER_SOURCE).as_deref() == Some("report")
+        || reason == Reason::UnknownReservation.as_str()
+        || reason == Reason::InvalidOutcome.as_str()
+        || died_in(properties).as_deref() == Some(outcomes_queue)
+}
+
+/// The queue a broker-dead-lettered message first died in.
+fn died_in(properties: &BasicProperties) -> Option<String> {
+    let deaths = properties.headers().as_ref()?.inner().get("x-death")?;
+    let AMQPValue::FieldArray(deaths) = deaths else {
+        return None;
+    };
+    let AMQPValue::FieldTable(first) = deaths.as_slice().first()? else {
+        return None;
+    };
+    match first.inner().get("queue")? {
+        AMQPValue::LongString(queue) => {
+            Some(String::from_utf8_lossy(queue.as_bytes()).into_owned())
+        }
+        AMQPValue::ShortString(queue) => Some(queue.to_string()),
+        _ => None,
+    }
+}
+
+fn describe(delivery: &lapin::message::Delivery, outcomes_queue: &str) -> DeadLetterInfo {
     let body: Option<serde_json::Value> = serde_json::from_slice(&delivery.data).ok();
     let field = |name: &str| {
         body.as_ref()
@@ -53,9 +93,16 @@ fn describe(delivery: &lapin::message::Delivery) -> DeadLetterInfo {
             .and_then(|v| v.as_str())
             .map(str::to_owned)
     };
+    let reason = header_text(&delivery.properties, HEADER_REASON)
+        .unwrap_or_else(|| delivery.routing_key.to_string());
+    let source = if is_report(delivery, &reason, outcomes_queue) {
+        "report"
+    } else {
+        "job"
+    };
     DeadLetterInfo {
-        reason: header_text(&delivery.properties, HEADER_REASON)
-            .unwrap_or_else(|| delivery.routing_key.to_string()),
+        reason,
+        source,
         account_id: field("account_id"),
         idempotency_key: field("idempotency_key").or_else(|| {
             delivery
@@ -68,16 +115,16 @@ fn describe(delivery: &lapin::message::Delivery) -> DeadLetterInfo {
     }
 }
 
-/// The original job's properties: sendgate's and the broker's dead-letter
-/// headers removed, so the job is judged afresh.
+/// The job's properties as a scheduler would publish it: the allow-list of
+/// [`carried_properties`] and [`carried_headers`] (sendgate's and the
+/// broker's dead-letter headers removed, so it is judged afresh) and its
+/// `message_id`.
 fn as_sent(properties: &BasicProperties) -> BasicProperties {
-    let headers = carried_headers(properties, |name| {
-        name == "x-death" || name.starts_with("x-first-death") || name.starts_with("x-last-death")
-    });
-    properties
-        .clone()
-        .with_headers(headers)
-        .with_delivery_mode(2)
+    let mut sent = carried_properties(properties).with_headers(carried_headers(properties));
+    if let Some(id) = properties.message_id() {
+        sent = sent.with_message_id(id.clone());
+    }
+    sent
 }
 
 /// Lists (`move_them` false) or moves the dead letters matching `filter`,
@@ -125,7 +172,7 @@ pub async fn run(
             break;
         };
         let delivery = message.delivery;
-        let info = describe(&delivery);
+        let info = describe(&delivery, &settings.outcomes_queue);
         if !filter.matches(&info) {
             held.push(delivery);
             continue;

@@ -36,8 +36,13 @@ pub async fn declare_topology(channel: &Channel, settings: &AmqpSettings) -> lap
         )
         .await?;
     declare_quorum(channel, &settings.delivery_queue, quorum_arguments()).await?;
-    declare_quorum(channel, &settings.outcomes_queue, quorum_arguments()).await?;
-    declare_quorum(channel, &settings.send_queue, send_arguments(settings)).await?;
+    declare_quorum(
+        channel,
+        &settings.outcomes_queue,
+        limited_arguments(settings),
+    )
+    .await?;
+    declare_quorum(channel, &settings.send_queue, limited_arguments(settings)).await?;
     declare_quorum(
         channel,
         &settings.deferred_queue,
@@ -73,9 +78,10 @@ pub fn quorum_arguments() -> FieldTable {
     arguments
 }
 
-/// The send queue: broker-level rejects and its delivery limit route to the
-/// dead-letter exchange.
-fn send_arguments(settings: &AmqpSettings) -> FieldTable {
+/// The send and outcomes queues: broker-level rejects and the delivery
+/// limit route to the dead-letter exchange, so no message is redelivered
+/// forever.
+fn limited_arguments(settings: &AmqpSettings) -> FieldTable {
     let mut arguments = quorum_arguments();
     arguments
         .insert(

@@ -5,8 +5,10 @@ use crate::domain::plan::Plan;
 /// Why a store call failed, and whether retrying can help.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    /// The database is unreachable, restarting, or timed a statement out:
-    /// retry later.
+    /// The database cannot do the work now: unreachable, restarting,
+    /// timed a statement out, read-only after a failover, refusing our login
+    /// or privileges, or missing its schema. None of that is the batch's
+    /// fault: hold it and retry later.
     #[error("database unavailable: {0}")]
     Unavailable(sqlx::Error),
     /// The batch kept racing other workers charging the same keys: retry.
@@ -33,9 +35,24 @@ pub enum StoreError {
 }
 
 impl StoreError {
-    /// True when the same call may succeed later.
+    /// True when the same call may succeed later: a dependency's state,
+    /// not the input's fault.
     pub fn is_transient(&self) -> bool {
         matches!(self, StoreError::Unavailable(_) | StoreError::Contention)
+    }
+
+    /// True when the database refuses who we are or where we point (a
+    /// login, a missing database): waiting will not fix a bad setting at
+    /// start-up, so `run` stops with it there, while a running worker holds
+    /// its batch (a rotated password, a database being restored).
+    pub fn is_misconfiguration(&self) -> bool {
+        match self {
+            StoreError::Unavailable(sqlx::Error::Database(db)) => {
+                let code = db.code().unwrap_or_default();
+                code.starts_with("28") || code == "3D000"
+            }
+            _ => false,
+        }
     }
 
     /// A bounded label for metrics.
@@ -67,10 +84,14 @@ impl From<sqlx::Error> for StoreError {
             | sqlx::Error::Protocol(_)
             | sqlx::Error::PoolTimedOut
             | sqlx::Error::PoolClosed
-            | sqlx::Error::WorkerCrashed => StoreError::Unavailable(err),
+            | sqlx::Error::WorkerCrashed
+            // The schema is not what this build expects: a deployment's
+            // state (migrations not applied yet), not the batch's fault.
+            | sqlx::Error::ColumnNotFound(_)
+            | sqlx::Error::TypeNotFound { .. } => StoreError::Unavailable(err),
             sqlx::Error::Database(db) => {
                 let code = db.code().unwrap_or_default();
-                if is_transient_sqlstate(&code) {
+                if !blames_the_input(&code) {
                     return StoreError::Unavailable(err);
                 }
                 if let Some(constraint) = db.constraint() {
@@ -86,14 +107,35 @@ impl From<sqlx::Error> for StoreError {
     }
 }
 
-/// SQLSTATEs after which the same transaction may succeed: connection
-/// failures (08), serialization failures and deadlocks (40), lock and
-/// statement timeouts, resource shortages (53) and server shutdown (57P).
-fn is_transient_sqlstate(code: &str) -> bool {
-    code.starts_with("08")
-        || code.starts_with("40")
-        || code.starts_with("53")
-        || code.starts_with("57P")
-        || code == "55P03"
-        || code == "57014"
+/// SQLSTATEs that say the statement's data was at fault: data exceptions
+/// (22: a value Postgres cannot store), integrity constraint violations
+/// (23) and program limits (54). Retrying the same data cannot help; the
+/// caller splits the batch to find the item at fault. Every other class is
+/// the database's state, and the batch is held and retried: connection
+/// failures (08), invalid authorization (28), read-only transactions after
+/// a failover (25006), a missing database (3D000), serialization failures
+/// and deadlocks (40), missing privileges or tables (42), resource
+/// shortages (53), object state and lock timeouts (55), operator
+/// intervention and shutdown (57), system errors (58) and internal errors
+/// (XX).
+fn blames_the_input(code: &str) -> bool {
+    code.starts_with("22") || code.starts_with("23") || code.starts_with("54")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_data_errors_blame_the_input() {
+        for code in ["22P05", "22001", "23505", "54000"] {
+            assert!(blames_the_input(code), "{code}");
+        }
+        for code in [
+            "08006", "28P01", "25006", "3D000", "40001", "40P01", "42501", "42P01", "53300",
+            "55P03", "57014", "57P01", "57P03", "58030", "XX000",
+        ] {
+            assert!(!blames_the_input(code), "{code}");
+        }
+    }
 }

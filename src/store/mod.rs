@@ -35,6 +35,7 @@ use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 pub use accounts::{AccountSummary, Created};
 pub use decide::Recorded;
 pub use error::StoreError;
+pub use marks::ConfirmedForward;
 pub use rows::LedgerEntry;
 
 use crate::config::DatabaseSettings;

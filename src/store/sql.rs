@@ -214,13 +214,15 @@ pub const EXPIRE_HOLDS: &str = "
       AND r.state = 'held'";
 
 /// Confirmed forwards: whole batches by id ($1, one row each), and forwards
-/// of earlier charges by key ($2, $3).
+/// of earlier charges by key and reservation ($2, $3, $4). A mark names the
+/// reservation it confirms, so a late mark of an earlier attempt never marks
+/// the charge a key got after a release.
 pub const CONFIRM_FORWARDS: &str = "
     WITH batches AS (
         UPDATE forward_batches SET confirmed_at = now()
         WHERE id = ANY($1) AND confirmed_at IS NULL
     )
     UPDATE reservations r SET forward_confirmed = true, confirmed_at = now()
-    FROM unnest($2::text[], $3::text[]) AS k(account_id, idempotency_key)
+    FROM unnest($2::text[], $3::text[], $4::uuid[]) AS k(account_id, idempotency_key, id)
     WHERE r.account_id = k.account_id AND r.idempotency_key = k.idempotency_key
-      AND NOT r.forward_confirmed";
+      AND r.id = k.id AND NOT r.forward_confirmed";

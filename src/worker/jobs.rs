@@ -40,7 +40,7 @@ use uuid::Uuid;
 use super::batcher::Batcher;
 use super::marks::Confirmed;
 use super::record::JobDecided;
-use super::{InFlight, Shared, Worker, requeue_after_error};
+use super::{InFlight, Shared, Worker, isolate};
 use crate::amqp::confirm::{self, Acknowledge, Confirms, Publication};
 use crate::amqp::message::{self, Outgoing};
 use crate::amqp::session::{Received, SessionError};
@@ -49,6 +49,7 @@ use crate::domain::ids::JobKey;
 use crate::domain::job::{InvalidJob, Job};
 use crate::domain::plan::Reason;
 use crate::metrics;
+use crate::store::ConfirmedForward;
 
 /// Consumes the send queue on `[gate] consumers` channels, all feeding one
 /// batcher.
@@ -71,32 +72,17 @@ struct Slot {
 struct DecidedBatch {
     slots: Vec<Slot>,
     decide_time: Duration,
-    /// The forward batch of this batch's new charges, if it made any.
-    forward_batch: Option<Uuid>,
+    /// The forward batches of this batch's new charges (more than one when
+    /// it had to be split to find a job the database refused).
+    forward_batches: Vec<Uuid>,
     _in_flight: InFlight,
 }
 
-/// What the deciding stage hands on.
-enum Decided {
-    Publish(DecidedBatch),
-    /// The database refused the batch for a reason retrying cannot fix.
-    Requeue {
-        batch: Vec<Received>,
-        in_flight: InFlight,
-    },
-}
-
-/// What the publishing stage hands on.
-enum Sent {
-    Confirming {
-        done: DecidedBatch,
-        confirms: Confirms,
-        started: Instant,
-    },
-    Requeue {
-        batch: Vec<Received>,
-        in_flight: InFlight,
-    },
+/// A batch whose outcomes were published, on its way to the ack stage.
+struct Sent {
+    done: DecidedBatch,
+    confirms: Confirms,
+    started: Instant,
 }
 
 impl DecidedBatch {
@@ -117,16 +103,19 @@ impl DecidedBatch {
     /// The forwards to mark once confirmed: new charges by their batch,
     /// forwards of earlier charges by key.
     fn confirmed(&self) -> Confirmed {
-        let keys = self
+        let forwards = self
             .slots
             .iter()
             .filter_map(|slot| match (&slot.decision, &slot.key) {
-                (Decision::Forward(f), Some(key)) if !f.fresh => Some(key.clone()),
+                (Decision::Forward(f), Some(key)) if !f.fresh => Some(ConfirmedForward {
+                    key: key.clone(),
+                    reservation_id: f.reservation_id,
+                }),
                 _ => None,
             });
         Confirmed {
-            batches: self.forward_batch.into_iter().collect(),
-            keys: keys.collect(),
+            batches: self.forward_batches.clone(),
+            forwards: forwards.collect(),
         }
     }
 }
@@ -155,7 +144,7 @@ impl Worker for JobsWorker {
         stop: &CancellationToken,
     ) -> Result<(), SessionError> {
         let channel = &channels[0];
-        let (decided_tx, decided_rx) = mpsc::channel::<Decided>(1);
+        let (decided_tx, decided_rx) = mpsc::channel::<DecidedBatch>(1);
         let (sent_tx, sent_rx) = mpsc::channel::<Sent>(4);
         tokio::try_join!(
             self.decide_stage(channels, consumers, decided_tx, stop),
@@ -188,7 +177,7 @@ impl JobsWorker {
         &self,
         channels: &[Channel],
         consumers: Vec<Consumer>,
-        out: mpsc::Sender<Decided>,
+        out: mpsc::Sender<DecidedBatch>,
         stop: &CancellationToken,
     ) -> Result<(), SessionError> {
         let tags: Vec<_> = consumers.iter().map(Consumer::tag).collect();
@@ -233,22 +222,17 @@ impl JobsWorker {
     async fn publish_stage(
         &self,
         channel: &Channel,
-        mut decided: mpsc::Receiver<Decided>,
+        mut decided: mpsc::Receiver<DecidedBatch>,
         out: mpsc::Sender<Sent>,
     ) -> Result<(), SessionError> {
         let timeout = self.shared.settings.amqp.publish_timeout();
-        while let Some(next) = decided.recv().await {
-            let sent = match next {
-                Decided::Requeue { batch, in_flight } => Sent::Requeue { batch, in_flight },
-                Decided::Publish(done) => {
-                    let started = Instant::now();
-                    let confirms = confirm::publish(channel, &done.publications(), timeout).await?;
-                    Sent::Confirming {
-                        done,
-                        confirms,
-                        started,
-                    }
-                }
+        while let Some(done) = decided.recv().await {
+            let started = Instant::now();
+            let confirms = confirm::publish(channel, &done.publications(), timeout).await?;
+            let sent = Sent {
+                done,
+                confirms,
+                started,
             };
             if out.send(sent).await.is_err() {
                 break;
@@ -268,8 +252,9 @@ impl JobsWorker {
         Ok(())
     }
 
-    /// Parses a batch and decides it in one transaction.
-    async fn decide_batch(&self, batch: Vec<Received>) -> Decided {
+    /// Parses a batch and decides it in one transaction (more, only when the
+    /// database refuses a job and the batch is split to find it).
+    async fn decide_batch(&self, batch: Vec<Received>) -> DecidedBatch {
         let in_flight = InFlight::new(batch.len());
         metrics::jobs_received(batch.len());
         let shared = &*self.shared;
@@ -284,19 +269,25 @@ impl JobsWorker {
             .cloned()
             .collect();
         let started = Instant::now();
-        let recorded =
-            shared.with_database("jobs", || shared.store.decide(&jobs, shared.clock.now()));
-        let recorded = match recorded.await {
-            Ok(recorded) => recorded,
-            Err(err) => {
-                error!(worker = self.id, error = %err, jobs = batch.len(),
-                    "cannot record the batch; returning it to the queue");
-                return Decided::Requeue { batch, in_flight };
-            }
-        };
+        let (decisions, forward_batches) = isolate(jobs.len(), |range| async {
+            let part = &jobs[range];
+            let recorded = shared
+                .with_database("jobs", || shared.store.decide(part, shared.clock.now()))
+                .await?;
+            Ok((recorded.decisions, recorded.batch))
+        })
+        .await;
         metrics::batch_decided(jobs.len(), started.elapsed());
         let now = shared.clock.now();
-        let mut decisions = recorded.decisions.into_iter();
+        let mut decisions = decisions.into_iter().map(|decided| {
+            decided.unwrap_or_else(|err| {
+                error!(worker = self.id, error = %err, "the database refused a job; dead-lettering it");
+                Decision::dead_letter(
+                    Reason::InvalidJob,
+                    format!("the database refused this job: {err}"),
+                )
+            })
+        });
         let slots = batch
             .into_iter()
             .zip(parsed)
@@ -328,29 +319,22 @@ impl JobsWorker {
                 }
             })
             .collect();
-        Decided::Publish(DecidedBatch {
+        DecidedBatch {
             slots,
             decide_time: started.elapsed(),
-            forward_batch: recorded.batch,
+            forward_batches: forward_batches.into_iter().flatten().collect(),
             _in_flight: in_flight,
-        })
+        }
     }
 
     /// Waits for a published batch's confirms (publishing again what the
     /// broker refused), acks the batch and marks the confirmed forwards.
     async fn complete(&self, channel: &Channel, sent: Sent) -> Result<(), SessionError> {
-        let (done, confirms, started) = match sent {
-            Sent::Requeue { batch, in_flight } => {
-                let result = requeue_after_error(&batch).await;
-                drop(in_flight);
-                return result;
-            }
-            Sent::Confirming {
-                done,
-                confirms,
-                started,
-            } => (done, confirms, started),
-        };
+        let Sent {
+            done,
+            confirms,
+            started,
+        } = sent;
         let settings = &self.shared.settings.amqp;
         let send_time = confirms.sent.saturating_duration_since(started);
         let failed = confirm::await_confirms(confirms, settings.publish_timeout()).await?;

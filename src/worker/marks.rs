@@ -10,20 +10,21 @@ use tokio_util::sync::CancellationToken;
 use tracing::warn;
 use uuid::Uuid;
 
-use crate::domain::ids::JobKey;
 use crate::metrics;
 use crate::retry;
-use crate::store::Store;
+use crate::store::{ConfirmedForward, Store};
 
 /// How long confirmed forwards gather before they are marked in one
 /// statement. It bounds how long after its confirm a forward still counts as
 /// unconfirmed (a copy arriving then is forwarded again, never charged).
 const MARK_EVERY: Duration = Duration::from_millis(25);
 
-/// Tries for one mark before it is given up: a later copy of its jobs is
-/// then forwarded once more (same `message_id` and reservation), never
-/// charged again.
-const MARK_TRIES: usize = 5;
+/// Tries for a mark while the process stops, or for an error retrying
+/// cannot fix, before it is given up:
+/// a later copy of its jobs is then forwarded once more (same `message_id`
+/// and reservation), never charged again. While running, a mark is retried
+/// until it lands; confirms that arrive meanwhile join the next statement.
+const MARK_TRIES_WHEN_CLOSING: usize = 5;
 
 /// The handle workers report confirmed forwards to.
 #[derive(Clone)]
@@ -35,17 +36,17 @@ pub struct Confirmed {
     /// Batches whose new charges were all forwarded.
     pub batches: Vec<Uuid>,
     /// Forwards of charges made by earlier attempts.
-    pub keys: Vec<JobKey>,
+    pub forwards: Vec<ConfirmedForward>,
 }
 
 impl Confirmed {
     fn is_empty(&self) -> bool {
-        self.batches.is_empty() && self.keys.is_empty()
+        self.batches.is_empty() && self.forwards.is_empty()
     }
 
     fn extend(&mut self, other: Confirmed) {
         self.batches.extend(other.batches);
-        self.keys.extend(other.keys);
+        self.forwards.extend(other.forwards);
     }
 }
 
@@ -82,7 +83,7 @@ async fn mark_forwards(
             while let Ok(more) = rx.try_recv() {
                 rest.extend(more);
             }
-            mark(&store, &rest).await;
+            mark(&store, &rest, true).await;
             return;
         };
         // Let more batches join this statement: a quiet gate confirms a
@@ -92,23 +93,25 @@ async fn mark_forwards(
         while let Ok(more) = rx.try_recv() {
             pending.extend(more);
         }
-        mark(&store, &pending).await;
+        mark(&store, &pending, false).await;
     }
 }
 
-/// Best effort with retries (see [`MARK_TRIES`]).
-async fn mark(store: &Store, confirmed: &Confirmed) {
+/// Retries until the mark lands: while running, for as long as the
+/// database's trouble lasts; when closing, or for an error retrying cannot
+/// fix, [`MARK_TRIES_WHEN_CLOSING`] times.
+async fn mark(store: &Store, confirmed: &Confirmed, closing: bool) {
     if confirmed.is_empty() {
         return;
     }
     let mut tries = 0;
     let _ = retry::until_ok(
-        || store.confirm_forwards(&confirmed.batches, &confirmed.keys),
+        || store.confirm_forwards(&confirmed.batches, &confirmed.forwards),
         |err, delay| {
             tries += 1;
             metrics::db_error(err.kind());
             warn!(error = %err, retry_in = ?delay, "cannot mark forwards as confirmed");
-            tries < MARK_TRIES
+            (err.is_transient() && !closing) || tries < MARK_TRIES_WHEN_CLOSING
         },
     )
     .await;

@@ -18,14 +18,14 @@ pub mod outcomes;
 pub mod record;
 pub mod sweep;
 
+use std::ops::Range;
 use std::sync::Arc;
 
 use lapin::{Channel, Consumer};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use crate::amqp::confirm::{Acknowledge, acknowledge};
-use crate::amqp::session::{Broker, Received, Session, SessionError};
+use crate::amqp::session::{Broker, Session, SessionError};
 use crate::clock::Clock;
 use crate::config::Settings;
 use crate::health::Health;
@@ -166,20 +166,47 @@ async fn end_session(
     }
 }
 
-/// A batch the database refused for a reason retrying cannot fix (a bug,
-/// not bad input) goes back to the broker after a pause, never in a hot
-/// loop. The queue's delivery limit dead-letters a delivery that keeps
-/// failing.
-///
-/// # Errors
-/// The channel failed.
-pub async fn requeue_after_error(batch: &[Received]) -> Result<(), SessionError> {
-    tokio::time::sleep(REQUEUE_PAUSE).await;
-    acknowledge(batch.iter(), Acknowledge::Requeue).await
+/// Asks the store about `len` items, in order, through `call` (which is
+/// given a range of them, and holds the batch while the database is
+/// unavailable). When the store refuses a range for a reason retrying
+/// cannot fix, the range is split in two and each half asked again, so the
+/// items at fault are found and come back as their own `Err`, and every
+/// other item gets its answer. Each successful call's `X` is returned too.
+pub async fn isolate<R, X, F, Fut>(len: usize, mut call: F) -> (Vec<Result<R, StoreError>>, Vec<X>)
+where
+    F: FnMut(Range<usize>) -> Fut,
+    Fut: Future<Output = Result<(Vec<R>, X), StoreError>>,
+{
+    let mut answers: Vec<Option<Result<R, StoreError>>> = (0..len).map(|_| None).collect();
+    let mut extras = Vec::new();
+    // Ranges still to ask, the leftmost on top: items are asked in order.
+    let mut ranges = Vec::new();
+    if len > 0 {
+        ranges.push(0..len);
+    }
+    while let Some(range) = ranges.pop() {
+        match call(range.clone()).await {
+            Ok((results, extra)) => {
+                extras.push(extra);
+                for (slot, result) in answers[range].iter_mut().zip(results) {
+                    *slot = Some(Ok(result));
+                }
+            }
+            Err(err) if range.len() == 1 => answers[range.start] = Some(Err(err)),
+            Err(err) => {
+                warn!(error = %err, items = range.len(), "the database refused a batch; splitting it to find the items at fault");
+                let middle = range.start + range.len() / 2;
+                ranges.push(middle..range.end);
+                ranges.push(range.start..middle);
+            }
+        }
+    }
+    let answers = answers
+        .into_iter()
+        .map(|answer| answer.unwrap_or(Err(StoreError::Contention)))
+        .collect();
+    (answers, extras)
 }
-
-/// How long a batch the database refused waits before it is requeued.
-const REQUEUE_PAUSE: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// The jobs-in-flight gauge follows a batch's life, however it ends.
 pub struct InFlight(usize);
@@ -194,5 +221,48 @@ impl InFlight {
 impl Drop for InFlight {
     fn drop(&mut self) {
         metrics::in_flight_sub(self.0);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A store that refuses any range holding an odd number.
+    async fn refuse_odd(
+        items: &[u32],
+        range: Range<usize>,
+    ) -> Result<(Vec<u32>, usize), StoreError> {
+        let part = &items[range.clone()];
+        if part.iter().any(|n| n % 2 == 1) {
+            return Err(StoreError::Corrupt(format!("odd in {range:?}")));
+        }
+        Ok((part.iter().map(|n| n * 10).collect(), part.len()))
+    }
+
+    #[tokio::test]
+    async fn only_the_items_at_fault_are_refused_and_the_rest_answered_in_order() {
+        let items = [2, 4, 7, 6, 8, 9, 10];
+        let (answers, extras) = isolate(items.len(), |r| refuse_odd(&items, r)).await;
+        let shown: Vec<Option<u32>> = answers.iter().map(|a| a.as_ref().ok().copied()).collect();
+        assert_eq!(
+            shown,
+            vec![
+                Some(20),
+                Some(40),
+                None,
+                Some(60),
+                Some(80),
+                None,
+                Some(100)
+            ]
+        );
+        assert_eq!(
+            extras.iter().sum::<usize>(),
+            5,
+            "every good item answered once"
+        );
+        let (answers, extras) = isolate(0, |r| refuse_odd(&items, r)).await;
+        assert!(answers.is_empty() && extras.is_empty());
     }
 }

@@ -12,7 +12,7 @@ use lapin::{Channel, Consumer};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error};
 
-use super::{Shared, Worker, requeue_after_error};
+use super::{Shared, Worker, isolate};
 use crate::amqp::confirm::{self, Acknowledge, Publication};
 use crate::amqp::message::{self, Outgoing};
 use crate::amqp::session::{Received, SessionError};
@@ -20,6 +20,7 @@ use crate::domain::decision::Decision;
 use crate::domain::plan::Reason;
 use crate::domain::settle::{InvalidReport, Report, Settled};
 use crate::metrics;
+use crate::store::StoreError;
 
 /// Consumes the outcomes queue on one channel.
 pub struct OutcomesWorker {
@@ -117,16 +118,15 @@ impl OutcomesWorker {
             .filter_map(|p| p.as_ref().ok())
             .cloned()
             .collect();
-        let settled = shared.with_database("outcomes", || {
-            shared.store.settle(&reports, shared.clock.now())
-        });
-        let mut settled = match settled.await {
-            Ok(settled) => settled.into_iter(),
-            Err(err) => {
-                error!(worker = self.id, error = %err, "cannot settle outcomes; returning them to the queue");
-                return requeue_after_error(&batch).await;
-            }
-        };
+        let (settled, _) = isolate(reports.len(), |range| async {
+            let part = &reports[range];
+            let settled = shared
+                .with_database("outcomes", || shared.store.settle(part, shared.clock.now()))
+                .await?;
+            Ok((settled, ()))
+        })
+        .await;
+        let mut settled = settled.into_iter();
         let verdicts: Vec<Verdict> = batch
             .iter()
             .zip(parsed)
@@ -157,15 +157,25 @@ impl OutcomesWorker {
         &self,
         received: &Received,
         parsed: Result<Report, InvalidReport>,
-        settled: &mut impl Iterator<Item = Settled>,
+        settled: &mut impl Iterator<Item = Result<Settled, StoreError>>,
     ) -> Verdict {
         let (result, refusal) = match parsed {
             Err(invalid) => (
                 "invalid",
                 Some(Decision::dead_letter(Reason::InvalidOutcome, invalid.0)),
             ),
-            Ok(report) => match settled.next().unwrap_or(Settled::Unknown) {
-                Settled::Unknown => (
+            Ok(report) => match settled.next().unwrap_or(Ok(Settled::Unknown)) {
+                Err(err) => {
+                    error!(worker = self.id, error = %err, "the database refused a report; dead-lettering it");
+                    (
+                        "invalid",
+                        Some(Decision::dead_letter(
+                            Reason::InvalidOutcome,
+                            format!("the database refused this report: {err}"),
+                        )),
+                    )
+                }
+                Ok(Settled::Unknown) => (
                     Settled::Unknown.as_str(),
                     Some(Decision::dead_letter(
                         Reason::UnknownReservation,
@@ -175,7 +185,7 @@ impl OutcomesWorker {
                         ),
                     )),
                 ),
-                other => (other.as_str(), None),
+                Ok(other) => (other.as_str(), None),
             },
         };
         let outgoing = refusal.and_then(|decision| {

@@ -7,6 +7,7 @@
 #![allow(dead_code, clippy::unwrap_used)]
 
 pub mod process;
+pub mod raw;
 
 #[allow(unused_imports)]
 pub use process::{BIN, Process, cli, free_port};
@@ -231,9 +232,20 @@ pub struct Broker {
     pub channel: Channel,
 }
 
+/// What a scheduler's job carries: persistent JSON.
+pub fn job_properties() -> BasicProperties {
+    BasicProperties::default()
+        .with_delivery_mode(2)
+        .with_content_type("application/json".into())
+}
+
 impl Broker {
     pub async fn connect() -> Self {
-        let connection = Connection::connect(&amqp_url(), ConnectionProperties::default())
+        Broker::connect_to(&amqp_url()).await
+    }
+
+    pub async fn connect_to(url: &str) -> Self {
+        let connection = Connection::connect(url, ConnectionProperties::default())
             .await
             .expect("RabbitMQ is reachable");
         let channel = connection.create_channel().await.unwrap();
@@ -250,12 +262,15 @@ impl Broker {
     /// Publishes a job as the scheduler does: persistent JSON through the
     /// default exchange, waiting for the broker's confirm.
     pub async fn publish(&self, queue: &str, body: &[u8], message_id: Option<&str>) {
-        let mut properties = BasicProperties::default()
-            .with_delivery_mode(2)
-            .with_content_type("application/json".into());
+        let mut properties = job_properties();
         if let Some(id) = message_id {
             properties = properties.with_message_id(id.into());
         }
+        self.publish_with(queue, body, properties).await;
+    }
+
+    /// Publishes with the given properties, waiting for the broker's confirm.
+    pub async fn publish_with(&self, queue: &str, body: &[u8], properties: BasicProperties) {
         let confirmation = self
             .channel
             .basic_publish(
@@ -511,4 +526,52 @@ pub async fn create(store: &Store, account: &str, plan: sendgate::domain::plan::
         .create_account(&id(account), plan, "UTC")
         .await
         .unwrap();
+}
+
+/// A RabbitMQ user of the test's own, removed when dropped.
+pub struct RabbitUser {
+    pub name: String,
+    password: String,
+}
+
+impl RabbitUser {
+    /// Creates the user with full permissions on the default vhost.
+    pub fn create(name: &str) -> RabbitUser {
+        let user = RabbitUser {
+            name: name.to_owned(),
+            password: format!("pw-{name}"),
+        };
+        rabbitmqctl(&["add_user", &user.name, &user.password]);
+        rabbitmqctl(&["set_permissions", "-p", "/", &user.name, ".*", ".*", ".*"]);
+        user
+    }
+
+    /// The broker's URL with this user's login.
+    pub fn url(&self) -> String {
+        let mut url = url::Url::parse(&amqp_url()).unwrap();
+        url.set_username(&self.name).unwrap();
+        url.set_password(Some(&self.password)).unwrap();
+        url.to_string()
+    }
+}
+
+impl Drop for RabbitUser {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("rabbitmqctl")
+            .args(["-q", "delete_user", &self.name])
+            .output();
+    }
+}
+
+fn rabbitmqctl(args: &[&str]) {
+    let out = std::process::Command::new("rabbitmqctl")
+        .arg("-q")
+        .args(args)
+        .output()
+        .expect("rabbitmqctl runs");
+    assert!(
+        out.status.success(),
+        "rabbitmqctl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }

@@ -7,17 +7,45 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::harness::*;
+use lapin::message::Delivery;
 use sendgate::clock::SystemClock;
 use sendgate::domain::plan::Plan;
 use sendgate::store::Store;
 
-async fn report(broker: &Broker, env: &TestEnv, account: &str, key: &str, outcome: &str) {
+/// A delivery worker's report on `forward`.
+async fn report(broker: &Broker, env: &TestEnv, forward: &Delivery, outcome: &str) {
+    let job: serde_json::Value = serde_json::from_slice(&forward.data).unwrap();
+    let reservation = header(forward, "x-sendgate-reservation-id").unwrap();
+    let (account, key) = (
+        job["account_id"].as_str().unwrap(),
+        job["idempotency_key"].as_str().unwrap(),
+    );
+    report_raw(broker, env, account, key, &reservation, outcome).await;
+}
+
+async fn report_raw(
+    broker: &Broker,
+    env: &TestEnv,
+    account: &str,
+    key: &str,
+    reservation: &str,
+    outcome: &str,
+) {
     let body = serde_json::json!({
-        "account_id": account, "idempotency_key": key, "outcome": outcome, "detail": "test",
+        "account_id": account, "idempotency_key": key, "reservation_id": reservation,
+        "outcome": outcome, "detail": "test",
     });
     broker
         .publish(&env.outcomes_queue(), body.to_string().as_bytes(), None)
         .await;
+}
+
+/// The forward of `key` among `forwards`.
+fn forward_of<'a>(forwards: &'a [Delivery], key: &str) -> &'a Delivery {
+    forwards
+        .iter()
+        .find(|d| d.properties.message_id().as_ref().map(|id| id.as_str()) == Some(key))
+        .unwrap_or_else(|| panic!("no forward of {key}"))
 }
 
 async fn state(store: &Store, account: &str, key: &str) -> String {
@@ -52,12 +80,13 @@ async fn a_failed_delivery_gives_a_free_credit_back_and_a_delivered_one_keeps_it
 
     let first = broker.publish_job(&env.send_queue(), "fay", "one").await;
     broker.publish_job(&env.send_queue(), "fay", "two").await;
-    broker.take(&env.delivery_queue(), 2, WAIT).await;
+    let forwards = broker.take(&env.delivery_queue(), 2, WAIT).await;
+    let (one, two) = (forward_of(&forwards, "one"), forward_of(&forwards, "two"));
     assert_eq!(balance_and_ledger(&store, "fay").await, (0, 0));
     assert_eq!(state(&store, "fay", "one").await, "held");
 
-    report(&broker, &env, "fay", "one", "failed").await;
-    report(&broker, &env, "fay", "two", "delivered").await;
+    report(&broker, &env, one, "failed").await;
+    report(&broker, &env, two, "delivered").await;
     eventually(WAIT, || async {
         state(&store, "fay", "one").await == "released"
             && state(&store, "fay", "two").await == "committed"
@@ -68,11 +97,12 @@ async fn a_failed_delivery_gives_a_free_credit_back_and_a_delivered_one_keeps_it
     assert_eq!(ledger.last().unwrap(), &("release".to_owned(), 1, 1));
 
     // Duplicate and late outcomes change nothing.
-    report(&broker, &env, "fay", "one", "failed").await;
-    report(&broker, &env, "fay", "one", "delivered").await;
-    report(&broker, &env, "fay", "two", "failed").await;
+    report(&broker, &env, one, "failed").await;
+    report(&broker, &env, one, "delivered").await;
+    report(&broker, &env, two, "failed").await;
     // Outcomes for no reservation, and malformed ones, are dead-lettered.
-    report(&broker, &env, "fay", "never-sent", "failed").await;
+    let rid = header(one, "x-sendgate-reservation-id").unwrap();
+    report_raw(&broker, &env, "fay", "never-sent", &rid, "failed").await;
     broker
         .publish(&env.outcomes_queue(), b"{\"outcome\":\"failed\"}", None)
         .await;
@@ -112,12 +142,12 @@ async fn a_failed_pro_delivery_gives_its_daily_slot_back() {
     let broker = env.broker().await;
 
     broker.publish_job(&env.send_queue(), "pat", "a").await;
-    broker.take(&env.delivery_queue(), 1, WAIT).await;
+    let a = broker.take(&env.delivery_queue(), 1, WAIT).await;
     broker.publish_job(&env.send_queue(), "pat", "b").await;
     let dead = broker.take(&env.dead_queue(), 1, WAIT).await;
     assert_eq!(dead[0].routing_key.as_str(), "daily_limit_reached");
 
-    report(&broker, &env, "pat", "a", "failed").await;
+    report(&broker, &env, &a[0], "failed").await;
     eventually(WAIT, || async {
         state(&store, "pat", "a").await == "released"
     })
@@ -128,6 +158,65 @@ async fn a_failed_pro_delivery_gives_its_daily_slot_back() {
     assert_eq!(
         header(&forwarded[0], "x-sendgate-daily-remaining").as_deref(),
         Some("0")
+    );
+
+    gate.shutdown().await;
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stale_failed_report_never_refunds_the_charge_made_after_it() {
+    let mut env = TestEnv::new();
+    env.set("SENDGATE__PLANS__FREE__SIGNUP_CREDITS", "2");
+    let store = env.store().await;
+    create(&store, "gil", Plan::Free).await;
+    let gate = env.start_gate(Arc::new(SystemClock)).await;
+    let broker = env.broker().await;
+
+    // The send fails and its credit comes back.
+    let job = broker.publish_job(&env.send_queue(), "gil", "k").await;
+    let first = broker.take(&env.delivery_queue(), 1, WAIT).await;
+    report(&broker, &env, &first[0], "failed").await;
+    eventually(WAIT, || async {
+        state(&store, "gil", "k").await == "released"
+    })
+    .await;
+    assert_eq!(balance_and_ledger(&store, "gil").await, (2, 2));
+
+    // Sent again: charged afresh, under a new reservation.
+    broker.publish(&env.send_queue(), &job, None).await;
+    let second = broker.take(&env.delivery_queue(), 1, WAIT).await;
+    assert_ne!(
+        header(&first[0], "x-sendgate-reservation-id"),
+        header(&second[0], "x-sendgate-reservation-id")
+    );
+    assert_eq!(balance_and_ledger(&store, "gil").await, (1, 1));
+
+    // The first report comes again (a delivery worker's retry): stale. The
+    // report on the second forward, behind it, shows it was handled.
+    report(&broker, &env, &first[0], "failed").await;
+    report(&broker, &env, &second[0], "delivered").await;
+    eventually(WAIT, || async {
+        state(&store, "gil", "k").await == "committed"
+    })
+    .await;
+    assert_eq!(
+        balance_and_ledger(&store, "gil").await,
+        (1, 1),
+        "no refund of the new charge"
+    );
+    let releases = ledger_kinds(&store, "gil")
+        .await
+        .iter()
+        .filter(|l| l.0 == "release")
+        .count();
+    assert_eq!(releases, 1, "one release, for the failed first forward");
+    assert!(
+        broker
+            .take_all(&env.dead_queue(), Duration::from_millis(200))
+            .await
+            .is_empty(),
+        "a stale report is acked, not dead-lettered"
     );
 
     gate.shutdown().await;

@@ -6,6 +6,7 @@
 mod api;
 mod binary;
 mod gate;
+mod hardening;
 #[path = "../harness/mod.rs"]
 mod harness;
 mod lifecycle;

@@ -147,6 +147,7 @@ async fn a_released_scale_charge_is_charged_afresh_and_a_repeat_is_not() {
             &[Report {
                 account_id: id("sam"),
                 idempotency_key: sendgate::domain::ids::IdempotencyKey::parse("k-0").unwrap(),
+                reservation_id: ids[&0],
                 delivered: false,
                 detail: Some("carrier rejected".into()),
             }],
@@ -168,5 +169,116 @@ async fn a_released_scale_charge_is_charged_afresh_and_a_repeat_is_not() {
         assert_eq!(repeat.reservation_id, ids[&i]);
     }
     assert_eq!(reservation_count(&store, "sam").await, 3);
+    env.cleanup().await;
+}
+
+fn failed(account: &str, key: &str, reservation_id: Uuid) -> Report {
+    Report {
+        account_id: id(account),
+        idempotency_key: sendgate::domain::ids::IdempotencyKey::parse(key).unwrap(),
+        reservation_id,
+        delivered: false,
+        detail: None,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_late_mark_of_an_earlier_attempt_never_confirms_the_charge_made_after_it() {
+    let (env, store) = scale_account("mia").await;
+    let now = utc("2026-03-02T10:00:00Z");
+    let batch = jobs("mia", &keys("m", 1));
+    let first = forward(&store.decide(&batch, now).await.unwrap().decisions[0]).clone();
+    // Forwarded again (its first forward was never confirmed): this forward
+    // of the earlier charge is what a late mark names.
+    let again = forward(&store.decide(&batch, now).await.unwrap().decisions[0]).clone();
+    assert!(!again.fresh);
+    store
+        .settle(&[failed("mia", "m-0", first.reservation_id)], now)
+        .await
+        .unwrap();
+    let renewed = forward(&store.decide(&batch, now).await.unwrap().decisions[0]).clone();
+    assert!(renewed.fresh && renewed.reservation_id != first.reservation_id);
+
+    // The mark of the earlier forward lands only now.
+    let late = sendgate::store::ConfirmedForward {
+        key: batch[0].key(),
+        reservation_id: again.reservation_id,
+    };
+    store.confirm_forwards(&[], &[late]).await.unwrap();
+    let next = store.decide(&batch, now).await.unwrap();
+    assert_eq!(
+        forward(&next.decisions[0]).reservation_id,
+        renewed.reservation_id,
+        "the new charge's forward is unconfirmed: forwarded again, not dropped"
+    );
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn settling_and_deciding_lock_accounts_in_one_order_whatever_the_collation() {
+    // A database whose collation sorts `a` before `B`; in bytes (and so in
+    // the order sendgate locks in) `B` comes first.
+    let env = TestEnv::new();
+    let database = env.db_url.rsplit('/').next().unwrap().to_owned();
+    let admin = sqlx::PgPool::connect(&format!("{}/postgres", pg_base_url()))
+        .await
+        .unwrap();
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+        "CREATE DATABASE \"{database}\" TEMPLATE template0 LOCALE_PROVIDER icu ICU_LOCALE 'und'"
+    )))
+    .execute(&admin)
+    .await
+    .unwrap();
+    admin.close().await;
+    let store = env.store().await;
+    let now = utc("2026-03-02T10:00:00Z");
+    let mut charged = HashMap::new();
+    for account in ["a", "B"] {
+        create(&store, account, Plan::Free).await;
+        let decided = store
+            .decide(&jobs(account, &keys("k", 1)), now)
+            .await
+            .unwrap();
+        charged.insert(account, forward(&decided.decisions[0]).reservation_id);
+    }
+
+    // Another transaction holds `B`; settling both accounts must wait for it
+    // without holding `a` (it locks `B` first), so the other can take `a`.
+    let mut holder = store.pool().begin().await.unwrap();
+    sqlx::query("SELECT 1 FROM accounts WHERE id = 'B' FOR UPDATE")
+        .execute(&mut *holder)
+        .await
+        .unwrap();
+    let settling = tokio::spawn({
+        let store = store.clone();
+        let reports = [
+            failed("a", "k-0", charged["a"]),
+            failed("B", "k-0", charged["B"]),
+        ];
+        async move { store.settle(&reports, now).await }
+    });
+    eventually(WAIT, || async {
+        let waiting: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_stat_activity
+             WHERE datname = current_database() AND wait_event_type = 'Lock'",
+        )
+        .fetch_one(store.pool())
+        .await
+        .unwrap();
+        waiting > 0
+    })
+    .await;
+    sqlx::query("SET LOCAL lock_timeout = '5s'")
+        .execute(&mut *holder)
+        .await
+        .unwrap();
+    sqlx::query("SELECT 1 FROM accounts WHERE id = 'a' FOR UPDATE")
+        .execute(&mut *holder)
+        .await
+        .expect("`a` is free: settling waits on `B` holding nothing");
+    holder.commit().await.unwrap();
+    let settled = settling.await.unwrap().expect("settling completes");
+    assert_eq!(settled.len(), 2);
+    assert_eq!(balance_and_ledger(&store, "a").await, (20, 20));
     env.cleanup().await;
 }

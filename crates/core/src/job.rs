@@ -82,6 +82,13 @@ impl Job {
             }
         };
         let message_id = message_id.filter(|id| !id.is_empty());
+        if message_id.is_some_and(|id| id.contains(char::REPLACEMENT_CHARACTER)) {
+            // The AMQP reader puts U+FFFD where a `message_id` was not UTF-8.
+            return invalid(
+                "`message_id` is not valid UTF-8 (or holds U+FFFD, the replacement character)"
+                    .to_owned(),
+            );
+        }
         let key = match (body_key, message_id) {
             (None, None) => {
                 return invalid(
@@ -210,6 +217,7 @@ mod tests {
             detail(br#"{"account_id":"a","idempotency_key":"k\n"}"#, None)
                 .contains("control character")
         );
+        assert!(detail(br#"{"account_id":"a"}"#, Some("key-\u{fffd}")).contains("not valid UTF-8"));
     }
 
     #[test]

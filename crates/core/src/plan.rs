@@ -118,6 +118,11 @@ impl Reason {
         Reason::IdempotencyConflict,
     ];
 
+    /// A refused delivery report, not a refused job.
+    pub fn is_about_reports(self) -> bool {
+        matches!(self, Reason::UnknownReservation | Reason::InvalidOutcome)
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             Reason::OutOfCredits => "out_of_credits",

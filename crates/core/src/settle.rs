@@ -21,16 +21,23 @@ use crate::plan::{Charge, local_day};
 pub struct Report {
     pub account_id: AccountId,
     pub idempotency_key: IdempotencyKey,
+    /// The `x-sendgate-reservation-id` of the forward it reports on: a
+    /// report settles that charge and no other.
+    pub reservation_id: Uuid,
     pub delivered: bool,
     pub detail: Option<String>,
 }
+
+/// The longest `detail` kept, in characters; longer ones are cut.
+pub const MAX_DETAIL_CHARS: usize = 1000;
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{0}")]
 pub struct InvalidReport(pub String);
 
 impl Report {
-    /// Parses `{account_id, idempotency_key, outcome: "delivered"|"failed", detail}`.
+    /// Parses `{account_id, idempotency_key, reservation_id, outcome:
+    /// "delivered"|"failed", detail}`.
     ///
     /// # Errors
     /// [`InvalidReport`] naming what is wrong.
@@ -56,6 +63,8 @@ impl Report {
         let account_id = AccountId::parse(text("account_id")?).map_err(|e| InvalidReport(e.0))?;
         let idempotency_key =
             IdempotencyKey::parse(text("idempotency_key")?).map_err(|e| InvalidReport(e.0))?;
+        let reservation_id = Uuid::parse_str(&text("reservation_id")?)
+            .map_err(|_| invalid("`reservation_id` is not a UUID"))?;
         let delivered = match text("outcome")?.as_str() {
             "delivered" => true,
             "failed" => false,
@@ -67,16 +76,31 @@ impl Report {
         };
         let detail = match fields.get("detail") {
             None | Some(serde_json::Value::Null) => None,
-            Some(serde_json::Value::String(s)) => Some(s.chars().take(1000).collect()),
+            Some(serde_json::Value::String(s)) => Some(checked_detail(s)?),
             Some(_) => return Err(invalid("`detail` must be a string")),
         };
         Ok(Report {
             account_id,
             idempotency_key,
+            reservation_id,
             delivered,
             detail,
         })
     }
+}
+
+/// A detail the ledger can store: no NUL or other control characters
+/// (tabs and line breaks are text), cut to [`MAX_DETAIL_CHARS`].
+fn checked_detail(detail: &str) -> Result<String, InvalidReport> {
+    if let Some(c) = detail
+        .chars()
+        .find(|c| c.is_control() && !matches!(c, '\t' | '\n' | '\r'))
+    {
+        return Err(InvalidReport(format!(
+            "`detail` contains the control character {c:?}"
+        )));
+    }
+    Ok(detail.chars().take(MAX_DETAIL_CHARS).collect())
 }
 
 /// A reservation's state.
@@ -137,6 +161,9 @@ pub enum Settled {
     Released,
     /// The reservation was settled before; nothing changed.
     AlreadySettled,
+    /// The key has another reservation now (the one reported on was
+    /// released and the job charged afresh): nothing changed.
+    Stale,
     /// No reservation under that account and key.
     Unknown,
 }
@@ -147,6 +174,7 @@ impl Settled {
             Settled::Committed => "committed",
             Settled::Released => "released",
             Settled::AlreadySettled => "already_settled",
+            Settled::Stale => "stale",
             Settled::Unknown => "unknown_reservation",
         }
     }
@@ -251,6 +279,10 @@ pub fn settle_batch(
             results.push(Settled::Unknown);
             continue;
         };
+        if reservation.id != report.reservation_id {
+            results.push(Settled::Stale);
+            continue;
+        }
         if reservation.state != State::Held || settled_now.contains_key(&key) {
             results.push(Settled::AlreadySettled);
             continue;
@@ -329,6 +361,7 @@ mod tests {
         Report {
             account_id: key.account_id,
             idempotency_key: key.idempotency_key,
+            reservation_id: Uuid::nil(),
             delivered,
             detail: None,
         }
@@ -429,26 +462,67 @@ mod tests {
         );
     }
 
+    const RID: &str = "0192f5a0-0000-7000-8000-000000000001";
+
+    fn report_json(fields: &str) -> Vec<u8> {
+        format!(r#"{{"account_id":"a","idempotency_key":"k","reservation_id":"{RID}"{fields}}}"#)
+            .into_bytes()
+    }
+
     #[test]
     fn reports_are_validated() {
-        assert!(Report::parse(b"nope").is_err());
+        let refused = |body: &[u8]| Report::parse(body).expect_err("refused").0;
+        assert!(refused(b"nope").contains("not JSON"));
+        assert!(refused(&report_json("")).contains("`outcome` is missing"));
+        assert!(refused(&report_json(r#","outcome":"lost""#)).contains("expected"));
         assert!(
-            Report::parse(br#"{"account_id":"a","idempotency_key":"k"}"#)
-                .expect_err("no outcome")
-                .0
-                .contains("`outcome` is missing")
+            refused(br#"{"account_id":"a","idempotency_key":"k","outcome":"failed"}"#)
+                .contains("`reservation_id` is missing")
         );
         assert!(
-            Report::parse(br#"{"account_id":"a","idempotency_key":"k","outcome":"lost"}"#)
-                .expect_err("bad outcome")
-                .0
-                .contains("expected")
+            refused(
+                br#"{"account_id":"a","idempotency_key":"k","reservation_id":"r1","outcome":"failed"}"#
+            )
+            .contains("not a UUID")
         );
-        let ok = Report::parse(
-            br#"{"account_id":"a","idempotency_key":"k","outcome":"failed","detail":"busy"}"#,
-        )
-        .expect("valid");
+        let ok =
+            Report::parse(&report_json(r#","outcome":"failed","detail":"busy""#)).expect("valid");
         assert!(!ok.delivered);
         assert_eq!(ok.detail.as_deref(), Some("busy"));
+        assert_eq!(ok.reservation_id.to_string(), RID);
+    }
+
+    #[test]
+    fn a_detail_the_ledger_cannot_store_is_refused_and_a_long_one_is_cut() {
+        let nul = Report::parse(&report_json(r#","outcome":"failed","detail":"550\u0000x""#));
+        assert!(nul.expect_err("NUL").0.contains("control character"));
+        let lines = Report::parse(&report_json(r#","outcome":"failed","detail":"a\nb\tc""#));
+        assert_eq!(lines.expect("text").detail.as_deref(), Some("a\nb\tc"));
+        let long = "x".repeat(MAX_DETAIL_CHARS + 5);
+        let cut = Report::parse(&report_json(&format!(
+            r#","outcome":"failed","detail":"{long}""#
+        )));
+        assert_eq!(
+            cut.expect("valid").detail.map(|d| d.len()),
+            Some(MAX_DETAIL_CHARS)
+        );
+    }
+
+    #[test]
+    fn a_report_on_an_earlier_reservation_of_the_key_is_stale_and_changes_nothing() {
+        let now = at("2026-01-01T12:00:00Z");
+        let mut current = held(Charge::Credit, None);
+        current.id = Uuid::from_u128(2);
+        let reservations = HashMap::from([(key("a", "k"), current)]);
+        let accounts = HashMap::from([(id("a"), account(Plan::Free, 3))]);
+        let (results, effects) = settle_batch(
+            &[report("a", "k", false)],
+            &reservations,
+            &accounts,
+            &HashMap::new(),
+            now,
+        );
+        assert_eq!(results, vec![Settled::Stale]);
+        assert_eq!(effects, SettleEffects::default());
     }
 }
