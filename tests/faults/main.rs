@@ -6,8 +6,10 @@
 //! dead-letter queue and the ledger, and a Jepsen-style report is printed
 //! (and written to `target/fault-reports/`).
 //!
-//! These tests stop and start the machine's shared RabbitMQ and Postgres, so
-//! they run one at a time and restore the services even when they fail.
+//! The faults hit a RabbitMQ node and a Postgres cluster this binary starts
+//! for itself (`harness::services`, on free ports, stopped when it exits),
+//! never the machine's own. The tests run one at a time, since they share
+//! those, and bring them back even when they fail.
 
 #![allow(clippy::unwrap_used)]
 
@@ -16,11 +18,11 @@ mod harness;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt::Write as _;
-use std::process::{Command, Stdio};
 use std::sync::LazyLock;
 use std::time::{Duration, Instant};
 
 use chrono::Timelike;
+use harness::services::{PrivatePostgres, PrivateRabbit, private_services};
 use harness::*;
 use lapin::options::QueueDeleteOptions;
 use sendgate::domain::plan::Plan;
@@ -30,7 +32,7 @@ const FREE_CREDITS: usize = 20;
 const PRO_DAILY: usize = 20;
 const PREFETCH: usize = 50;
 
-/// One fault test at a time: they restart shared services.
+/// One fault test at a time: they restart the private services they share.
 static SERIAL: LazyLock<tokio::sync::Mutex<()>> = LazyLock::new(|| tokio::sync::Mutex::new(()));
 
 // ---------------------------------------------------------------- workload
@@ -194,7 +196,10 @@ impl Fleet {
     }
 }
 
-fn fault_env() -> TestEnv {
+/// A test's own database and queues, on the binary's private services: the
+/// faults this suite injects never touch the machine's own.
+async fn fault_env() -> TestEnv {
+    private_services().await;
     let mut env = TestEnv::new();
     env.set("SENDGATE__AMQP__PREFETCH", &PREFETCH.to_string())
         .set("SENDGATE__GATE__BATCH_SIZE", "20")
@@ -326,49 +331,23 @@ async fn settle(fleet: &Fleet, timeout: Duration) {
 
 // ---------------------------------------------------------------- services
 
-fn sh(program: &str, args: &[&str]) -> bool {
-    Command::new(program)
-        .args(args)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .map(|s| s.success())
-        .unwrap_or(false)
-}
-
-fn pg_version() -> String {
-    std::fs::read_dir("/etc/postgresql")
-        .ok()
-        .and_then(|mut d| d.next())
-        .and_then(|e| e.ok())
-        .map(|e| e.file_name().to_string_lossy().into_owned())
-        .unwrap_or_else(|| "15".to_owned())
-}
-
-/// Starts the RabbitMQ app again when dropped, however the test ends.
-struct RabbitRestore;
+/// Starts the private broker's app again when dropped, however the test ends.
+struct RabbitRestore(&'static PrivateRabbit);
 impl Drop for RabbitRestore {
     fn drop(&mut self) {
-        sh("rabbitmqctl", &["-q", "start_app"]);
-        sh("rabbitmqctl", &["-q", "await_startup", "--timeout", "120"]);
+        let _ = std::panic::catch_unwind(|| {
+            self.0.ctl(&["start_app"]);
+            self.0.await_startup();
+        });
     }
 }
 
-/// Starts Postgres again when dropped, however the test ends.
-struct PostgresRestore;
+/// Starts the private Postgres again when dropped, however the test ends.
+struct PostgresRestore(&'static PrivatePostgres);
 impl Drop for PostgresRestore {
     fn drop(&mut self) {
-        if !sh("pg_isready", &["-h", "127.0.0.1", "-q"]) {
-            sh(
-                "pg_ctlcluster",
-                &["--skip-systemctl-redirect", &pg_version(), "main", "start"],
-            );
-        }
-        for _ in 0..60 {
-            if sh("pg_isready", &["-h", "127.0.0.1", "-q"]) {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(500));
+        if !self.0.is_ready() {
+            let _ = std::panic::catch_unwind(|| self.0.pg_ctl(&["start"]));
         }
     }
 }
@@ -617,7 +596,7 @@ async fn ready_fleet_with_consumers(
     consumers: usize,
     workload: &Workload,
 ) -> (Fleet, Store) {
-    let mut env = fault_env();
+    let mut env = fault_env().await;
     env.set("SENDGATE__GATE__CONSUMERS", &consumers.to_string());
     let store = env.store().await;
     create_accounts(&store, workload).await;
@@ -701,7 +680,8 @@ async fn kill_9_at_random_moments_loses_nothing_and_charges_nothing_twice() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn broker_connections_closed_and_broker_restarted_mid_run() {
     let _serial = SERIAL.lock().await;
-    let _restore = RabbitRestore;
+    let rabbit = &private_services().await.rabbit;
+    let _restore = RabbitRestore(rabbit);
     let workload = Workload::mixed(3, 3, 4, 60, 1500);
     // Two processes with two channels each on the send queue (the default),
     // all of which must come back.
@@ -712,26 +692,16 @@ async fn broker_connections_closed_and_broker_restarted_mid_run() {
         !publisher.is_finished(),
         "the fault must hit a running gate"
     );
-    assert!(sh(
-        "rabbitmqctl",
-        &["-q", "close_all_connections", "fault injection"]
-    ));
+    rabbit.ctl(&["close_all_connections", "fault injection"]);
     tokio::time::sleep(Duration::from_millis(1000)).await;
-    assert!(sh("rabbitmqctl", &["-q", "stop_app"]));
+    rabbit.ctl(&["stop_app"]);
     tokio::time::sleep(Duration::from_secs(2)).await;
-    assert!(sh("rabbitmqctl", &["-q", "start_app"]));
-    assert!(sh(
-        "rabbitmqctl",
-        &["-q", "await_startup", "--timeout", "120"]
-    ));
+    rabbit.ctl(&["start_app"]);
+    rabbit.await_startup();
     fleet.wait_ready(Duration::from_secs(60)).await;
 
     // The prefetch is applied again on every new channel.
-    let consumers = Command::new("rabbitmqctl")
-        .args(["-q", "list_consumers", "queue_name", "prefetch_count"])
-        .output()
-        .unwrap();
-    let listing = String::from_utf8_lossy(&consumers.stdout);
+    let listing = rabbit.ctl_output(&["list_consumers", "queue_name", "prefetch_count"]);
     let ours: Vec<&str> = listing
         .lines()
         .filter(|l| l.starts_with(&fleet.env.send_queue()))
@@ -770,7 +740,8 @@ async fn broker_connections_closed_and_broker_restarted_mid_run() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn database_backends_terminated_and_postgres_restarted_mid_run() {
     let _serial = SERIAL.lock().await;
-    let _restore = PostgresRestore;
+    let postgres = &private_services().await.postgres;
+    let _restore = PostgresRestore(postgres);
     let workload = Workload::mixed(3, 3, 4, 60, 1500);
     let (fleet, store, publisher) = begin(2, &workload).await;
 
@@ -788,19 +759,8 @@ async fn database_backends_terminated_and_postgres_restarted_mid_run() {
     .await
     .unwrap();
     tokio::time::sleep(Duration::from_millis(700)).await;
-    assert!(sh(
-        "pg_ctlcluster",
-        &[
-            "--skip-systemctl-redirect",
-            &pg_version(),
-            "main",
-            "restart"
-        ]
-    ));
-    eventually(Duration::from_secs(60), || async {
-        sh("pg_isready", &["-h", "127.0.0.1", "-q"])
-    })
-    .await;
+    postgres.restart();
+    eventually(Duration::from_secs(60), || async { postgres.is_ready() }).await;
     fleet.wait_ready(Duration::from_secs(60)).await;
     eprintln!("terminated {} sendgate backends", terminated.len());
     // Only plan refusals: nothing is dead-lettered because the database was down.
@@ -819,7 +779,7 @@ async fn database_backends_terminated_and_postgres_restarted_mid_run() {
 async fn a_hot_row_locked_past_the_statement_timeout_only_delays_work() {
     let _serial = SERIAL.lock().await;
     let workload = Workload::mixed(3, 3, 4, 60, 600);
-    let env = fault_env();
+    let env = fault_env().await;
     let store = env.store().await;
     create_accounts(&store, &workload).await;
 

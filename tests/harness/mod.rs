@@ -8,6 +8,7 @@
 
 pub mod process;
 pub mod raw;
+pub mod services;
 
 #[allow(unused_imports)]
 pub use process::{BIN, Process, cli, free_port};
@@ -32,11 +33,29 @@ use sqlx::migrate::MigrateDatabase;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_util::sync::CancellationToken;
 
+/// Where the tests' broker and database are, when not the defaults: the
+/// private services of [`services`], once they run.
+static TARGET: std::sync::OnceLock<(String, String)> = std::sync::OnceLock::new();
+
+/// Points every later `amqp_url()` and `pg_base_url()` at these.
+pub fn target(amqp: String, postgres: String) {
+    let _ = TARGET.set((amqp, postgres));
+}
+
+/// The broker: `AMQP_URL`, else RabbitMQ's default on localhost.
 pub fn amqp_url() -> String {
+    if let Some((amqp, _)) = TARGET.get() {
+        return amqp.clone();
+    }
     std::env::var("AMQP_URL").unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
 }
 
+/// The Postgres server, without a database (each test creates its own):
+/// `TEST_PG_URL`, else Postgres's default on localhost.
 pub fn pg_base_url() -> String {
+    if let Some((_, postgres)) = TARGET.get() {
+        return postgres.clone();
+    }
     std::env::var("TEST_PG_URL")
         .unwrap_or_else(|_| "postgres://postgres:postgres@127.0.0.1:5432".into())
 }

@@ -1,0 +1,311 @@
+//! Private services for tests that stop, kill or restart them: a RabbitMQ
+//! node and a Postgres cluster of the test binary's own, on free ports, with
+//! data directories under the system's temporary folder. The machine's (or
+//! the laptop's, or compose's) default services are never touched.
+//!
+//! They start once per test binary, on first use, and stop when it exits:
+//! a small watchdog process waits for the binary to end (however it ends)
+//! and then stops both and removes their folders.
+//!
+//! Needs the RabbitMQ and Postgres server packages (`rabbitmq-server`,
+//! `postgresql`); run as root, the servers run as their own users.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use tokio::sync::OnceCell;
+
+use super::free_port;
+
+/// The private broker node and database cluster.
+pub struct Services {
+    pub rabbit: PrivateRabbit,
+    pub postgres: PrivatePostgres,
+    /// Outlives this process on purpose: it tears the services down after.
+    _watchdog: std::process::Child,
+}
+
+static SERVICES: OnceCell<Services> = OnceCell::const_new();
+
+/// The binary's private services, started on first use, and made the
+/// harness's target: `amqp_url()` and `pg_base_url()` point at them from
+/// then on.
+pub async fn private_services() -> &'static Services {
+    SERVICES
+        .get_or_init(|| async {
+            let services = tokio::task::spawn_blocking(start)
+                .await
+                .expect("starting the private services");
+            super::target(services.rabbit.url(), services.postgres.base_url());
+            services
+        })
+        .await
+}
+
+fn start() -> Services {
+    let root = std::env::temp_dir().join(format!("sendgate-test-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&root);
+    std::fs::create_dir_all(&root).unwrap();
+    let rabbit = PrivateRabbit::start(&root.join("rabbit"));
+    let postgres = PrivatePostgres::start(&root.join("postgres"));
+    let watchdog = watch(&root, &rabbit, &postgres);
+    Services {
+        rabbit,
+        postgres,
+        _watchdog: watchdog,
+    }
+}
+
+/// Stops both services and removes `root` once this process has exited.
+fn watch(root: &Path, rabbit: &PrivateRabbit, postgres: &PrivatePostgres) -> std::process::Child {
+    let script = format!(
+        "while kill -0 {pid} 2>/dev/null; do sleep 1; done; \
+         rabbitmqctl -q -n {node} stop >/dev/null 2>&1; \
+         {as_postgres} {bin}/pg_ctl -D {data} -m immediate stop >/dev/null 2>&1; \
+         rm -rf {root}",
+        pid = std::process::id(),
+        node = rabbit.node,
+        as_postgres = as_user("postgres").join(" "),
+        bin = postgres.bin.display(),
+        data = postgres.data.display(),
+        root = root.display(),
+    );
+    Command::new("sh")
+        .args(["-c", &script])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("the watchdog starts")
+}
+
+fn root_user() -> bool {
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .is_ok_and(|out| out.stdout.starts_with(b"0\n"))
+}
+
+/// The words that run a command as `user` (nothing when not root).
+fn as_user(user: &str) -> Vec<String> {
+    if root_user() {
+        vec!["runuser".into(), "-u".into(), user.into(), "--".into()]
+    } else {
+        Vec::new()
+    }
+}
+
+/// Runs a command, as `user` when root, and says whether it succeeded.
+fn run(user: Option<&str>, program: &str, args: &[&str]) -> bool {
+    let mut words = user.map(as_user).unwrap_or_default();
+    words.push(program.to_owned());
+    words.extend(args.iter().map(|a| (*a).to_owned()));
+    let out = Command::new(&words[0])
+        .args(&words[1..])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap_or_else(|err| panic!("{program} runs: {err}"));
+    if !out.status.success() {
+        eprintln!(
+            "{words:?} failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    out.status.success()
+}
+
+fn chown(user: &str, path: &Path) {
+    if root_user() {
+        assert!(run(
+            None,
+            "chown",
+            &["-R", &format!("{user}:{user}"), &path.display().to_string()]
+        ));
+    }
+}
+
+/// A RabbitMQ node of the test binary's own.
+pub struct PrivateRabbit {
+    pub node: String,
+    pub port: u16,
+    dir: PathBuf,
+}
+
+impl PrivateRabbit {
+    fn start(dir: &Path) -> PrivateRabbit {
+        let (port, dist_port) = (free_port(), free_port());
+        let node = format!("sendgate-test-{}@localhost", std::process::id());
+        std::fs::create_dir_all(dir.join("mnesia")).unwrap();
+        std::fs::create_dir_all(dir.join("log")).unwrap();
+        std::fs::write(dir.join("enabled_plugins"), "[].\n").unwrap();
+        std::fs::write(
+            dir.join("rabbitmq.conf"),
+            format!("listeners.tcp.local = 127.0.0.1:{port}\n"),
+        )
+        .unwrap();
+        std::fs::write(
+            dir.join("rabbitmq-env.conf"),
+            "ERL_EPMD_ADDRESS=127.0.0.1\nexport ERL_FLAGS=\"-kernel inet_dist_use_interface {127,0,0,1}\"\n",
+        )
+        .unwrap();
+        chown("rabbitmq", dir);
+        let rabbit = PrivateRabbit {
+            node,
+            port,
+            dir: dir.to_owned(),
+        };
+        rabbit.launch(dist_port);
+        rabbit
+    }
+
+    fn launch(&self, dist_port: u16) {
+        let dir = |name: &str| self.dir.join(name).display().to_string();
+        let status = Command::new("rabbitmq-server")
+            .arg("-detached")
+            .current_dir(std::env::temp_dir())
+            .env("RABBITMQ_NODENAME", &self.node)
+            .env("RABBITMQ_NODE_IP_ADDRESS", "127.0.0.1")
+            .env("RABBITMQ_NODE_PORT", self.port.to_string())
+            .env("RABBITMQ_DIST_PORT", dist_port.to_string())
+            .env("RABBITMQ_CONF_ENV_FILE", dir("rabbitmq-env.conf"))
+            .env("RABBITMQ_CONFIG_FILE", dir("rabbitmq.conf"))
+            .env("RABBITMQ_ENABLED_PLUGINS_FILE", dir("enabled_plugins"))
+            .env("RABBITMQ_MNESIA_BASE", dir("mnesia"))
+            .env("RABBITMQ_LOG_BASE", dir("log"))
+            .env("RABBITMQ_PID_FILE", dir("node.pid"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .expect("rabbitmq-server runs");
+        assert!(status.success(), "the private RabbitMQ node starts");
+        self.await_startup();
+    }
+
+    /// Waits until the node (and its app) runs; it registers with epmd a
+    /// moment after it is launched.
+    pub fn await_startup(&self) {
+        for _ in 0..60 {
+            if self.ctl_quiet(&["await_startup", "--timeout", "60"]) {
+                return;
+            }
+            std::thread::sleep(Duration::from_secs(1));
+        }
+        panic!("the private RabbitMQ node {} did not start", self.node);
+    }
+
+    /// `rabbitmqctl -n NODE ARGS`; panics when it fails.
+    pub fn ctl(&self, args: &[&str]) {
+        assert!(
+            self.ctl_quiet(args),
+            "rabbitmqctl {args:?} on {}",
+            self.node
+        );
+    }
+
+    fn ctl_quiet(&self, args: &[&str]) -> bool {
+        Command::new("rabbitmqctl")
+            .args(["-q", "-n", &self.node])
+            .args(args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    }
+
+    /// `rabbitmqctl -n NODE ARGS`, its output.
+    pub fn ctl_output(&self, args: &[&str]) -> String {
+        let out = Command::new("rabbitmqctl")
+            .args(["-q", "-n", &self.node])
+            .args(args)
+            .output()
+            .expect("rabbitmqctl runs");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    pub fn url(&self) -> String {
+        format!("amqp://guest:guest@127.0.0.1:{}/%2f", self.port)
+    }
+}
+
+/// A Postgres cluster of the test binary's own.
+pub struct PrivatePostgres {
+    pub port: u16,
+    bin: PathBuf,
+    data: PathBuf,
+    dir: PathBuf,
+}
+
+impl PrivatePostgres {
+    fn start(dir: &Path) -> PrivatePostgres {
+        let bin = postgres_bin();
+        let port = free_port();
+        std::fs::create_dir_all(dir).unwrap();
+        chown("postgres", dir);
+        let postgres = PrivatePostgres {
+            port,
+            data: dir.join("data"),
+            bin,
+            dir: dir.to_owned(),
+        };
+        let data = postgres.data.display().to_string();
+        let initdb = postgres.bin.join("initdb").display().to_string();
+        assert!(
+            run(
+                Some("postgres"),
+                &initdb,
+                &["-D", &data, "-A", "trust", "-U", "postgres", "--no-sync"]
+            ),
+            "initdb of the private cluster"
+        );
+        postgres.pg_ctl(&["start"]);
+        postgres
+    }
+
+    /// `pg_ctl -D DATA -w ARGS`, with this cluster's port and socket folder.
+    pub fn pg_ctl(&self, args: &[&str]) {
+        let options = format!(
+            "-p {} -k {} -c listen_addresses=127.0.0.1",
+            self.port,
+            self.dir.display()
+        );
+        let data = self.data.display().to_string();
+        let log = self.dir.join("server.log").display().to_string();
+        let mut words = vec!["-D", &data, "-w", "-l", &log, "-o", &options];
+        words.extend(args);
+        let pg_ctl = self.bin.join("pg_ctl").display().to_string();
+        assert!(run(Some("postgres"), &pg_ctl, &words), "pg_ctl {args:?}");
+    }
+
+    /// Restarts the cluster (a fast shutdown: every session ends).
+    pub fn restart(&self) {
+        self.pg_ctl(&["-m", "fast", "restart"]);
+    }
+
+    pub fn is_ready(&self) -> bool {
+        let pg_isready = self.bin.join("pg_isready").display().to_string();
+        run(
+            None,
+            &pg_isready,
+            &["-h", "127.0.0.1", "-p", &self.port.to_string(), "-q"],
+        )
+    }
+
+    /// `postgres://postgres@127.0.0.1:PORT`, without a database.
+    pub fn base_url(&self) -> String {
+        format!("postgres://postgres@127.0.0.1:{}", self.port)
+    }
+}
+
+/// The server binaries of the newest installed Postgres.
+fn postgres_bin() -> PathBuf {
+    let root = Path::new("/usr/lib/postgresql");
+    let mut versions: Vec<u32> = std::fs::read_dir(root)
+        .expect("the Postgres server package is installed")
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+        .collect();
+    versions.sort_unstable();
+    let newest = versions.last().expect("a Postgres version");
+    root.join(newest.to_string()).join("bin")
+}
