@@ -195,6 +195,29 @@ impl PrivateRabbit {
         panic!("the private RabbitMQ node {} did not start", self.node);
     }
 
+    /// Stops the node's RabbitMQ app (the Erlang node stays up).
+    pub fn stop_app(&self) {
+        self.node_ctl(&["--node", &self.node, "stop_app"]);
+    }
+
+    /// Starts the node's RabbitMQ app again and waits for it.
+    pub fn start_app(&self) {
+        self.node_ctl(&["--node", &self.node, "start_app"]);
+        self.await_startup();
+    }
+
+    /// Closes every client connection to the node.
+    pub fn close_all_connections(&self) {
+        self.node_ctl(&["--node", &self.node, "close_all_connections", "fault"]);
+    }
+
+    /// `rabbitmqctl ARGS`, where ARGS name this node (`--node`), never the
+    /// default one; panics when it fails.
+    fn node_ctl(&self, args: &[&str]) {
+        let ok = Command::new("rabbitmqctl").arg("-q").args(args).status();
+        assert!(ok.is_ok_and(|s| s.success()), "rabbitmqctl {args:?}");
+    }
+
     /// `rabbitmqctl -n NODE ARGS`; panics when it fails.
     pub fn ctl(&self, args: &[&str]) {
         assert!(
