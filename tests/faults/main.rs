@@ -967,3 +967,306 @@ async fn keys_published_twice_and_with_changed_payloads_are_charged_once() {
     assert!(report.duplicated_downstream <= workload.total());
     fleet.teardown(store).await;
 }
+
+// ------------------------------------------------- the lifecycle under faults
+
+/// What the delivery workers saw and said.
+#[derive(Default)]
+struct Downstream {
+    forwards: Vec<lapin::message::Delivery>,
+    /// Reservations they reported `failed`.
+    failed: HashSet<String>,
+    stale_sent: usize,
+}
+
+/// Plays the delivery workers until `done`: takes every forward, reports
+/// every fifth `failed` (and publishes that job again, as a scheduler's
+/// retry, so it is charged afresh), leaves some without a report (the sweep
+/// commits those), the rest `delivered`; every failed report is sent once
+/// more later, by then stale.
+async fn deliver(
+    env_queues: (String, String, String),
+    done: tokio_util::sync::CancellationToken,
+) -> Downstream {
+    let (delivery, outcomes, send) = env_queues;
+    let broker = Broker::connect().await;
+    let mut seen = Downstream::default();
+    let mut stale: Vec<Vec<u8>> = Vec::new();
+    loop {
+        let got = broker
+            .channel
+            .basic_get(
+                delivery.as_str().into(),
+                lapin::options::BasicGetOptions { no_ack: true },
+            )
+            .await
+            .unwrap();
+        let Some(message) = got else {
+            if done.is_cancelled() {
+                break;
+            }
+            if let Some(report) = stale.pop() {
+                broker.publish(&outcomes, &report, None).await;
+                seen.stale_sent += 1;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            continue;
+        };
+        let forward = message.delivery;
+        let job: serde_json::Value = serde_json::from_slice(&forward.data).unwrap();
+        let reservation = header(&forward, "x-sendgate-reservation-id").unwrap();
+        let n = seen.forwards.len();
+        if n % 7 == 3 {
+            // No report at all: the hold expires and the sweep commits it.
+            seen.forwards.push(forward);
+            continue;
+        }
+        let failed = n % 5 == 0;
+        let report = serde_json::json!({
+            "account_id": job["account_id"], "idempotency_key": job["idempotency_key"],
+            "reservation_id": reservation, "outcome": if failed { "failed" } else { "delivered" },
+            "detail": "fault suite",
+        })
+        .to_string()
+        .into_bytes();
+        broker.publish(&outcomes, &report, None).await;
+        if failed && seen.failed.insert(reservation) {
+            stale.push(report);
+            broker.publish(&send, &forward.data, None).await;
+        }
+        seen.forwards.push(forward);
+    }
+    seen
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn outcomes_the_sweep_and_redrive_run_while_workers_are_killed() {
+    let _serial = SERIAL.lock().await;
+    let workload = Workload::mixed(3, 3, 2, 40, 400);
+    let mut env = fault_env().await;
+    env.set("SENDGATE__RESERVATIONS__HOLD_SECS", "3")
+        .set("SENDGATE__RESERVATIONS__SWEEP_INTERVAL_SECS", "1");
+    let store = env.store().await;
+    create_accounts(&store, &workload).await;
+    let mut fleet = Fleet::new(env, 2);
+    fleet.start_all();
+    fleet.wait_ready(WAIT).await;
+    let done = tokio_util::sync::CancellationToken::new();
+    let queues = (
+        fleet.env.delivery_queue(),
+        fleet.env.outcomes_queue(),
+        fleet.env.send_queue(),
+    );
+    let downstream = tokio::spawn(deliver(queues, done.clone()));
+    let publisher = tokio::spawn(publish_all(fleet.env.send_queue(), workload.jobs.clone()));
+
+    // Kill a worker twice while jobs, reports and the sweep are all moving;
+    // between the kills, upgrade a free account and redrive its refusals.
+    for round in 0..2 {
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        fleet.kill9(round);
+        if round == 0 {
+            eventually(WAIT, || async {
+                Broker::connect()
+                    .await
+                    .depth_of(&fleet.env.dead_queue())
+                    .await
+                    > 0
+            })
+            .await;
+            store.set_plan(&id("free-0"), Plan::Scale).await.unwrap();
+            let moved = cli(
+                &fleet.env,
+                &["dead-letters", "redrive", "--account", "free-0"],
+            );
+            assert!(
+                moved.status.success(),
+                "{}",
+                String::from_utf8_lossy(&moved.stderr)
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        fleet.start(round);
+    }
+    fleet.wait_ready(WAIT).await;
+    publisher.await.unwrap();
+    settle(&fleet, Duration::from_secs(90)).await;
+    eventually(Duration::from_secs(60), || async {
+        let broker = Broker::connect().await;
+        broker.depth_of(&fleet.env.outcomes_queue()).await == 0
+            && broker.depth_of(&fleet.env.delivery_queue()).await == 0
+            && fleet.in_flight().await == 0.0
+    })
+    .await;
+    done.cancel();
+    let seen = downstream.await.unwrap();
+    fleet.stop_all().await;
+
+    let broker = Broker::connect().await;
+    let dead = broker
+        .take_all(&fleet.env.dead_queue(), Duration::ZERO)
+        .await;
+    let lost = lost_messages(&workload, &seen.forwards, &dead, &HashSet::new());
+    let released: Vec<(String, i64)> = sqlx::query_as(
+        "SELECT reservation_id::text, count(*) FROM credit_ledger WHERE kind = 'release'
+         GROUP BY reservation_id",
+    )
+    .fetch_all(store.pool())
+    .await
+    .unwrap();
+    let unearned: Vec<&(String, i64)> = released
+        .iter()
+        .filter(|(id, n)| *n != 1 || !seen.failed.contains(id))
+        .collect();
+    let mut mismatched = Vec::new();
+    for account in &workload.accounts {
+        let (balance, ledger) = balance_and_ledger(&store, &account.id).await;
+        if balance != ledger || balance < 0 {
+            mismatched.push(format!(
+                "{}: balance {balance}, ledger {ledger}",
+                account.id
+            ));
+        }
+    }
+    let refused: Vec<String> = dead
+        .iter()
+        .map(|d| d.routing_key.to_string())
+        .filter(|r| !PLAN_REASONS.contains(&r.as_str()))
+        .collect();
+    eprintln!(
+        "\n### outcomes, the sweep and redrive under kill -9\n\n\
+         | published | forwards seen | reported failed (jobs sent again) | stale reports | releases | dead letters | lost |\n\
+         |---|---|---|---|---|---|---|\n| {} | {} | {} | {} | {} | {} | **{lost}** |\n",
+        workload.total(),
+        seen.forwards.len(),
+        seen.failed.len(),
+        seen.stale_sent,
+        released.len(),
+        dead.len(),
+    );
+    assert_eq!(lost, 0, "I1: messages lost");
+    assert!(
+        unearned.is_empty(),
+        "I6: refunds not earned by a failed report, or twice: {unearned:?}"
+    );
+    assert!(mismatched.is_empty(), "I3: {mismatched:?}");
+    assert!(
+        refused.is_empty(),
+        "only plan refusals, no report dead letters: {refused:?}"
+    );
+    assert!(seen.stale_sent > 0 && !seen.failed.is_empty());
+    let swept: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM reservations WHERE settle_detail = 'no outcome within the hold time'",
+    )
+    .fetch_one(store.pool())
+    .await
+    .unwrap();
+    assert!(
+        swept > 0,
+        "the sweep committed the holds nobody reported on"
+    );
+    fleet.teardown(store).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_accounts_midnight_passes_while_postgres_restarts() {
+    let _serial = SERIAL.lock().await;
+    let postgres = &private_services().await.postgres;
+    let _restore = PostgresRestore(postgres);
+    let env = fault_env().await;
+    let store = env.store().await;
+    // Pro accounts in Kolkata (UTC+5:30), ten seconds before their midnight;
+    // two gates in this process share the clock the test moves.
+    let accounts = ["pro-in-0", "pro-in-1", "pro-in-2"];
+    for account in accounts {
+        store
+            .create_account(&id(account), Plan::Pro, "Asia/Kolkata")
+            .await
+            .unwrap();
+    }
+    let clock = manual_clock("2026-03-02T18:29:50Z");
+    let gates = [
+        start_gate(env.settings(), clock.clone()).await,
+        start_gate(env.settings(), clock.clone()).await,
+    ];
+    let mut workload = Workload {
+        accounts: Vec::new(),
+        jobs: Vec::new(),
+    };
+    for n in 0..60 {
+        for account in accounts {
+            let key = format!("{account}-night-{n}");
+            workload
+                .jobs
+                .push((account.to_owned(), key.clone(), job_body(account, &key)));
+        }
+    }
+    // The first half is decided before midnight; then midnight passes and
+    // Postgres restarts at that moment, while the second half arrives.
+    let (before, after) = workload.jobs.split_at(90);
+    publish_all(env.send_queue(), before.to_vec()).await;
+    let broker = Broker::connect().await;
+    let decided = || async {
+        broker.depth_of(&env.delivery_queue()).await + broker.depth_of(&env.dead_queue()).await
+    };
+    eventually(WAIT, || async { decided().await >= 90 }).await;
+    clock.set(utc("2026-03-02T18:30:05Z"));
+    let publisher = tokio::spawn(publish_all(env.send_queue(), after.to_vec()));
+    postgres.restart();
+    publisher.await.unwrap();
+    eventually(Duration::from_secs(90), || async { decided().await >= 180 }).await;
+    for gate in gates {
+        gate.shutdown().await;
+    }
+
+    let forwards = broker.take_all(&env.delivery_queue(), Duration::ZERO).await;
+    let dead = broker.take_all(&env.dead_queue(), Duration::ZERO).await;
+    let lost = lost_messages(&workload, &forwards, &dead, &HashSet::new());
+    let per_day: Vec<(String, chrono::NaiveDate, i64)> = sqlx::query_as(
+        "SELECT account_id, usage_day, count(*) FROM reservations GROUP BY 1, 2 ORDER BY 1, 2",
+    )
+    .fetch_all(store.pool())
+    .await
+    .unwrap();
+    let next_day = utc("2026-03-02T18:30:00Z");
+    let retry_after_ok = dead.iter().all(|d| {
+        header(d, "x-sendgate-retry-after").is_some_and(|at| {
+            utc(&at) == next_day || utc(&at) == next_day + chrono::Duration::days(1)
+        })
+    });
+    eprintln!(
+        "\n### an account's midnight while Postgres restarts\n\n\
+         | published | forwarded | daily_limit_reached | lost | charges per account and local day |\n\
+         |---|---|---|---|---|\n| {} | {} | {} | **{lost}** | {per_day:?} |\n",
+        workload.jobs.len(),
+        forwards.len(),
+        dead.len(),
+    );
+    assert_eq!(lost, 0, "I1: messages lost");
+    assert!(
+        dead.iter()
+            .all(|d| d.routing_key.as_str() == "daily_limit_reached")
+    );
+    assert!(
+        retry_after_ok,
+        "each refusal names the start of the account's next day"
+    );
+    for (account, day, charges) in &per_day {
+        assert!(
+            *charges <= PRO_DAILY as i64,
+            "I4: {account} charged {charges} on {day}"
+        );
+    }
+    let days: HashSet<chrono::NaiveDate> = per_day.iter().map(|(_, day, _)| *day).collect();
+    assert_eq!(days.len(), 2, "charges on both local days: {per_day:?}");
+    for account in accounts {
+        let total: i64 = per_day
+            .iter()
+            .filter(|(a, _, _)| a == account)
+            .map(|r| r.2)
+            .sum();
+        assert_eq!(total, 40, "{account}: 20 on each day");
+    }
+    store.close().await;
+    env.cleanup().await;
+}
