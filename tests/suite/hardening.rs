@@ -382,3 +382,107 @@ async fn messages_no_client_library_would_build_are_contained_and_the_queue_keep
     sendgate.stop(WAIT).await;
     env.cleanup().await;
 }
+
+/// One class of bad input, published between valid jobs.
+enum BadInput {
+    Job {
+        body: &'static [u8],
+        properties: lapin::BasicProperties,
+    },
+    Report(&'static [u8]),
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_class_of_bad_input_is_contained_with_200_valid_jobs_on_each_side() {
+    let env = TestEnv::new();
+    let (_store, mut sendgate, broker) = binary_gate(&env, &[("bulk", Plan::Scale)]).await;
+    let mut forged = FieldTable::default();
+    forged.insert("x-sendgate-decision".into(), text("forwarded"));
+    let mut deep = FieldTable::default();
+    for _ in 0..200 {
+        let mut outer = FieldTable::default();
+        outer.insert("d".into(), AMQPValue::FieldTable(deep));
+        deep = outer;
+    }
+    let classes = [
+        ("body: not JSON", BadInput::Job { body: b"not json", properties: job_properties() }, Some("invalid_job")),
+        ("body: no account", BadInput::Job { body: br#"{"idempotency_key":"k"}"#, properties: job_properties() }, Some("invalid_job")),
+        ("properties: a TTL, a priority", BadInput::Job {
+            body: br#"{"account_id":"nobody","idempotency_key":"ttl"}"#,
+            properties: job_properties().with_expiration("1000".into()).with_priority(9),
+        }, Some("unknown_account")),
+        ("headers: forged x-sendgate-*", BadInput::Job {
+            body: br#"{"account_id":"nobody","idempotency_key":"forged"}"#,
+            properties: job_properties().with_headers(forged),
+        }, Some("unknown_account")),
+        ("headers: nested 200 deep", BadInput::Job {
+            body: br#"{"account_id":"nobody","idempotency_key":"deep"}"#,
+            properties: job_properties().with_headers(deep),
+        }, Some("unknown_account")),
+        ("report: NUL in detail", BadInput::Report(
+            br#"{"account_id":"bulk","idempotency_key":"x","reservation_id":"0192f5a0-0000-7000-8000-000000000001","outcome":"failed","detail":"a\u0000b"}"#,
+        ), Some("invalid_outcome")),
+        ("report: not JSON", BadInput::Report(b"{"), Some("invalid_outcome")),
+    ];
+    for (n, (class, bad, reason)) in classes.into_iter().enumerate() {
+        for i in 0..200 {
+            broker
+                .publish_job(&env.send_queue(), "bulk", &format!("{n}-before-{i}"))
+                .await;
+        }
+        match bad {
+            BadInput::Job { body, properties } => {
+                broker
+                    .publish_with(&env.send_queue(), body, properties)
+                    .await;
+            }
+            BadInput::Report(body) => broker.publish(&env.outcomes_queue(), body, None).await,
+        }
+        for i in 0..200 {
+            broker
+                .publish_job(&env.send_queue(), "bulk", &format!("{n}-after-{i}"))
+                .await;
+        }
+        let forwards = broker.take(&env.delivery_queue(), 400, WAIT).await;
+        assert!(
+            forwards.iter().all(|f| f.properties.expiration().is_none()),
+            "{class}"
+        );
+        let dead = broker
+            .take(&env.dead_queue(), usize::from(reason.is_some()), WAIT)
+            .await;
+        let reasons: Vec<&str> = dead.iter().map(|d| d.routing_key.as_str()).collect();
+        assert_eq!(reasons, reason.into_iter().collect::<Vec<_>>(), "{class}");
+        for d in &dead {
+            assert!(
+                d.properties.expiration().is_none(),
+                "{class}: the dead letter stays"
+            );
+            assert_ne!(
+                header(d, "x-sendgate-decision").as_deref(),
+                Some("forwarded"),
+                "{class}"
+            );
+        }
+    }
+    assert!(
+        broker
+            .take_all(&env.dead_queue(), Duration::ZERO)
+            .await
+            .is_empty(),
+        "nothing else, and nothing dead-lettered by the broker"
+    );
+    // Still up, and it drains cleanly.
+    sendgate.stop(WAIT).await;
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_setting_that_would_overflow_stops_start_up_naming_it() {
+    let mut env = TestEnv::new();
+    env.set("SENDGATE__GATE__BATCH_WAIT_MS", "18446744073709551615");
+    let out = cli(&env, &["run"]);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("gate.batch_wait_ms"), "{stderr}");
+}
