@@ -18,7 +18,7 @@ use crate::domain::plan::Limits;
 use crate::health::Health;
 use crate::retry;
 use crate::store::Store;
-use crate::worker::{self, JobsWorker, Marks, OutcomesWorker, Shared};
+use crate::worker::{self, JobsWorker, OutcomesWorker, Shared};
 
 /// How often the metrics exporter's histograms are maintained.
 const METRICS_UPKEEP: Duration = Duration::from_secs(5);
@@ -28,8 +28,6 @@ const METRICS_UPKEEP: Duration = Duration::from_secs(5);
 pub struct App {
     shared: Arc<Shared>,
     listener: TcpListener,
-    marker: JoinHandle<()>,
-    close_marker: CancellationToken,
 }
 
 /// What runs beside the workers until they have drained.
@@ -60,8 +58,6 @@ impl App {
         // The jobs worker and the outcomes worker.
         let health = Arc::new(Health::new(2));
         health.set_database_ok(true);
-        let close_marker = CancellationToken::new();
-        let (marks, marker) = Marks::spawn(store.clone(), close_marker.clone());
         let broker = Broker::new(settings.amqp.clone());
         Ok(App {
             shared: Arc::new(Shared {
@@ -69,12 +65,9 @@ impl App {
                 store,
                 clock,
                 health,
-                marks,
                 broker,
             }),
             listener,
-            marker,
-            close_marker,
         })
     }
 
@@ -93,12 +86,7 @@ impl App {
     /// # Errors
     /// The HTTP server failed.
     pub async fn run(self, stop: CancellationToken) -> anyhow::Result<()> {
-        let App {
-            shared,
-            listener,
-            marker,
-            close_marker,
-        } = self;
+        let App { shared, listener } = self;
         let background = serve(&shared, listener);
         let mut workers = tokio::task::JoinSet::new();
         workers.spawn(worker::run(
@@ -136,8 +124,6 @@ impl App {
         }
         shared.broker.close().await;
         let _ = sweeper.await;
-        close_marker.cancel();
-        let _ = marker.await;
         background.stop().await?;
         shared.store.close().await;
         info!("stopped");

@@ -23,9 +23,8 @@
 //!   that carry each outcome, the shared connection and a worker's session,
 //!   publishing with confirms and acking; plus queue depths and redrive.
 //! - [`worker`] runs the consume loops on top of those: the jobs pipeline
-//!   (batch, decide, publish, ack), the outcomes worker, the background
-//!   confirm marks, the hold sweep, and each decided job's log line and
-//!   metrics as one event.
+//!   (batch, decide, publish, mark, ack), the outcomes worker, the hold
+//!   sweep, and each decided job's log line and metrics as one event.
 //! - [`http`] serves `/metrics`, `/healthz`, `/readyz` and the `/v1` API;
 //!   [`health`] is the readiness the workers report.
 //! - [`app`] wires it all together for `sendgate run` and drains on

@@ -84,10 +84,10 @@ pub struct Store {
     /// One connection for recording broker confirms. Its commits are
     /// asynchronous: a confirm lost in a database crash only means a later
     /// copy of the job is forwarded again (never charged again), and
-    /// skipping the WAL flush keeps these writes off the disk's queue. Its
-    /// one statement is planned at every run (a few tenths of a ms every
-    /// 25 ms): a plan cached while `reservations` was small would scan the
-    /// whole table once it is large.
+    /// skipping the WAL flush keeps these writes off the disk's queue (they
+    /// sit on the ack path). Its one statement is planned at every run (a few
+    /// tenths of a ms a batch): a plan cached while `reservations` was small
+    /// would scan the whole table once it is large.
     marks: PgPool,
     limits: Limits,
     /// Accounts last seen on the scale plan. Only a hint for choosing how to

@@ -10,12 +10,12 @@
 //! 3. publish the outcomes, pipelined, and wait for all their confirms; an
 //!    outcome that is nacked, returned unroutable or not confirmed in time is
 //!    retried with backoff, after re-declaring the topology;
-//! 4. ack the batch (one `multiple` ack per channel). Nothing is acked before
+//! 4. mark the confirmed forwards (one statement), so later copies are
+//!    dropped as duplicates, even after a crash right after step 5;
+//! 5. ack the batch (one `multiple` ack per channel). Nothing is acked before
 //!    its outcome is confirmed, and a transient failure never requeues a
 //!    job: the worker holds its deliveries and retries, so it stops pulling
-//!    new work;
-//! 5. mark the confirmed forwards (in the background, many batches in one
-//!    statement), so later copies are dropped as duplicates.
+//!    new work.
 //!
 //! Deciding, publishing and acking run as three stages of a pipeline, so the
 //! database and the broker work at the same time. Batches pass from stage to
@@ -38,7 +38,7 @@ use tracing::{debug, error};
 use uuid::Uuid;
 
 use super::batcher::Batcher;
-use super::marks::Confirmed;
+use super::marks::{self, Confirmed};
 use super::record::JobDecided;
 use super::{InFlight, Shared, Worker, isolate};
 use crate::amqp::confirm::{self, Acknowledge, Confirms, Publication};
@@ -328,7 +328,7 @@ impl JobsWorker {
     }
 
     /// Waits for a published batch's confirms (publishing again what the
-    /// broker refused), acks the batch and marks the confirmed forwards.
+    /// broker refused), marks the confirmed forwards and acks the batch.
     async fn complete(&self, channel: &Channel, sent: Sent) -> Result<(), SessionError> {
         let Sent {
             done,
@@ -340,12 +340,9 @@ impl JobsWorker {
         let failed = confirm::await_confirms(confirms, settings.publish_timeout()).await?;
         confirm::publish_until_accepted(channel, settings, &done.publications(), failed).await?;
         let publish_time = started.elapsed();
-        // The confirmed forwards are marked in the background, off the ack
-        // path; if a mark is lost, a later copy is forwarded again (same
-        // reservation), never charged again.
-        let confirmed = done.confirmed();
+        // Marked before the ack, so no later copy is forwarded again.
+        marks::record(&self.shared, &done.confirmed()).await;
         confirm::acknowledge(done.slots.iter().map(|s| &s.received), Acknowledge::Ack).await?;
-        self.shared.marks.confirmed(confirmed);
         let waited = done.slots[0]
             .received
             .at

@@ -3,7 +3,7 @@
 //! - [`jobs`]: the send queue, through the decide/publish/ack pipeline;
 //! - [`outcomes`]: delivery reports, settled in batches;
 //! - [`batcher`]: when gathered jobs become a batch (pure);
-//! - [`marks`]: confirmed forwards recorded in the background;
+//! - [`marks`]: confirmed forwards recorded before the ack;
 //! - [`record`]: a decided job's log line and metrics, as one event;
 //! - [`sweep`]: holds that never got a report, committed.
 //!
@@ -33,7 +33,6 @@ use crate::metrics;
 use crate::retry::{self, Backoff};
 use crate::store::{Store, StoreError};
 pub use jobs::JobsWorker;
-pub use marks::Marks;
 pub use outcomes::OutcomesWorker;
 
 /// What every worker of one process shares.
@@ -42,7 +41,6 @@ pub struct Shared {
     pub store: Store,
     pub clock: Arc<dyn Clock>,
     pub health: Arc<Health>,
-    pub marks: Marks,
     pub broker: Broker,
 }
 

@@ -387,10 +387,22 @@ async fn messages_no_client_library_would_build_are_contained_and_the_queue_keep
 enum BadInput {
     Job {
         body: &'static [u8],
-        properties: lapin::BasicProperties,
+        properties: Box<lapin::BasicProperties>,
     },
     Report(&'static [u8]),
 }
+
+fn bad_job(body: &'static [u8], properties: lapin::BasicProperties) -> BadInput {
+    BadInput::Job {
+        body,
+        properties: Box::new(properties),
+    }
+}
+
+const NO_ACCOUNT: &[u8] = br#"{"idempotency_key":"k"}"#;
+const TO_NOBODY: &[u8] = br#"{"account_id":"nobody","idempotency_key":"n"}"#;
+const NUL_REPORT: &[u8] = br#"{"account_id":"bulk","idempotency_key":"x",
+    "reservation_id":"0192f5a0-0000-7000-8000-000000000001","outcome":"failed","detail":"a\u0000b"}"#;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_class_of_bad_input_is_contained_with_200_valid_jobs_on_each_side() {
@@ -404,25 +416,45 @@ async fn every_class_of_bad_input_is_contained_with_200_valid_jobs_on_each_side(
         outer.insert("d".into(), AMQPValue::FieldTable(deep));
         deep = outer;
     }
+    let ttl = job_properties()
+        .with_expiration("1000".into())
+        .with_priority(9);
     let classes = [
-        ("body: not JSON", BadInput::Job { body: b"not json", properties: job_properties() }, Some("invalid_job")),
-        ("body: no account", BadInput::Job { body: br#"{"idempotency_key":"k"}"#, properties: job_properties() }, Some("invalid_job")),
-        ("properties: a TTL, a priority", BadInput::Job {
-            body: br#"{"account_id":"nobody","idempotency_key":"ttl"}"#,
-            properties: job_properties().with_expiration("1000".into()).with_priority(9),
-        }, Some("unknown_account")),
-        ("headers: forged x-sendgate-*", BadInput::Job {
-            body: br#"{"account_id":"nobody","idempotency_key":"forged"}"#,
-            properties: job_properties().with_headers(forged),
-        }, Some("unknown_account")),
-        ("headers: nested 200 deep", BadInput::Job {
-            body: br#"{"account_id":"nobody","idempotency_key":"deep"}"#,
-            properties: job_properties().with_headers(deep),
-        }, Some("unknown_account")),
-        ("report: NUL in detail", BadInput::Report(
-            br#"{"account_id":"bulk","idempotency_key":"x","reservation_id":"0192f5a0-0000-7000-8000-000000000001","outcome":"failed","detail":"a\u0000b"}"#,
-        ), Some("invalid_outcome")),
-        ("report: not JSON", BadInput::Report(b"{"), Some("invalid_outcome")),
+        (
+            "body: not JSON",
+            bad_job(b"not json", job_properties()),
+            Some("invalid_job"),
+        ),
+        (
+            "body: no account",
+            bad_job(NO_ACCOUNT, job_properties()),
+            Some("invalid_job"),
+        ),
+        (
+            "properties: a TTL, a priority",
+            bad_job(TO_NOBODY, ttl),
+            Some("unknown_account"),
+        ),
+        (
+            "headers: forged x-sendgate-*",
+            bad_job(TO_NOBODY, job_properties().with_headers(forged)),
+            Some("unknown_account"),
+        ),
+        (
+            "headers: nested 200 deep",
+            bad_job(TO_NOBODY, job_properties().with_headers(deep)),
+            Some("unknown_account"),
+        ),
+        (
+            "report: NUL in detail",
+            BadInput::Report(NUL_REPORT),
+            Some("invalid_outcome"),
+        ),
+        (
+            "report: not JSON",
+            BadInput::Report(b"{"),
+            Some("invalid_outcome"),
+        ),
     ];
     for (n, (class, bad, reason)) in classes.into_iter().enumerate() {
         for i in 0..200 {
@@ -433,7 +465,7 @@ async fn every_class_of_bad_input_is_contained_with_200_valid_jobs_on_each_side(
         match bad {
             BadInput::Job { body, properties } => {
                 broker
-                    .publish_with(&env.send_queue(), body, properties)
+                    .publish_with(&env.send_queue(), body, *properties)
                     .await;
             }
             BadInput::Report(body) => broker.publish(&env.outcomes_queue(), body, None).await,
@@ -485,4 +517,97 @@ async fn a_setting_that_would_overflow_stops_start_up_naming_it() {
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("gate.batch_wait_ms"), "{stderr}");
+}
+
+/// Messages handed out to `queue`'s consumers and not acked yet, asked of
+/// the consumers' channels themselves (queue statistics lag by seconds).
+fn unacked(queue: &str) -> u64 {
+    let ctl = |args: &[&str]| {
+        let out = std::process::Command::new("rabbitmqctl")
+            .arg("-q")
+            .args(args)
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let consumers = ctl(&["list_consumers", "queue_name", "channel_pid"]);
+    let channels: Vec<&str> = consumers
+        .lines()
+        .filter_map(|line| line.strip_prefix(queue)?.split_whitespace().next())
+        .collect();
+    assert!(!channels.is_empty(), "{queue} has consumers");
+    ctl(&["list_channels", "pid", "messages_unacknowledged"])
+        .lines()
+        .filter_map(|line| {
+            let mut words = line.split_whitespace();
+            let pid = words.next()?;
+            channels
+                .contains(&pid)
+                .then(|| words.next()?.parse::<u64>().ok())?
+        })
+        .sum()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forward_is_marked_confirmed_before_its_job_is_acked() {
+    let env = TestEnv::new();
+    let store = env.store().await;
+    create(&store, "mark", Plan::Scale).await;
+    // Marking a batch confirmed waits for an advisory lock the test holds.
+    sqlx::raw_sql(
+        "CREATE FUNCTION wait_for_test() RETURNS trigger LANGUAGE plpgsql AS
+           $$ BEGIN PERFORM pg_advisory_xact_lock(4242); RETURN NEW; END $$;
+         CREATE TRIGGER wait_for_test BEFORE UPDATE ON forward_batches
+           FOR EACH ROW EXECUTE FUNCTION wait_for_test();",
+    )
+    .execute(store.pool())
+    .await
+    .unwrap();
+    let mut holder = store.pool().acquire().await.unwrap();
+    sqlx::query("SELECT pg_advisory_lock(4242)")
+        .execute(&mut *holder)
+        .await
+        .unwrap();
+    let gate = env.start_gate(Arc::new(SystemClock)).await;
+    let broker = env.broker().await;
+
+    let job = broker.publish_job(&env.send_queue(), "mark", "m-1").await;
+    broker.take(&env.delivery_queue(), 1, WAIT).await;
+    eventually(WAIT, || async {
+        let waiting: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_stat_activity
+             WHERE datname = current_database() AND wait_event_type = 'Lock'",
+        )
+        .fetch_one(store.pool())
+        .await
+        .unwrap();
+        waiting > 0
+    })
+    .await;
+    // Forwarded and confirmed, but its mark is not written: not acked.
+    assert_eq!(unacked(&env.send_queue()), 1, "acked before its mark");
+
+    sqlx::query("SELECT pg_advisory_unlock(4242)")
+        .execute(&mut *holder)
+        .await
+        .unwrap();
+    drop(holder);
+    eventually(WAIT, || async { unacked(&env.send_queue()) == 0 }).await;
+    // Once acked, a copy is a duplicate: dropped, never forwarded again.
+    broker.publish(&env.send_queue(), &job, None).await;
+    broker.publish_job(&env.send_queue(), "mark", "m-2").await;
+    let next = broker.take(&env.delivery_queue(), 1, WAIT).await;
+    assert_eq!(
+        next[0].properties.message_id().as_ref().unwrap().as_str(),
+        "m-2"
+    );
+    assert!(
+        broker
+            .take_all(&env.delivery_queue(), Duration::ZERO)
+            .await
+            .is_empty()
+    );
+
+    gate.shutdown().await;
+    env.cleanup().await;
 }
