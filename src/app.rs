@@ -23,6 +23,9 @@ use crate::worker::{self, JobsWorker, OutcomesWorker, Shared};
 /// How often the metrics exporter's histograms are maintained.
 const METRICS_UPKEEP: Duration = Duration::from_secs(5);
 
+/// How often (and how long at most) the database is probed for `/readyz`.
+const DATABASE_PROBE: Duration = Duration::from_secs(2);
+
 /// A started sendgate: migrated database and bound HTTP listener, ready to
 /// [`App::run`].
 pub struct App {
@@ -140,7 +143,7 @@ fn serve(shared: &Arc<Shared>, listener: TcpListener) -> Background {
         shared.health.clone(),
         shared.store.clone(),
         shared.clock.clone(),
-        shared.settings.api.token.clone(),
+        &shared.settings.api,
     );
     let http = tokio::spawn(
         axum::serve(listener, router)
@@ -148,13 +151,16 @@ fn serve(shared: &Arc<Shared>, listener: TcpListener) -> Background {
             .into_future(),
     );
     let upkeep = tokio::spawn({
-        let stop = stop.clone();
+        let (stop, store, health) = (stop.clone(), shared.store.clone(), shared.health.clone());
         async move {
             let mut tick = tokio::time::interval(METRICS_UPKEEP);
+            let mut probe = tokio::time::interval(DATABASE_PROBE);
             loop {
                 tokio::select! {
                     _ = stop.cancelled() => return,
                     _ = tick.tick() => metrics.run_upkeep(),
+                    // What /readyz reports about the database, between batches.
+                    _ = probe.tick() => health.set_database_ok(store.ping(DATABASE_PROBE).await),
                 }
             }
         }

@@ -5,13 +5,15 @@
 //! Every section denies unknown keys and [`Settings::validate`] checks ranges,
 //! so a typo or a bad value stops start-up with a message naming the setting.
 
+use std::collections::BTreeMap;
 use std::fmt;
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 pub use crate::domain::plan::OnLimit;
 use config::{Config, Environment, File, FileFormat};
+use secrecy::{ExposeSecret, SecretString};
 use serde::{Deserialize, Serialize};
 
 fn invalid(setting: &'static str, problem: impl Into<String>) -> ConfigError {
@@ -54,27 +56,176 @@ pub struct Settings {
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct ApiSettings {
+    /// An admin-scope token named `default`, for the one-token case.
     pub token: Token,
+    /// Named tokens, each with a scope; the name appears in logs and
+    /// metrics, the token never.
+    #[serde(default)]
+    pub tokens: BTreeMap<String, TokenSettings>,
+    pub request_timeout_ms: u64,
+    pub max_body_bytes: usize,
+    pub max_concurrent_requests: usize,
+}
+
+/// One named API token.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct TokenSettings {
+    pub scope: Scope,
+    /// The token itself, or …
+    #[serde(default)]
+    pub token: Token,
+    /// … a file holding it (a Docker or Kubernetes secret); read at start-up.
+    #[serde(default)]
+    pub token_file: Option<PathBuf>,
+}
+
+/// What a token may do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Scope {
+    /// Look: accounts, ledgers, capacity.
+    Read,
+    /// Look and change: create accounts, change plans.
+    Admin,
+}
+
+/// A token ready for use: its name, scope and value.
+#[derive(Debug, Clone)]
+pub struct ApiToken {
+    pub name: String,
+    pub scope: Scope,
+    pub token: Token,
+}
+
+/// The shortest token accepted.
+pub const MIN_TOKEN_CHARS: usize = 16;
+
+impl ApiSettings {
+    /// Every configured token; none means the API is off.
+    pub fn tokens(&self) -> Vec<ApiToken> {
+        let default = (!self.token.is_empty()).then(|| ApiToken {
+            name: "default".to_owned(),
+            scope: Scope::Admin,
+            token: self.token.clone(),
+        });
+        let named = self.tokens.iter().map(|(name, t)| ApiToken {
+            name: name.clone(),
+            scope: t.scope,
+            token: t.token.clone(),
+        });
+        default.into_iter().chain(named).collect()
+    }
+
+    pub fn request_timeout(&self) -> Duration {
+        Duration::from_millis(self.request_timeout_ms)
+    }
+
+    /// Reads every `token_file` into its token.
+    fn read_token_files(&mut self) -> Result<(), ConfigError> {
+        for (name, t) in &mut self.tokens {
+            let Some(path) = &t.token_file else { continue };
+            let setting = leak(format!("api.tokens.{name}.token_file"));
+            if !t.token.is_empty() {
+                return Err(invalid(setting, "is set together with the token; set one"));
+            }
+            let text = std::fs::read_to_string(path).map_err(|err| {
+                invalid(
+                    setting,
+                    format!("cannot be read ({}): {err}", path.display()),
+                )
+            })?;
+            t.token = Token::new(text.trim_end_matches(['\n', '\r']));
+        }
+        Ok(())
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let short = |token: &Token| token.len() < MIN_TOKEN_CHARS;
+        if !self.token.is_empty() && short(&self.token) {
+            return Err(invalid(
+                "api.token",
+                format!("must be at least {MIN_TOKEN_CHARS} characters"),
+            ));
+        }
+        for (name, t) in &self.tokens {
+            if name.is_empty()
+                || !name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+            {
+                return Err(invalid(
+                    leak(format!("api.tokens.{name}")),
+                    "names are letters, digits, `-` and `_`",
+                ));
+            }
+            if short(&t.token) {
+                let setting = leak(format!("api.tokens.{name}.token"));
+                return Err(invalid(
+                    setting,
+                    format!("must be at least {MIN_TOKEN_CHARS} characters (or set token_file)"),
+                ));
+            }
+        }
+        let bounds = [
+            (
+                "api.request_timeout_ms",
+                self.request_timeout_ms,
+                1,
+                600_000,
+            ),
+            (
+                "api.max_body_bytes",
+                self.max_body_bytes as u64,
+                1,
+                16 << 20,
+            ),
+            (
+                "api.max_concurrent_requests",
+                self.max_concurrent_requests as u64,
+                1,
+                10_000,
+            ),
+        ];
+        for (setting, value, min, max) in bounds {
+            if value < min || value > max {
+                return Err(invalid(
+                    setting,
+                    format!("is {value}; must be between {min} and {max}"),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A setting's name built at run time (a token's), kept for the error.
+fn leak(name: String) -> &'static str {
+    Box::leak(name.into_boxed_str())
 }
 
 /// The account API's bearer token: never printed, compared in constant time.
 #[derive(Clone, Default, Deserialize)]
 #[serde(transparent)]
-pub struct Token(String);
+pub struct Token(SecretString);
 
 impl Token {
     pub fn new(value: impl Into<String>) -> Self {
-        Self(value.into())
+        Self(SecretString::from(value.into()))
     }
 
     pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
+        self.0.expose_secret().is_empty()
+    }
+
+    fn len(&self) -> usize {
+        self.0.expose_secret().chars().count()
     }
 
     /// True when `presented` is the token; takes the same time wherever the
     /// two differ.
     pub fn matches(&self, presented: &str) -> bool {
-        let (a, b) = (self.0.as_bytes(), presented.as_bytes());
+        let (a, b) = (self.0.expose_secret().as_bytes(), presented.as_bytes());
         let mut diff = a.len() ^ b.len();
         for (i, x) in a.iter().enumerate() {
             diff |= usize::from(x ^ b.get(i).copied().unwrap_or(0));
@@ -208,11 +359,11 @@ pub enum LogFormat {
     Json,
 }
 
-/// A connection string that never prints its password: `Debug` and
+/// A connection string that never prints its credentials: `Debug` and
 /// `Serialize` (config dumps) both show it redacted.
 #[derive(Clone, Deserialize)]
 #[serde(transparent)]
-pub struct Secret(String);
+pub struct Secret(SecretString);
 
 impl Serialize for Secret {
     fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
@@ -220,28 +371,48 @@ impl Serialize for Secret {
     }
 }
 
+/// Query parameters that carry credentials in a connection string.
+const SECRET_PARAMETERS: [&str; 3] = ["password", "sslpassword", "passfile"];
+
 impl Secret {
     pub fn new(value: impl Into<String>) -> Self {
-        Self(value.into())
+        Self(SecretString::from(value.into()))
     }
 
-    /// The full value, password included: only for opening connections.
+    /// The full value, credentials included: only for opening connections.
     pub fn expose(&self) -> &str {
-        &self.0
+        self.0.expose_secret()
     }
 
-    /// The value with any password replaced by `***`, fit for logs.
+    /// The value with its password and credential parameters (`?password=`
+    /// and the like) replaced by `***`, fit for logs.
     pub fn redacted(&self) -> String {
-        match url::Url::parse(&self.0) {
-            Ok(mut url) if url.password().is_some() => {
-                // Setting a password only fails for URLs that cannot have one,
-                // and this one just had one.
-                let _ = url.set_password(Some("***"));
-                url.to_string()
-            }
-            Ok(url) => url.to_string(),
-            Err(_) => "<unparsable connection string>".to_owned(),
+        let Ok(mut url) = url::Url::parse(self.expose()) else {
+            return "<unparsable connection string>".to_owned();
+        };
+        if url.password().is_some() {
+            // Setting a password only fails for URLs that cannot have one,
+            // and this one just had one.
+            let _ = url.set_password(Some("***"));
         }
+        let pairs: Vec<(String, String)> = url
+            .query_pairs()
+            .map(|(k, v)| {
+                let hidden = SECRET_PARAMETERS.contains(&k.to_ascii_lowercase().as_str());
+                (
+                    k.into_owned(),
+                    if hidden {
+                        "***".to_owned()
+                    } else {
+                        v.into_owned()
+                    },
+                )
+            })
+            .collect();
+        if !pairs.is_empty() {
+            url.query_pairs_mut().clear().extend_pairs(pairs);
+        }
+        url.to_string()
     }
 }
 
@@ -284,7 +455,9 @@ impl Settings {
             Environment::with_prefix("SENDGATE")
                 .prefix_separator("__")
                 .separator("__")
-                .try_parsing(true)
+                // Taken literally: a token such as `007` or `1e3` stays text;
+                // numeric settings still read numbers from text.
+                .try_parsing(false)
                 .source(Some(env)),
         );
         if let Some(url) = var("DATABASE_URL") {
@@ -293,7 +466,8 @@ impl Settings {
         if let Some(url) = var("AMQP_URL") {
             builder = builder.set_override("amqp.url", url)?;
         }
-        let settings: Settings = builder.build()?.try_deserialize()?;
+        let mut settings: Settings = builder.build()?.try_deserialize()?;
+        settings.api.read_token_files()?;
         settings.validate()?;
         Ok(settings)
     }
@@ -306,6 +480,7 @@ impl Settings {
         self.validate_connections()?;
         self.validate_amqp()?;
         self.validate_durations()?;
+        self.api.validate()?;
         if self.jobs.max_body_bytes == 0 {
             return Err(invalid("jobs.max_body_bytes", "must be at least 1"));
         }
@@ -577,6 +752,51 @@ mod tests {
         let dump = serde_json::to_string(&settings).expect("serializable");
         assert!(!dump.contains("hunter2"), "{dump}");
         assert!(dump.contains("postgres://u:***@db/x"), "{dump}");
+    }
+
+    #[test]
+    fn environment_values_are_taken_literally_and_numbers_still_read() {
+        let settings = load(&[
+            ("SENDGATE__API__TOKEN", "0070000000000001e3"),
+            ("SENDGATE__AMQP__PREFETCH", "321"),
+        ])
+        .expect("valid");
+        assert!(settings.api.token.matches("0070000000000001e3"));
+        assert_eq!(settings.amqp.prefetch, 321);
+    }
+
+    #[test]
+    fn short_tokens_unreadable_token_files_and_bad_scopes_are_named() {
+        let err = load(&[("SENDGATE__API__TOKEN", "short")]).expect_err("refused");
+        assert!(err.to_string().contains("api.token"), "{err}");
+        let err = load(&[
+            ("SENDGATE__API__TOKENS__OPS__SCOPE", "read"),
+            (
+                "SENDGATE__API__TOKENS__OPS__TOKEN_FILE",
+                "/nonexistent/token",
+            ),
+        ])
+        .expect_err("refused");
+        assert!(
+            err.to_string().contains("api.tokens.ops.token_file"),
+            "{err}"
+        );
+        let err = load(&[
+            ("SENDGATE__API__TOKENS__OPS__SCOPE", "root"),
+            ("SENDGATE__API__TOKENS__OPS__TOKEN", "a-long-enough-token"),
+        ])
+        .expect_err("refused");
+        assert!(err.to_string().contains("scope"), "{err}");
+    }
+
+    #[test]
+    fn credentials_in_query_parameters_are_redacted_too() {
+        let secret = Secret::new("postgres://u@db/x?sslmode=require&password=hunter2");
+        let shown = secret.redacted();
+        assert!(
+            !shown.contains("hunter2") && shown.contains("sslmode=require"),
+            "{shown}"
+        );
     }
 
     #[test]

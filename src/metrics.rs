@@ -28,6 +28,7 @@ pub const OUTCOMES_STALE: &str = "sendgate_outcomes_stale_total";
 pub const HOLDS_EXPIRED: &str = "sendgate_holds_expired_total";
 pub const READY: &str = "sendgate_ready";
 pub const BUILD_INFO: &str = "sendgate_build_info";
+pub const API_REQUESTS: &str = "sendgate_api_requests_total";
 
 /// What kind of series a metric is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -191,6 +192,19 @@ pub const CATALOGUE: &[MetricDoc] = &[
         labels: &[],
         unit: "boolean",
         help: "1 when every worker is connected to the broker, the database answers and the process is not draining.",
+    },
+    MetricDoc {
+        name: API_REQUESTS,
+        kind: Kind::Counter,
+        labels: &[
+            (
+                "token",
+                "the configured token names ([api] tokens, `default`), or `none`",
+            ),
+            ("status", "the HTTP status code"),
+        ],
+        unit: "requests",
+        help: "Account API requests, by the name of the token presented and the response's status.",
     },
     MetricDoc {
         name: BUILD_INFO,
@@ -368,6 +382,12 @@ pub fn db_error(kind: &'static str) {
 
 pub fn publish_failed() {
     counter!(PUBLISH_FAILURES).increment(1);
+}
+
+/// An API request, under its token's name (never the token).
+pub fn api_request(token: &str, status: u16) {
+    counter!(API_REQUESTS, "token" => token.to_owned(), "status" => status.to_string())
+        .increment(1);
 }
 
 /// A settled report; a stale one has its own counter.

@@ -7,17 +7,16 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use axum::extract::{Path, Query, Request, State};
-use axum::http::{HeaderMap, StatusCode, header};
-use axum::middleware::Next;
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
+use super::auth::{Tokens, require_token};
 use crate::clock::Clock;
-use crate::config::Token;
 use crate::domain::ids::AccountId;
 use crate::domain::plan::{Plan, UnknownPlan, next_day_start, parse_timezone};
 use crate::store::{AccountSummary, Created, LedgerEntry, Store, StoreError};
@@ -26,32 +25,23 @@ use crate::store::{AccountSummary, Created, LedgerEntry, Store, StoreError};
 struct ApiState {
     store: Store,
     clock: Arc<dyn Clock>,
-    token: Token,
 }
 
 /// The `/v1` routes, or none when no token is configured.
-pub fn router(store: Store, clock: Arc<dyn Clock>, token: Token) -> Router {
-    if token.is_empty() {
+pub fn router(store: Store, clock: Arc<dyn Clock>, tokens: Tokens) -> Router {
+    if tokens.is_empty() {
         return Router::new();
     }
-    let state = ApiState {
-        store,
-        clock,
-        token,
-    };
     Router::new()
         .route("/v1/accounts/{id}", get(show).put(put))
         .route("/v1/accounts/{id}/ledger", get(ledger))
         .route("/v1/accounts/{id}/capacity", get(capacity))
-        .layer(axum::middleware::from_fn_with_state(
-            state.clone(),
-            require_token,
-        ))
-        .with_state(state)
+        .layer(axum::middleware::from_fn_with_state(tokens, require_token))
+        .with_state(ApiState { store, clock })
 }
 
 /// An error as the API returns it: a status and `{"error": "..."}`.
-struct ApiError(StatusCode, String);
+pub struct ApiError(pub StatusCode, pub String);
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
@@ -82,33 +72,6 @@ impl From<StoreError> for ApiError {
 
 fn bad_request(message: impl Into<String>) -> ApiError {
     ApiError(StatusCode::BAD_REQUEST, message.into())
-}
-
-async fn require_token(
-    State(state): State<ApiState>,
-    headers: HeaderMap,
-    request: Request,
-    next: Next,
-) -> Response {
-    let presented = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "));
-    match presented {
-        Some(token) if state.token.matches(token) => next.run(request).await,
-        _ => {
-            let mut response = ApiError(
-                StatusCode::UNAUTHORIZED,
-                "missing or invalid bearer token".to_owned(),
-            )
-            .into_response();
-            response.headers_mut().insert(
-                header::WWW_AUTHENTICATE,
-                "Bearer".parse().expect("static header"),
-            );
-            response
-        }
-    }
 }
 
 #[derive(Serialize)]

@@ -2,6 +2,7 @@
 //! `/readyz`; [`api`] the account API under `/v1`.
 
 pub mod api;
+pub mod auth;
 pub mod ops;
 
 use std::sync::Arc;
@@ -9,18 +10,35 @@ use std::sync::Arc;
 use axum::Router;
 use metrics_exporter_prometheus::PrometheusHandle;
 
+use axum::http::StatusCode;
+use tower::limit::GlobalConcurrencyLimitLayer;
+use tower_http::limit::RequestBodyLimitLayer;
+use tower_http::timeout::TimeoutLayer;
+
 use crate::clock::Clock;
-use crate::config::Token;
+use crate::config::ApiSettings;
 use crate::health::Health;
 use crate::store::Store;
+use auth::Tokens;
 
-/// Every route sendgate serves.
+/// Every route sendgate serves, behind the server's limits: a request
+/// timeout (408), a body limit (413) and a cap on requests served at once.
 pub fn router(
     metrics: PrometheusHandle,
     health: Arc<Health>,
     store: Store,
     clock: Arc<dyn Clock>,
-    token: Token,
+    settings: &ApiSettings,
 ) -> Router {
-    ops::router(metrics, health, store.clone()).merge(api::router(store, clock, token))
+    let tokens = Tokens::new(settings.tokens());
+    ops::router(metrics, health)
+        .merge(api::router(store, clock, tokens))
+        .layer(TimeoutLayer::with_status_code(
+            StatusCode::REQUEST_TIMEOUT,
+            settings.request_timeout(),
+        ))
+        .layer(RequestBodyLimitLayer::new(settings.max_body_bytes))
+        .layer(GlobalConcurrencyLimitLayer::new(
+            settings.max_concurrent_requests,
+        ))
 }

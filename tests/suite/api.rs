@@ -9,7 +9,7 @@ use crate::harness::*;
 use sendgate::clock::SystemClock;
 use serde_json::Value;
 
-const TOKEN: &str = "test-token-1234";
+const TOKEN: &str = "test-token-1234-admin";
 
 fn json(body: &str) -> Value {
     serde_json::from_str(body).unwrap_or_else(|_| panic!("not JSON: {body}"))
@@ -329,5 +329,103 @@ async fn bad_input_gets_a_json_error_naming_the_problem() {
         );
     }
 
+    finish(env, gate).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn named_tokens_have_scopes_come_from_files_and_are_counted_by_name() {
+    let mut env = TestEnv::new();
+    let dir = std::env::temp_dir().join(format!("sendgate-token-{}", env.id));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("support");
+    std::fs::write(&file, "support-token-from-a-file\n").unwrap();
+    env.set("SENDGATE__API__TOKENS__DASHBOARD__SCOPE", "read")
+        // Numeric-looking: taken literally, never parsed as a number.
+        .set(
+            "SENDGATE__API__TOKENS__DASHBOARD__TOKEN",
+            "0070000000000001e3",
+        )
+        .set("SENDGATE__API__TOKENS__SUPPORT__SCOPE", "admin")
+        .set(
+            "SENDGATE__API__TOKENS__SUPPORT__TOKEN_FILE",
+            file.to_str().unwrap(),
+        );
+    let gate = env.start_gate(Arc::new(SystemClock)).await;
+    let http = gate.http;
+    let (read, admin) = (
+        Some("0070000000000001e3"),
+        Some("support-token-from-a-file"),
+    );
+
+    let body = Some(r#"{"plan":"free"}"#);
+    let (status, text) = http_request(http, "PUT", "/v1/accounts/tia", read, body).await;
+    assert_eq!(status, 403, "the read scope cannot create: {text}");
+    assert!(json(&text)["error"].as_str().unwrap().contains("dashboard"));
+    assert_eq!(
+        http_request(http, "PUT", "/v1/accounts/tia", admin, body)
+            .await
+            .0,
+        201
+    );
+    assert_eq!(
+        http_request(http, "GET", "/v1/accounts/tia", read, None)
+            .await
+            .0,
+        200
+    );
+    let (status, _) =
+        http_request(http, "GET", "/v1/accounts/tia", Some("support-token"), None).await;
+    assert_eq!(status, 401, "a prefix of a token is no token");
+
+    let metrics = http_request(http, "GET", "/metrics", None, None).await.1;
+    assert_eq!(
+        series(
+            &metrics,
+            "sendgate_api_requests_total",
+            &[("token", "dashboard"), ("status", "403")]
+        ),
+        1.0
+    );
+    assert_eq!(
+        series(
+            &metrics,
+            "sendgate_api_requests_total",
+            &[("token", "support"), ("status", "201")]
+        ),
+        1.0
+    );
+    for secret in ["0070000000000001e3", "support-token-from-a-file"] {
+        assert!(!metrics.contains(secret), "a token in the metrics");
+    }
+    gate.shutdown().await;
+    std::fs::remove_dir_all(&dir).unwrap();
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_bearer_scheme_is_read_in_any_case_and_big_bodies_are_refused() {
+    let (env, gate) = api_gate().await;
+    let mut stream = tokio::net::TcpStream::connect(gate.http).await.unwrap();
+    let request =
+        format!("GET /v1/accounts/nobody HTTP/1.0\r\nAuthorization: bearer {TOKEN}\r\n\r\n");
+    tokio::io::AsyncWriteExt::write_all(&mut stream, request.as_bytes())
+        .await
+        .unwrap();
+    let mut response = String::new();
+    tokio::io::AsyncReadExt::read_to_string(&mut stream, &mut response)
+        .await
+        .unwrap();
+    assert!(response.starts_with("HTTP/1.0 404"), "{response}");
+
+    let big = format!(r#"{{"plan":"free","pad":"{}"}}"#, "x".repeat(70_000));
+    let (status, _) = http_request(
+        gate.http,
+        "PUT",
+        "/v1/accounts/big",
+        Some(TOKEN),
+        Some(&big),
+    )
+    .await;
+    assert_eq!(status, 413);
     finish(env, gate).await;
 }
