@@ -198,13 +198,18 @@ impl Background {
     }
 }
 
-/// Creates and migrates the database, retrying while it is unreachable.
+/// Creates and migrates the database (or, with `[database] migrate_on_start`
+/// off, checks that it is migrated), retrying while it is unreachable.
 async fn prepare_database(settings: &Settings, stop: &CancellationToken) -> anyhow::Result<Store> {
     let store = Store::connect_lazy(&settings.database, limits(settings))?;
     let url = settings.database.url.redacted();
     let (store_ref, database_url) = (&store, settings.database.url.expose());
+    let migrate = settings.database.migrate_on_start;
     let prepared = retry::until_ok(
         move || async move {
+            if !migrate {
+                return store_ref.check_migrated().await;
+            }
             Store::create_database_if_missing(database_url).await?;
             store_ref.migrate().await
         },

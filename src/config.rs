@@ -267,6 +267,9 @@ impl ReservationSettings {
 #[serde(deny_unknown_fields)]
 pub struct DatabaseSettings {
     pub url: Secret,
+    /// Whether `run` creates the database and applies migrations itself.
+    /// Off when `run` connects as the runtime role, which may not.
+    pub migrate_on_start: bool,
     pub max_connections: u32,
     pub acquire_timeout_ms: u64,
     pub statement_timeout_ms: u64,

@@ -165,7 +165,7 @@ async fn execute(command: Command, settings: Settings) -> anyhow::Result<()> {
             app.run(stop).await
         }
         Command::Migrate => {
-            open_store(&settings).await?;
+            open_store(&settings, true).await?;
             tracing::info!("migrations applied");
             Ok(())
         }
@@ -180,13 +180,22 @@ async fn execute(command: Command, settings: Settings) -> anyhow::Result<()> {
     }
 }
 
-/// Creates and migrates the database if needed, for one-shot commands.
-async fn open_store(settings: &Settings) -> anyhow::Result<Store> {
+/// The store for a one-shot command: created and migrated when `migrate`
+/// (always migrates) or `[database] migrate_on_start` says so, else only
+/// checked to be migrated (the runtime role may not migrate).
+async fn open_store(settings: &Settings, migrate: bool) -> anyhow::Result<Store> {
     let url = settings.database.url.redacted();
+    let store = Store::connect_lazy(&settings.database, sendgate::app::limits(settings))?;
+    if !migrate {
+        store
+            .check_migrated()
+            .await
+            .with_context(|| format!("cannot use the database at {url}"))?;
+        return Ok(store);
+    }
     Store::create_database_if_missing(settings.database.url.expose())
         .await
         .with_context(|| format!("cannot reach the database at {url}"))?;
-    let store = Store::connect_lazy(&settings.database, sendgate::app::limits(settings))?;
     store
         .migrate()
         .await
@@ -195,7 +204,7 @@ async fn open_store(settings: &Settings) -> anyhow::Result<Store> {
 }
 
 async fn accounts(command: AccountsCommand, settings: &Settings) -> anyhow::Result<()> {
-    let store = open_store(settings).await?;
+    let store = open_store(settings, settings.database.migrate_on_start).await?;
     let mut out = std::io::stdout().lock();
     match command {
         AccountsCommand::Create { id, plan, timezone } => {

@@ -30,6 +30,11 @@ pub enum StoreError {
     Constraint { constraint: String, message: String },
     #[error("database migration failed: {0}")]
     Migrate(sqlx::migrate::MigrateError),
+    /// `run` without migrating found the schema behind this build.
+    #[error(
+        "the database schema is at migration {applied}, this build needs {needed}: run `sendgate migrate` as the owner role first"
+    )]
+    NotMigrated { applied: i64, needed: i64 },
     #[error("database error: {0}")]
     Other(sqlx::Error),
 }
@@ -66,6 +71,7 @@ impl StoreError {
             StoreError::Corrupt(_) => "corrupt",
             StoreError::Constraint { .. } => "constraint",
             StoreError::Migrate(_) => "migrate",
+            StoreError::NotMigrated { .. } => "not_migrated",
             StoreError::Other(_) => "other",
         }
     }

@@ -153,7 +153,34 @@ impl Store {
         MIGRATOR.run(&self.pool).await.map_err(|err| match err {
             sqlx::migrate::MigrateError::Execute(inner) => StoreError::from(inner),
             other => StoreError::Migrate(other),
-        })
+        })?;
+        sqlx::raw_sql(sql::RUNTIME_GRANTS)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    /// Checks that every migration this build embeds has been applied, for
+    /// a `run` that does not migrate (it may lack the privileges to).
+    ///
+    /// # Errors
+    /// [`StoreError::NotMigrated`]; the database is unreachable.
+    pub async fn check_migrated(&self) -> Result<(), StoreError> {
+        let needed = MIGRATOR.iter().map(|m| m.version).max().unwrap_or(0);
+        let applied: Result<Option<i64>, sqlx::Error> =
+            sqlx::query_scalar("SELECT max(version) FROM _sqlx_migrations WHERE success")
+                .fetch_one(&self.pool)
+                .await;
+        let applied = match applied {
+            Ok(version) => version.unwrap_or(0),
+            // No migrations table: nothing was ever applied.
+            Err(sqlx::Error::Database(db)) if db.code().as_deref() == Some("42P01") => 0,
+            Err(err) => return Err(err.into()),
+        };
+        if applied < needed {
+            return Err(StoreError::NotMigrated { applied, needed });
+        }
+        Ok(())
     }
 
     pub fn pool(&self) -> &PgPool {

@@ -226,3 +226,18 @@ pub const CONFIRM_FORWARDS: &str = "
     FROM unnest($2::text[], $3::text[], $4::uuid[]) AS k(account_id, idempotency_key, id)
     WHERE r.account_id = k.account_id AND r.idempotency_key = k.idempotency_key
       AND r.id = k.id AND NOT r.forward_confirmed";
+
+/// The runtime role's privileges, granted by every `sendgate migrate` (run
+/// as the owner) when the role exists: exactly the DML the gate needs. The
+/// ledger is append-only (no UPDATE, no DELETE), nothing may be deleted, and
+/// the role creates and alters nothing. See `deploy/postgres/roles.sql`.
+pub const RUNTIME_GRANTS: &str = "
+    DO $$
+    BEGIN
+        IF EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'sendgate_app') THEN
+            GRANT SELECT, INSERT, UPDATE
+                ON accounts, reservations, daily_usage, forward_batches TO sendgate_app;
+            GRANT SELECT, INSERT ON credit_ledger TO sendgate_app;
+            GRANT SELECT ON _sqlx_migrations TO sendgate_app;
+        END IF;
+    END $$";

@@ -699,7 +699,7 @@ async fn kill_9_at_random_moments_loses_nothing_and_charges_nothing_twice() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn broker_connections_closed_and_broker_restarted_mid_run() {
     let _serial = SERIAL.lock().await;
-    let rabbit = &private_services().await.rabbit;
+    let rabbit = private_services().await.rabbit;
     let _restore = RabbitRestore(rabbit);
     let workload = Workload::mixed(3, 3, 4, 60, 1500);
     // Two processes with two channels each on the send queue (the default),
@@ -758,7 +758,7 @@ async fn broker_connections_closed_and_broker_restarted_mid_run() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn database_backends_terminated_and_postgres_restarted_mid_run() {
     let _serial = SERIAL.lock().await;
-    let postgres = &private_services().await.postgres;
+    let postgres = private_services().await.postgres;
     let _restore = PostgresRestore(postgres);
     let workload = Workload::mixed(3, 3, 4, 60, 1500);
     let (fleet, store, publisher) = begin(2, &workload).await;
@@ -1171,7 +1171,7 @@ async fn outcomes_the_sweep_and_redrive_run_while_workers_are_killed() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_accounts_midnight_passes_while_postgres_restarts() {
     let _serial = SERIAL.lock().await;
-    let postgres = &private_services().await.postgres;
+    let postgres = private_services().await.postgres;
     let _restore = PostgresRestore(postgres);
     let env = fault_env().await;
     let store = env.store().await;

@@ -20,56 +20,85 @@ use super::free_port;
 
 /// The private broker node and database cluster.
 pub struct Services {
-    pub rabbit: PrivateRabbit,
-    pub postgres: PrivatePostgres,
-    /// Outlives this process on purpose: it tears the services down after.
-    _watchdog: std::process::Child,
+    pub rabbit: &'static PrivateRabbit,
+    pub postgres: &'static PrivatePostgres,
 }
 
-static SERVICES: OnceCell<Services> = OnceCell::const_new();
+static RABBIT: OnceCell<Watched<PrivateRabbit>> = OnceCell::const_new();
+static POSTGRES: OnceCell<Watched<PrivatePostgres>> = OnceCell::const_new();
+
+/// A service and the watchdog that tears it down after this process.
+struct Watched<T> {
+    service: T,
+    _watchdog: std::process::Child,
+}
 
 /// The binary's private services, started on first use, and made the
 /// harness's target: `amqp_url()` and `pg_base_url()` point at them from
 /// then on.
-pub async fn private_services() -> &'static Services {
-    SERVICES
+pub async fn private_services() -> Services {
+    let services = Services {
+        rabbit: private_rabbit().await,
+        postgres: private_postgres().await,
+    };
+    super::target(services.rabbit.url(), services.postgres.base_url());
+    services
+}
+
+/// The private Postgres cluster alone (the harness's target stays as it is).
+pub async fn private_postgres() -> &'static PrivatePostgres {
+    let watched = POSTGRES
         .get_or_init(|| async {
-            let services = tokio::task::spawn_blocking(start)
-                .await
-                .expect("starting the private services");
-            super::target(services.rabbit.url(), services.postgres.base_url());
-            services
+            tokio::task::spawn_blocking(|| {
+                let dir = root().join("postgres");
+                let service = PrivatePostgres::start(&dir);
+                let teardown = format!(
+                    "{} {}/pg_ctl -D {} -m immediate stop",
+                    as_user("postgres").join(" "),
+                    service.bin.display(),
+                    service.data.display()
+                );
+                let _watchdog = watch(&dir, &teardown);
+                Watched { service, _watchdog }
+            })
+            .await
+            .expect("starting the private Postgres")
         })
-        .await
+        .await;
+    &watched.service
 }
 
-fn start() -> Services {
-    let root = std::env::temp_dir().join(format!("sendgate-test-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&root);
-    std::fs::create_dir_all(&root).unwrap();
-    let rabbit = PrivateRabbit::start(&root.join("rabbit"));
-    let postgres = PrivatePostgres::start(&root.join("postgres"));
-    let watchdog = watch(&root, &rabbit, &postgres);
-    Services {
-        rabbit,
-        postgres,
-        _watchdog: watchdog,
-    }
+async fn private_rabbit() -> &'static PrivateRabbit {
+    let watched = RABBIT
+        .get_or_init(|| async {
+            tokio::task::spawn_blocking(|| {
+                let dir = root().join("rabbit");
+                let service = PrivateRabbit::start(&dir);
+                let teardown = format!("rabbitmqctl -q -n {} stop", service.node);
+                let _watchdog = watch(&dir, &teardown);
+                Watched { service, _watchdog }
+            })
+            .await
+            .expect("starting the private RabbitMQ")
+        })
+        .await;
+    &watched.service
 }
 
-/// Stops both services and removes `root` once this process has exited.
-fn watch(root: &Path, rabbit: &PrivateRabbit, postgres: &PrivatePostgres) -> std::process::Child {
+/// This process's folder for its services.
+fn root() -> PathBuf {
+    std::env::temp_dir().join(format!("sendgate-test-{}", std::process::id()))
+}
+
+/// Runs `teardown` and removes `dir` once this process has exited, however
+/// it exits.
+fn watch(dir: &Path, teardown: &str) -> std::process::Child {
     let script = format!(
-        "while kill -0 {pid} 2>/dev/null; do sleep 1; done; \
-         rabbitmqctl -q -n {node} stop >/dev/null 2>&1; \
-         {as_postgres} {bin}/pg_ctl -D {data} -m immediate stop >/dev/null 2>&1; \
-         rm -rf {root}",
+        "while kill -0 {pid} 2>/dev/null; do sleep 1; done; {teardown} >/dev/null 2>&1; rm -rf {dir}; \
+         rmdir {root} 2>/dev/null || true",
         pid = std::process::id(),
-        node = rabbit.node,
-        as_postgres = as_user("postgres").join(" "),
-        bin = postgres.bin.display(),
-        data = postgres.data.display(),
-        root = root.display(),
+        dir = dir.display(),
+        root = root().display(),
     );
     Command::new("sh")
         .args(["-c", &script])
@@ -137,6 +166,7 @@ impl PrivateRabbit {
     fn start(dir: &Path) -> PrivateRabbit {
         let (port, dist_port) = (free_port(), free_port());
         let node = format!("sendgate-test-{}@localhost", std::process::id());
+        let _ = std::fs::remove_dir_all(dir);
         std::fs::create_dir_all(dir.join("mnesia")).unwrap();
         std::fs::create_dir_all(dir.join("log")).unwrap();
         std::fs::write(dir.join("enabled_plugins"), "[].\n").unwrap();
@@ -264,6 +294,7 @@ impl PrivatePostgres {
     fn start(dir: &Path) -> PrivatePostgres {
         let bin = postgres_bin();
         let port = free_port();
+        let _ = std::fs::remove_dir_all(dir);
         std::fs::create_dir_all(dir).unwrap();
         chown("postgres", dir);
         let postgres = PrivatePostgres {

@@ -11,4 +11,5 @@ mod hardening;
 mod harness;
 mod lifecycle;
 mod operability;
+mod roles;
 mod store;
