@@ -187,3 +187,28 @@ pub fn header_text(properties: &BasicProperties, name: &str) -> Option<String> {
         other => Some(format!("{other:?}")),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use lapin::protocol::basic::parse_properties;
+
+    /// Properties with only a `message_id`, as raw bytes on the wire.
+    fn with_message_id(id: &[u8]) -> Vec<u8> {
+        let mut wire = 0x0080u16.to_be_bytes().to_vec();
+        wire.push(u8::try_from(id.len()).expect("a short string"));
+        wire.extend(id);
+        wire
+    }
+
+    // Found by the fuzzer: every bad byte read lossily becomes three bytes
+    // (U+FFFD), and a 255-byte `message_id` of bad bytes panicked in the
+    // AMQP reader, killing the connection's I/O thread.
+    #[test]
+    fn a_message_id_of_255_bad_bytes_is_read_without_a_panic() {
+        let (_, properties) =
+            parse_properties(with_message_id(&[0xff; 255]).as_slice()).expect("parsed");
+        let id = properties.message_id().clone().expect("a message_id");
+        assert!(id.as_str().len() <= 255);
+        assert!(id.as_str().contains(char::REPLACEMENT_CHARACTER));
+    }
+}

@@ -220,10 +220,19 @@ pub fn parse_decimal_value<I: ParsableInput>(i: I) -> ParserResult<I, DecimalVal
 // the bad bytes instead of failing the frame, which would drop the whole
 // connection and redeliver the same window forever. The consumer sees the
 // replacement character and refuses the message by itself.
+// Each bad byte becomes three (U+FFFD), so the result is cut back to the 255
+// bytes a short string may hold, at a character boundary.
 fn make_str<I: Input<Item = u8>>(i: I) -> Result<String, std::string::FromUtf8Error> {
     let bytes: Vec<u8> = i.iter_elements().collect();
-    Ok(String::from_utf8(bytes)
-        .unwrap_or_else(|err| String::from_utf8_lossy(err.as_bytes()).into_owned()))
+    Ok(String::from_utf8(bytes).unwrap_or_else(|err| {
+        let mut lossy = String::from_utf8_lossy(err.as_bytes()).into_owned();
+        let mut cut = lossy.len().min(MAX_SHORT_STRING_LENGTH);
+        while !lossy.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        lossy.truncate(cut);
+        lossy
+    }))
 }
 
 // sendgate patch: tables and arrays nested deeper than this are skipped

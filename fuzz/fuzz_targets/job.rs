@@ -1,0 +1,25 @@
+//! Any body and `message_id`: parsing never panics, and a job that parses
+//! has identifiers that pass their own rules.
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+use sendgate_core::ids::{AccountId, IdempotencyKey};
+use sendgate_core::job::Job;
+
+fuzz_target!(|data: &[u8]| {
+    // The first byte splits the input into a message_id and a body.
+    let (message_id, body) = match data.split_first() {
+        Some((&n, rest)) if usize::from(n) <= rest.len() => {
+            let (id, body) = rest.split_at(usize::from(n));
+            (std::str::from_utf8(id).ok(), body)
+        }
+        _ => (None, data),
+    };
+    match Job::parse(body, message_id, 64 * 1024) {
+        Ok(job) => {
+            assert!(AccountId::parse(job.account_id.as_str()).is_ok());
+            assert!(IdempotencyKey::parse(job.idempotency_key.as_str()).is_ok());
+        }
+        Err(invalid) => assert!(!invalid.0.is_empty()),
+    }
+});
