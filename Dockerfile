@@ -22,6 +22,11 @@ RUN touch src/main.rs src/lib.rs crates/core/src/lib.rs \
 
 # Runtime stage: a small Debian with the binary, run as an unprivileged user.
 FROM debian:bookworm-slim
+# CA certificates: amqps:// and verify-full Postgres to servers with public
+# certificates.
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends ca-certificates \
+    && rm -rf /var/lib/apt/lists/*
 RUN useradd --system --uid 10001 --no-create-home --shell /usr/sbin/nologin sendgate
 COPY --from=build /src/target/release/sendgate /usr/local/bin/sendgate
 USER 10001

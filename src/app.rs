@@ -224,7 +224,9 @@ async fn prepare_database(settings: &Settings, stop: &CancellationToken) -> anyh
     tokio::select! {
         _ = stop.cancelled() => anyhow::bail!("stopped while waiting for the database"),
         prepared = prepared => {
-            prepared.with_context(|| format!("cannot prepare the database at {url}"))?;
+            prepared.with_context(|| {
+                format!("cannot prepare the database at {url} (database.url / DATABASE_URL)")
+            })?;
             Ok(store)
         }
     }

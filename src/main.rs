@@ -187,19 +187,19 @@ async fn open_store(settings: &Settings, migrate: bool) -> anyhow::Result<Store>
     let url = settings.database.url.redacted();
     let store = Store::connect_lazy(&settings.database, sendgate::app::limits(settings))?;
     if !migrate {
-        store
-            .check_migrated()
-            .await
-            .with_context(|| format!("cannot use the database at {url}"))?;
+        store.check_migrated().await.with_context(|| {
+            format!("cannot use the database at {url} (database.url / DATABASE_URL)")
+        })?;
         return Ok(store);
     }
     Store::create_database_if_missing(settings.database.url.expose())
         .await
-        .with_context(|| format!("cannot reach the database at {url}"))?;
-    store
-        .migrate()
-        .await
-        .with_context(|| format!("cannot migrate the database at {url}"))?;
+        .with_context(|| {
+            format!("cannot reach the database at {url} (database.url / DATABASE_URL)")
+        })?;
+    store.migrate().await.with_context(|| {
+        format!("cannot migrate the database at {url} (database.url / DATABASE_URL)")
+    })?;
     Ok(store)
 }
 

@@ -13,3 +13,4 @@ mod lifecycle;
 mod operability;
 mod roles;
 mod store;
+mod tls;
