@@ -279,6 +279,9 @@ pub struct DatabaseSettings {
 #[serde(deny_unknown_fields)]
 pub struct AmqpSettings {
     pub url: Secret,
+    /// A PEM file of CA certificates to verify an `amqps://` broker with
+    /// (empty: the system's roots).
+    pub ca_file: String,
     pub send_queue: String,
     pub delivery_queue: String,
     pub dead_letter_exchange: String,
@@ -604,6 +607,10 @@ impl Settings {
     }
 
     fn validate_amqp(&self) -> Result<(), ConfigError> {
+        if !self.amqp.ca_file.is_empty() {
+            std::fs::read_to_string(&self.amqp.ca_file)
+                .map_err(|err| invalid("amqp.ca_file", format!("cannot be read: {err}")))?;
+        }
         for (setting, name) in [
             ("amqp.send_queue", &self.amqp.send_queue),
             ("amqp.delivery_queue", &self.amqp.delivery_queue),

@@ -254,7 +254,10 @@ async fn dead_letters(command: DeadLettersCommand, settings: &Settings) -> anyho
         move_them,
     )
     .await
-    .with_context(|| format!("dead letters at {}", settings.amqp.url.redacted()))?;
+    .with_context(|| {
+        let url = settings.amqp.url.redacted();
+        format!("dead letters at {url} (amqp.url / AMQP_URL, amqp.ca_file)")
+    })?;
     let mut out = std::io::stdout().lock();
     writeln!(
         out,

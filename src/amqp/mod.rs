@@ -19,6 +19,7 @@ pub mod topology;
 
 use std::str::FromStr;
 
+use lapin::tcp::OwnedTLSConfig;
 use lapin::types::{AMQPValue, LongString};
 use lapin::uri::AMQPUri;
 use lapin::{Connection, ConnectionProperties};
@@ -56,7 +57,23 @@ pub async fn connect(settings: &AmqpSettings, name: &str) -> lapin::Result<Conne
     uri.query.heartbeat = Some(settings.heartbeat_secs);
     uri.query.connection_timeout.get_or_insert(10_000);
     let properties = ConnectionProperties::default().with_connection_name(name.into());
-    Connection::connect_uri(uri, properties).await
+    if settings.ca_file.is_empty() {
+        return Connection::connect_uri(uri, properties).await;
+    }
+    // Checked readable at start-up; read again here, so a renewed CA file
+    // is used by the next connection.
+    let ca = std::fs::read_to_string(&settings.ca_file).map_err(|err| {
+        std::io::Error::new(
+            err.kind(),
+            format!("amqp.ca_file {}: {err}", settings.ca_file),
+        )
+    })?;
+    let tls = OwnedTLSConfig {
+        identity: None,
+        cert_chain: Some(ca),
+    };
+    Connection::connect_uri_with_config(uri, properties, tls, lapin::runtime::default_runtime()?)
+        .await
 }
 
 fn long_string(value: &str) -> AMQPValue {

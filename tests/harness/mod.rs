@@ -263,6 +263,19 @@ impl Broker {
         Broker::connect_to(&amqp_url()).await
     }
 
+    /// A client on an open connection (a TLS one, say).
+    pub async fn over(connection: Connection) -> Self {
+        let channel = connection.create_channel().await.unwrap();
+        channel
+            .confirm_select(ConfirmSelectOptions::default())
+            .await
+            .unwrap();
+        Broker {
+            connection,
+            channel,
+        }
+    }
+
     pub async fn connect_to(url: &str) -> Self {
         let connection = Connection::connect(url, ConnectionProperties::default())
             .await

@@ -85,6 +85,38 @@ async fn private_rabbit() -> &'static PrivateRabbit {
     &watched.service
 }
 
+static TLS_RABBIT: OnceCell<Watched<PrivateRabbit>> = OnceCell::const_new();
+
+/// A private RabbitMQ node that speaks only TLS, with the certificate and key
+/// given (readable by the `rabbitmq` user); its `port` is the TLS port.
+pub async fn private_tls_rabbit(ca: &Path, cert: &Path, key: &Path) -> &'static PrivateRabbit {
+    let (ca, cert, key) = (ca.to_owned(), cert.to_owned(), key.to_owned());
+    let watched = TLS_RABBIT
+        .get_or_init(|| async move {
+            tokio::task::spawn_blocking(move || {
+                let dir = root().join("rabbit-tls");
+                let service = PrivateRabbit::start_with(&dir, "tls", |port| {
+                    format!(
+                        "listeners.tcp = none\nlisteners.ssl.default = 127.0.0.1:{port}\n\
+                         ssl_options.cacertfile = {}\nssl_options.certfile = {}\n\
+                         ssl_options.keyfile = {}\nssl_options.verify = verify_none\n\
+                         ssl_options.fail_if_no_peer_cert = false\n",
+                        ca.display(),
+                        cert.display(),
+                        key.display()
+                    )
+                });
+                let teardown = format!("rabbitmqctl -q -n {} stop", service.node);
+                let _watchdog = watch(&dir, &teardown);
+                Watched { service, _watchdog }
+            })
+            .await
+            .expect("starting the private TLS RabbitMQ")
+        })
+        .await;
+    &watched.service
+}
+
 /// This process's folder for its services.
 fn root() -> PathBuf {
     std::env::temp_dir().join(format!("sendgate-test-{}", std::process::id()))
@@ -164,17 +196,20 @@ pub struct PrivateRabbit {
 
 impl PrivateRabbit {
     fn start(dir: &Path) -> PrivateRabbit {
+        PrivateRabbit::start_with(dir, "node", |port| {
+            format!("listeners.tcp.local = 127.0.0.1:{port}\n")
+        })
+    }
+
+    /// A node named `name` whose `rabbitmq.conf` is `conf(port)`.
+    fn start_with(dir: &Path, name: &str, conf: impl Fn(u16) -> String) -> PrivateRabbit {
         let (port, dist_port) = (free_port(), free_port());
-        let node = format!("sendgate-test-{}@localhost", std::process::id());
+        let node = format!("sendgate-test-{name}-{}@localhost", std::process::id());
         let _ = std::fs::remove_dir_all(dir);
         std::fs::create_dir_all(dir.join("mnesia")).unwrap();
         std::fs::create_dir_all(dir.join("log")).unwrap();
         std::fs::write(dir.join("enabled_plugins"), "[].\n").unwrap();
-        std::fs::write(
-            dir.join("rabbitmq.conf"),
-            format!("listeners.tcp.local = 127.0.0.1:{port}\n"),
-        )
-        .unwrap();
+        std::fs::write(dir.join("rabbitmq.conf"), conf(port)).unwrap();
         std::fs::write(
             dir.join("rabbitmq-env.conf"),
             "ERL_EPMD_ADDRESS=127.0.0.1\nexport ERL_FLAGS=\"-kernel inet_dist_use_interface {127,0,0,1}\"\n",
