@@ -283,7 +283,13 @@ pub struct AmqpSettings {
     /// (empty: the system's roots).
     pub ca_file: String,
     pub send_queue: String,
+    /// A fanout exchange bound to the send queue, for schedulers whose
+    /// broker user may publish there and nowhere else.
+    pub jobs_exchange: String,
     pub delivery_queue: String,
+    /// A fanout exchange bound to the outcomes queue, for delivery workers
+    /// likewise.
+    pub reports_exchange: String,
     pub dead_letter_exchange: String,
     pub dead_letter_queue: String,
     pub prefetch: u16,
@@ -615,6 +621,8 @@ impl Settings {
             ("amqp.send_queue", &self.amqp.send_queue),
             ("amqp.delivery_queue", &self.amqp.delivery_queue),
             ("amqp.dead_letter_exchange", &self.amqp.dead_letter_exchange),
+            ("amqp.jobs_exchange", &self.amqp.jobs_exchange),
+            ("amqp.reports_exchange", &self.amqp.reports_exchange),
             ("amqp.dead_letter_queue", &self.amqp.dead_letter_queue),
             ("amqp.outcomes_queue", &self.amqp.outcomes_queue),
             ("amqp.deferred_queue", &self.amqp.deferred_queue),

@@ -316,6 +316,7 @@ fn describe() {
     counter!(PUBLISH_FAILURES).absolute(0);
     counter!(HOLDS_EXPIRED).absolute(0);
     counter!(OUTCOMES_STALE).absolute(0);
+    counter!(API_REQUESTS, "token" => "none", "status" => "401").absolute(0);
     for result in [
         "committed",
         "released",

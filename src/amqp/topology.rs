@@ -49,7 +49,40 @@ pub async fn declare_topology(channel: &Channel, settings: &AmqpSettings) -> lap
         deferred_arguments(settings),
     )
     .await?;
+    declare_entrance(channel, &settings.jobs_exchange, &settings.send_queue).await?;
+    declare_entrance(
+        channel,
+        &settings.reports_exchange,
+        &settings.outcomes_queue,
+    )
+    .await?;
     Ok(())
+}
+
+/// A durable fanout exchange bound to `queue`: a way in that a broker user
+/// can be given write permission on without the default exchange (which
+/// reaches every queue).
+async fn declare_entrance(channel: &Channel, exchange: &str, queue: &str) -> lapin::Result<()> {
+    channel
+        .exchange_declare(
+            exchange.into(),
+            ExchangeKind::Fanout,
+            ExchangeDeclareOptions {
+                durable: true,
+                ..ExchangeDeclareOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await?;
+    channel
+        .queue_bind(
+            queue.into(),
+            exchange.into(),
+            "".into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
 }
 
 /// A durable quorum queue.

@@ -109,6 +109,14 @@ impl TestEnv {
                 format!("t.{id}.deferred"),
             ),
             (
+                "SENDGATE__AMQP__JOBS_EXCHANGE".to_owned(),
+                format!("t.{id}.jobs"),
+            ),
+            (
+                "SENDGATE__AMQP__REPORTS_EXCHANGE".to_owned(),
+                format!("t.{id}.reports"),
+            ),
+            (
                 "SENDGATE__SHUTDOWN__GRACE_PERIOD_SECS".to_owned(),
                 "10".to_owned(),
             ),
@@ -140,17 +148,26 @@ impl TestEnv {
         .expect("test settings are valid")
     }
 
+    /// A setting's value as this test sets it.
+    fn var(&self, key: &str) -> String {
+        self.env
+            .iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.clone())
+            .unwrap_or_else(|| panic!("{key} is set"))
+    }
+
     pub fn send_queue(&self) -> String {
-        format!("t.{}.send", self.id)
+        self.var("SENDGATE__AMQP__SEND_QUEUE")
     }
     pub fn delivery_queue(&self) -> String {
-        format!("t.{}.delivery", self.id)
+        self.var("SENDGATE__AMQP__DELIVERY_QUEUE")
     }
     pub fn dead_queue(&self) -> String {
-        format!("t.{}.dead", self.id)
+        self.var("SENDGATE__AMQP__DEAD_LETTER_QUEUE")
     }
     pub fn outcomes_queue(&self) -> String {
-        format!("t.{}.outcomes", self.id)
+        self.var("SENDGATE__AMQP__OUTCOMES_QUEUE")
     }
 
     /// A migrated store on this test's database.
@@ -176,27 +193,37 @@ impl TestEnv {
 
     /// Removes the test's queues and database.
     pub async fn cleanup(self) {
-        let broker = Broker::connect().await;
+        let _ = sqlx::Postgres::force_drop_database(&self.db_url).await;
+        // The queues go on the broker this test used (not reachable with a
+        // plain client when it speaks TLS: a private node, dropped anyway).
+        let url = self.var("AMQP_URL");
+        let Ok(connection) = Connection::connect(&url, ConnectionProperties::default()).await
+        else {
+            return;
+        };
+        let broker = Broker::over(connection).await;
         for queue in [
             self.send_queue(),
             self.delivery_queue(),
             self.dead_queue(),
             self.outcomes_queue(),
-            format!("t.{}.deferred", self.id),
+            self.var("SENDGATE__AMQP__DEFERRED_QUEUE"),
         ] {
             let _ = broker
                 .channel
                 .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
                 .await;
         }
-        let _ = broker
-            .channel
-            .exchange_delete(
-                self.dead_queue().as_str().into(),
-                ExchangeDeleteOptions::default(),
-            )
-            .await;
-        let _ = sqlx::Postgres::force_drop_database(&self.db_url).await;
+        for exchange in [
+            self.var("SENDGATE__AMQP__DEAD_LETTER_EXCHANGE"),
+            self.var("SENDGATE__AMQP__JOBS_EXCHANGE"),
+            self.var("SENDGATE__AMQP__REPORTS_EXCHANGE"),
+        ] {
+            let _ = broker
+                .channel
+                .exchange_delete(exchange.as_str().into(), ExchangeDeleteOptions::default())
+                .await;
+        }
     }
 }
 
@@ -569,12 +596,26 @@ pub struct RabbitUser {
 impl RabbitUser {
     /// Creates the user with full permissions on the default vhost.
     pub fn create(name: &str) -> RabbitUser {
+        RabbitUser::with_permissions(name, ".*", ".*", ".*")
+    }
+
+    /// Creates the user with these configure, write and read permissions
+    /// (regular expressions) on the default vhost.
+    pub fn with_permissions(name: &str, configure: &str, write: &str, read: &str) -> RabbitUser {
         let user = RabbitUser {
             name: name.to_owned(),
             password: format!("pw-{name}"),
         };
         rabbitmqctl(&["add_user", &user.name, &user.password]);
-        rabbitmqctl(&["set_permissions", "-p", "/", &user.name, ".*", ".*", ".*"]);
+        rabbitmqctl(&[
+            "set_permissions",
+            "-p",
+            "/",
+            &user.name,
+            configure,
+            write,
+            read,
+        ]);
         user
     }
 

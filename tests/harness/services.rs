@@ -117,6 +117,36 @@ pub async fn private_tls_rabbit(ca: &Path, cert: &Path, key: &Path) -> &'static 
     &watched.service
 }
 
+static DEFINED_RABBIT: OnceCell<Watched<PrivateRabbit>> = OnceCell::const_new();
+
+/// A private RabbitMQ node that loads `definitions` (users, vhosts and
+/// permissions) at boot.
+pub async fn private_rabbit_with_definitions(definitions: &Path) -> &'static PrivateRabbit {
+    let definitions = definitions.to_owned();
+    let watched = DEFINED_RABBIT
+        .get_or_init(|| async move {
+            tokio::task::spawn_blocking(move || {
+                let dir = root().join("rabbit-defined");
+                let service = PrivateRabbit::start_with(&dir, "defined", |port| {
+                    // A copy the node's user can read, whatever the checkout's modes.
+                    let copy = dir.join("definitions.json");
+                    std::fs::copy(&definitions, &copy).unwrap();
+                    format!(
+                        "listeners.tcp.local = 127.0.0.1:{port}\nload_definitions = {}\n",
+                        copy.display()
+                    )
+                });
+                let teardown = format!("rabbitmqctl -q -n {} stop", service.node);
+                let _watchdog = watch(&dir, &teardown);
+                Watched { service, _watchdog }
+            })
+            .await
+            .expect("starting the private RabbitMQ with definitions")
+        })
+        .await;
+    &watched.service
+}
+
 /// This process's folder for its services.
 fn root() -> PathBuf {
     std::env::temp_dir().join(format!("sendgate-test-{}", std::process::id()))

@@ -112,7 +112,10 @@ async fn the_binary_gates_jobs_counts_them_in_metrics_and_drains_on_sigterm() {
     }
     broker.take(&env.delivery_queue(), 20, WAIT).await;
     broker.take(&env.dead_queue(), 1, WAIT).await;
-    // A repeat of a job already forwarded counts as a duplicate.
+    // A repeat of a job whose forward is confirmed (recorded before its ack)
+    // counts as a duplicate.
+    let store = env.store().await;
+    eventually(WAIT, || forward_confirmed(&store, "alice", "a-1")).await;
     broker.publish_job(&env.send_queue(), "alice", "a-1").await;
 
     let deadline = Instant::now() + WAIT;

@@ -11,6 +11,7 @@ mod hardening;
 mod harness;
 mod lifecycle;
 mod operability;
+mod permissions;
 mod roles;
 mod store;
 mod tls;
