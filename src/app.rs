@@ -159,8 +159,13 @@ fn serve(shared: &Arc<Shared>, listener: TcpListener) -> Background {
                 tokio::select! {
                     _ = stop.cancelled() => return,
                     _ = tick.tick() => metrics.run_upkeep(),
-                    // What /readyz reports about the database, between batches.
-                    _ = probe.tick() => health.set_database_ok(store.ping(DATABASE_PROBE).await),
+                    // What /readyz reports about the database, between
+                    // batches; and the pool's size.
+                    _ = probe.tick() => {
+                        health.set_database_ok(store.ping(DATABASE_PROBE).await);
+                        let (open, idle, max) = store.pool_usage();
+                        crate::metrics::db_pool(open, idle, max);
+                    }
                 }
             }
         }

@@ -29,6 +29,7 @@ pub const HOLDS_EXPIRED: &str = "sendgate_holds_expired_total";
 pub const READY: &str = "sendgate_ready";
 pub const BUILD_INFO: &str = "sendgate_build_info";
 pub const API_REQUESTS: &str = "sendgate_api_requests_total";
+pub const DB_POOL_CONNECTIONS: &str = "sendgate_db_pool_connections";
 
 /// What kind of series a metric is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -158,7 +159,7 @@ pub const CATALOGUE: &[MetricDoc] = &[
     MetricDoc {
         name: QUEUE_MESSAGES,
         kind: Kind::Gauge,
-        labels: &[("queue", "send, delivery, dead_letter")],
+        labels: &[("queue", "send, delivery, dead_letter, outcomes, deferred")],
         unit: "messages",
         help: "Messages ready in each queue, polled with a passive declare.",
     },
@@ -194,6 +195,13 @@ pub const CATALOGUE: &[MetricDoc] = &[
         help: "1 when every worker is connected to the broker, the database answers and the process is not draining.",
     },
     MetricDoc {
+        name: DB_POOL_CONNECTIONS,
+        kind: Kind::Gauge,
+        labels: &[("state", "open, idle, max")],
+        unit: "connections",
+        help: "The database pool: connections open, idle among them, and the configured maximum.",
+    },
+    MetricDoc {
         name: API_REQUESTS,
         kind: Kind::Counter,
         labels: &[
@@ -209,9 +217,12 @@ pub const CATALOGUE: &[MetricDoc] = &[
     MetricDoc {
         name: BUILD_INFO,
         kind: Kind::Gauge,
-        labels: &[("version", "the crate version")],
+        labels: &[
+            ("version", "the crate version"),
+            ("revision", "the git commit it was built from, or `unknown`"),
+        ],
         unit: "",
-        help: "Always 1; the version label names the build.",
+        help: "Always 1; the labels name the build.",
     },
 ];
 
@@ -306,7 +317,8 @@ fn describe() {
             Kind::Histogram => describe_histogram!(m.name, m.help),
         }
     }
-    gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
+    gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION"), "revision" => env!("SENDGATE_REVISION"))
+        .set(1.0);
     // Zero every labelled series up front so dashboards and rate() see them
     // before the first event.
     counter!(JOBS_RECEIVED).absolute(0);
@@ -383,6 +395,13 @@ pub fn db_error(kind: &'static str) {
 
 pub fn publish_failed() {
     counter!(PUBLISH_FAILURES).increment(1);
+}
+
+/// The database pool's connections.
+pub fn db_pool(open: u32, idle: usize, max: u32) {
+    gauge!(DB_POOL_CONNECTIONS, "state" => "open").set(f64::from(open));
+    gauge!(DB_POOL_CONNECTIONS, "state" => "idle").set(idle as f64);
+    gauge!(DB_POOL_CONNECTIONS, "state" => "max").set(f64::from(max));
 }
 
 /// An API request, under its token's name (never the token).

@@ -187,6 +187,15 @@ impl Store {
         &self.pool
     }
 
+    /// The pool's connections: open, idle, and the configured maximum.
+    pub fn pool_usage(&self) -> (u32, usize, u32) {
+        (
+            self.pool.size(),
+            self.pool.num_idle(),
+            self.pool.options().get_max_connections(),
+        )
+    }
+
     pub fn limits(&self) -> Limits {
         self.limits
     }

@@ -71,11 +71,14 @@ impl Running {
     }
 
     async fn metrics(&self) -> String {
-        // Wait until the 21 jobs are counted and the depth poller has run.
+        // Wait until the 21 jobs are done and the depth poller has run.
         let deadline = Instant::now() + WAIT;
         loop {
             let text = http_get(self.addr(), "/metrics").await.unwrap().1;
+            // Received when its batch starts, done (and so in the duration
+            // histogram) once acked: wait for none in flight.
             if metric_value(&text, "sendgate_jobs_received_total") == Some(21.0)
+                && metric_value(&text, "sendgate_jobs_in_flight") == Some(0.0)
                 && text.contains("sendgate_queue_messages{")
             {
                 return text;
