@@ -648,3 +648,27 @@ fn rabbitmqctl(args: &[&str]) {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// Whether a session on the test's database waits for a lock right now.
+pub async fn someone_waits_for_a_lock(store: &Store) -> bool {
+    let waiting: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM pg_stat_activity
+         WHERE datname = current_database() AND wait_event_type = 'Lock'",
+    )
+    .fetch_one(store.pool())
+    .await
+    .unwrap();
+    waiting > 0
+}
+
+/// The state of the reservation under (account, key).
+pub async fn reservation_state(store: &Store, account: &str, key: &str) -> String {
+    sqlx::query_scalar(
+        "SELECT state FROM reservations WHERE account_id = $1 AND idempotency_key = $2",
+    )
+    .bind(account)
+    .bind(key)
+    .fetch_one(store.pool())
+    .await
+    .unwrap()
+}

@@ -31,17 +31,6 @@ fn text(value: &str) -> AMQPValue {
     AMQPValue::LongString(LongString::from(value))
 }
 
-async fn state(store: &Store, account: &str, key: &str) -> String {
-    sqlx::query_scalar(
-        "SELECT state FROM reservations WHERE account_id = $1 AND idempotency_key = $2",
-    )
-    .bind(account)
-    .bind(key)
-    .fetch_one(store.pool())
-    .await
-    .unwrap()
-}
-
 /// A delivery worker's report on `forward`, with `detail`.
 fn report_on(forward: &lapin::message::Delivery, outcome: &str, detail: &str) -> Vec<u8> {
     let job: serde_json::Value = serde_json::from_slice(&forward.data).unwrap();
@@ -183,11 +172,11 @@ async fn a_report_whose_detail_postgres_cannot_store_is_refused_and_the_reports_
     eventually(WAIT, || {
         let key = key_of(&forwards[1]);
         let store = &store;
-        async move { state(store, "nul", key.as_str()).await == "released" }
+        async move { reservation_state(store, "nul", key.as_str()).await == "released" }
     })
     .await;
     assert_eq!(
-        state(&store, "nul", key_of(&forwards[0]).as_str()).await,
+        reservation_state(&store, "nul", key_of(&forwards[0]).as_str()).await,
         "held"
     );
     assert_eq!(
@@ -583,17 +572,7 @@ async fn a_forward_is_marked_confirmed_before_its_job_is_acked() {
 
     let job = broker.publish_job(&env.send_queue(), "mark", "m-1").await;
     broker.take(&env.delivery_queue(), 1, WAIT).await;
-    eventually(WAIT, || async {
-        let waiting: i64 = sqlx::query_scalar(
-            "SELECT count(*) FROM pg_stat_activity
-             WHERE datname = current_database() AND wait_event_type = 'Lock'",
-        )
-        .fetch_one(store.pool())
-        .await
-        .unwrap();
-        waiting > 0
-    })
-    .await;
+    eventually(WAIT, || someone_waits_for_a_lock(&store)).await;
     // Forwarded and confirmed, but its mark is not written: not acked.
     assert_eq!(unacked(&env.send_queue()), 1, "acked before its mark");
 

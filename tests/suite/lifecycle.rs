@@ -48,17 +48,6 @@ fn forward_of<'a>(forwards: &'a [Delivery], key: &str) -> &'a Delivery {
         .unwrap_or_else(|| panic!("no forward of {key}"))
 }
 
-async fn state(store: &Store, account: &str, key: &str) -> String {
-    sqlx::query_scalar(
-        "SELECT state FROM reservations WHERE account_id = $1 AND idempotency_key = $2",
-    )
-    .bind(account)
-    .bind(key)
-    .fetch_one(store.pool())
-    .await
-    .unwrap()
-}
-
 async fn ledger_kinds(store: &Store, account: &str) -> Vec<(String, i64, i64)> {
     sqlx::query_as(
         "SELECT kind, delta, balance_after FROM credit_ledger WHERE account_id = $1 ORDER BY id",
@@ -83,13 +72,13 @@ async fn a_failed_delivery_gives_a_free_credit_back_and_a_delivered_one_keeps_it
     let forwards = broker.take(&env.delivery_queue(), 2, WAIT).await;
     let (one, two) = (forward_of(&forwards, "one"), forward_of(&forwards, "two"));
     assert_eq!(balance_and_ledger(&store, "fay").await, (0, 0));
-    assert_eq!(state(&store, "fay", "one").await, "held");
+    assert_eq!(reservation_state(&store, "fay", "one").await, "held");
 
     report(&broker, &env, one, "failed").await;
     report(&broker, &env, two, "delivered").await;
     eventually(WAIT, || async {
-        state(&store, "fay", "one").await == "released"
-            && state(&store, "fay", "two").await == "committed"
+        reservation_state(&store, "fay", "one").await == "released"
+            && reservation_state(&store, "fay", "two").await == "committed"
     })
     .await;
     assert_eq!(balance_and_ledger(&store, "fay").await, (1, 1));
@@ -116,7 +105,7 @@ async fn a_failed_delivery_gives_a_free_credit_back_and_a_delivered_one_keeps_it
         4,
         "grant, two sends, one release"
     );
-    assert_eq!(state(&store, "fay", "two").await, "committed");
+    assert_eq!(reservation_state(&store, "fay", "two").await, "committed");
 
     // The failed send, sent again, is a new attempt: charged afresh.
     broker.publish(&env.send_queue(), &first, None).await;
@@ -126,7 +115,7 @@ async fn a_failed_delivery_gives_a_free_credit_back_and_a_delivered_one_keeps_it
         Some("0")
     );
     assert_eq!(balance_and_ledger(&store, "fay").await, (0, 0));
-    assert_eq!(state(&store, "fay", "one").await, "held");
+    assert_eq!(reservation_state(&store, "fay", "one").await, "held");
 
     gate.shutdown().await;
     env.cleanup().await;
@@ -149,7 +138,7 @@ async fn a_failed_pro_delivery_gives_its_daily_slot_back() {
 
     report(&broker, &env, &a[0], "failed").await;
     eventually(WAIT, || async {
-        state(&store, "pat", "a").await == "released"
+        reservation_state(&store, "pat", "a").await == "released"
     })
     .await;
     // The slot is back: the refused job passes now.
@@ -178,7 +167,7 @@ async fn a_stale_failed_report_never_refunds_the_charge_made_after_it() {
     let first = broker.take(&env.delivery_queue(), 1, WAIT).await;
     report(&broker, &env, &first[0], "failed").await;
     eventually(WAIT, || async {
-        state(&store, "gil", "k").await == "released"
+        reservation_state(&store, "gil", "k").await == "released"
     })
     .await;
     assert_eq!(balance_and_ledger(&store, "gil").await, (2, 2));
@@ -197,7 +186,7 @@ async fn a_stale_failed_report_never_refunds_the_charge_made_after_it() {
     report(&broker, &env, &first[0], "failed").await;
     report(&broker, &env, &second[0], "delivered").await;
     eventually(WAIT, || async {
-        state(&store, "gil", "k").await == "committed"
+        reservation_state(&store, "gil", "k").await == "committed"
     })
     .await;
     assert_eq!(

@@ -257,17 +257,7 @@ async fn settling_and_deciding_lock_accounts_in_one_order_whatever_the_collation
         ];
         async move { store.settle(&reports, now).await }
     });
-    eventually(WAIT, || async {
-        let waiting: i64 = sqlx::query_scalar(
-            "SELECT count(*) FROM pg_stat_activity
-             WHERE datname = current_database() AND wait_event_type = 'Lock'",
-        )
-        .fetch_one(store.pool())
-        .await
-        .unwrap();
-        waiting > 0
-    })
-    .await;
+    eventually(WAIT, || someone_waits_for_a_lock(&store)).await;
     sqlx::query("SET LOCAL lock_timeout = '5s'")
         .execute(&mut *holder)
         .await

@@ -11,7 +11,9 @@ use std::collections::HashMap;
 use chrono::{DateTime, Duration, NaiveDate, Utc};
 use chrono_tz::Tz;
 use proptest::prelude::*;
-use sendgate_core::decision::{AccountState, Decision, PriorReservation, decide_batch};
+use sendgate_core::decision::{
+    AccountState, BalanceChange, Decision, PriorReservation, UsageChange, decide_batch,
+};
 use sendgate_core::ids::{AccountId, JobKey};
 use sendgate_core::job::Job;
 use sendgate_core::plan::{Limits, OnLimit, Plan, local_day};
@@ -200,14 +202,7 @@ impl Model {
             );
             self.ledger.push(row);
         }
-        for change in &effects.balances {
-            self.balances
-                .insert(change.account_id.clone(), change.balance);
-        }
-        for change in &effects.usage {
-            self.usage
-                .insert((change.account_id.clone(), change.day), change.used);
-        }
+        self.apply(&effects.balances, &effects.usage);
         self.last_batch.clear();
         for (job, decision) in jobs.iter().zip(&decisions) {
             if let Decision::Forward(forward) = decision {
@@ -280,15 +275,20 @@ impl Model {
             );
             self.ledger.push(row);
         }
-        for change in &effects.balances {
+        self.apply(&effects.balances, &effects.usage);
+        self.check()
+    }
+
+    /// Balances and usage as the store writes them.
+    fn apply(&mut self, balances: &[BalanceChange], usage: &[UsageChange]) {
+        for change in balances {
             self.balances
                 .insert(change.account_id.clone(), change.balance);
         }
-        for change in &effects.usage {
+        for change in usage {
             self.usage
                 .insert((change.account_id.clone(), change.day), change.used);
         }
-        self.check()
     }
 
     fn confirm(&mut self) {
