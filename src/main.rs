@@ -3,22 +3,24 @@
 use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::str::FromStr;
 use std::sync::Arc;
 
 use anyhow::Context;
+use clap::builder::TypedValueParser as _;
 use clap::{Parser, Subcommand};
 use sendgate::clock::{Clock, SystemClock};
 use sendgate::config::Settings;
 use sendgate::domain::ids::AccountId;
 use sendgate::domain::plan::{Plan, parse_timezone};
-use sendgate::store::{AccountSummary, Created, Store};
+use sendgate::store::{AccountSummary, Created, Store, StoreError};
 use tokio_util::sync::CancellationToken;
 
 #[derive(Parser)]
 #[command(version, about = "Credit gate for voice-note send jobs")]
 struct Cli {
     /// A TOML file layered over config/default.toml.
-    #[arg(long, global = true, value_name = "FILE")]
+    #[arg(long, global = true, value_name = "FILE", env = "SENDGATE_CONFIG")]
     config: Option<PathBuf>,
     #[command(subcommand)]
     command: Command,
@@ -79,7 +81,7 @@ enum AccountsCommand {
     Create {
         #[arg(value_parser = parse_account_id)]
         id: AccountId,
-        #[arg(long, value_parser = parse_plan)]
+        #[arg(long, value_parser = plan_parser())]
         plan: Plan,
         /// IANA time zone of the account's calendar day (Pro daily limit).
         #[arg(long, default_value = "UTC", value_parser = check_timezone)]
@@ -89,7 +91,7 @@ enum AccountsCommand {
     SetPlan {
         #[arg(value_parser = parse_account_id)]
         id: AccountId,
-        #[arg(value_parser = parse_plan)]
+        #[arg(value_parser = plan_parser())]
         plan: Plan,
     },
     /// Show plan, credit balance, today's usage and the recent ledger.
@@ -102,8 +104,40 @@ enum AccountsCommand {
     },
 }
 
-fn parse_plan(value: &str) -> Result<Plan, String> {
-    value.parse::<Plan>().map_err(|err| err.to_string())
+/// One of the plans, listed in `--help` and in the error for any other.
+fn plan_parser() -> impl clap::builder::TypedValueParser<Value = Plan> {
+    clap::builder::PossibleValuesParser::new(Plan::ALL.map(Plan::as_str))
+        .map(|name| Plan::from_str(&name).expect("one of the possible values"))
+}
+
+/// Exit codes, as sysexits(3) names them.
+mod exit {
+    /// The command line is wrong.
+    pub const USAGE: u8 = 64;
+    /// The account (or other thing named) does not exist.
+    pub const NOT_FOUND: u8 = 67;
+    /// The database or the broker cannot be reached or refuses the work.
+    pub const UNAVAILABLE: u8 = 69;
+    /// A setting is unknown or invalid.
+    pub const CONFIG: u8 = 78;
+}
+
+/// The exit code for a command that failed with `err`.
+fn exit_code(err: &anyhow::Error) -> u8 {
+    for cause in err.chain() {
+        if let Some(store) = cause.downcast_ref::<StoreError>() {
+            return match store {
+                StoreError::UnknownAccount(_) => exit::NOT_FOUND,
+                StoreError::NotMigrated { .. } => exit::CONFIG,
+                e if e.is_transient() => exit::UNAVAILABLE,
+                _ => 1,
+            };
+        }
+        if cause.downcast_ref::<lapin::Error>().is_some() {
+            return exit::UNAVAILABLE;
+        }
+    }
+    1
 }
 
 fn parse_account_id(value: &str) -> Result<AccountId, String> {
@@ -115,12 +149,23 @@ fn check_timezone(value: &str) -> Result<String, String> {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        // --help and --version print and succeed; anything else is a usage error.
+        Err(err) if !err.use_stderr() => {
+            let _ = err.print();
+            return ExitCode::SUCCESS;
+        }
+        Err(err) => {
+            let _ = err.print();
+            return ExitCode::from(exit::USAGE);
+        }
+    };
     let settings = match Settings::load(cli.config.as_deref()) {
         Ok(settings) => settings,
         Err(err) => {
             eprintln!("sendgate: {err}");
-            return ExitCode::from(2);
+            return ExitCode::from(exit::CONFIG);
         }
     };
     sendgate::telemetry::init(&settings.log);
@@ -141,7 +186,7 @@ fn main() -> ExitCode {
             } else {
                 eprintln!("sendgate: {err:#}");
             }
-            ExitCode::FAILURE
+            ExitCode::from(exit_code(&err))
         }
     }
 }

@@ -41,19 +41,24 @@ async fn account_commands_grant_once_and_report_clear_errors() {
         "{table}"
     );
 
-    // Errors: one clear line on stderr and a non-zero exit.
+    // Errors: one clear line on stderr and a distinct exit code
+    // (sysexits: 64 usage, 67 not found, 69 unavailable, 78 config).
     let out = cli(&env, &["accounts", "show", "nobody"]);
-    assert!(!out.status.success());
+    assert_eq!(out.status.code(), Some(67));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
     assert!(stderr.contains("`nobody` does not exist"), "{stderr}");
 
     let out = cli(&env, &["accounts", "set-plan", "nobody", "pro"]);
-    assert!(!out.status.success());
+    assert_eq!(out.status.code(), Some(67));
 
     let out = cli(&env, &["accounts", "create", "yan", "--plan", "gold"]);
-    assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("unknown plan `gold`"));
+    assert_eq!(out.status.code(), Some(64));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("gold") && stderr.contains("free, pro, scale"),
+        "{stderr}"
+    );
 
     let out = cli(
         &env,
@@ -73,14 +78,23 @@ async fn account_commands_grant_once_and_report_clear_errors() {
     let mut bad = TestEnv::new();
     bad.set("SENDGATE__AMQP__PREFETCH", "many");
     let out = cli(&bad, &["migrate"]);
-    assert!(!out.status.success());
+    assert_eq!(out.status.code(), Some(78));
     assert!(String::from_utf8_lossy(&out.stderr).contains("amqp.prefetch"));
+    // The config file may come from SENDGATE_CONFIG.
+    let file = std::env::temp_dir().join(format!("sendgate-{}.toml", env.id));
+    std::fs::write(&file, "[amqp]\nprefetch = 0\n").unwrap();
+    let mut from_file = TestEnv::new();
+    from_file.set("SENDGATE_CONFIG", file.to_str().unwrap());
+    let out = cli(&from_file, &["config"]);
+    assert_eq!(out.status.code(), Some(78));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("amqp.prefetch"));
+    std::fs::remove_file(&file).unwrap();
 
     let mut unreachable = TestEnv::new();
     unreachable.set("DATABASE_URL", "postgres://postgres@127.0.0.1:1/none");
     unreachable.set("SENDGATE__DATABASE__ACQUIRE_TIMEOUT_MS", "1000");
     let out = cli(&unreachable, &["accounts", "show", "x"]);
-    assert!(!out.status.success());
+    assert_eq!(out.status.code(), Some(69));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("cannot reach the database"), "{stderr}");
 
