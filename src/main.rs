@@ -73,6 +73,9 @@ struct DeadLetterFilter {
     /// At most this many.
     #[arg(long, default_value_t = 1000)]
     limit: usize,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Subcommand)]
@@ -86,6 +89,9 @@ enum AccountsCommand {
         /// IANA time zone of the account's calendar day (Pro daily limit).
         #[arg(long, default_value = "UTC", value_parser = check_timezone)]
         timezone: String,
+        /// Print the account as JSON, with whether it was created.
+        #[arg(long)]
+        json: bool,
     },
     /// Change an account's plan; it applies from the next job on.
     SetPlan {
@@ -93,6 +99,9 @@ enum AccountsCommand {
         id: AccountId,
         #[arg(value_parser = plan_parser())]
         plan: Plan,
+        /// Print the account as JSON.
+        #[arg(long)]
+        json: bool,
     },
     /// Show plan, credit balance, today's usage and the recent ledger.
     Show {
@@ -252,8 +261,23 @@ async fn accounts(command: AccountsCommand, settings: &Settings) -> anyhow::Resu
     let store = open_store(settings, settings.database.migrate_on_start).await?;
     let mut out = std::io::stdout().lock();
     match command {
-        AccountsCommand::Create { id, plan, timezone } => {
-            match store.create_account(&id, plan, &timezone).await? {
+        AccountsCommand::Create {
+            id,
+            plan,
+            timezone,
+            json,
+        } => {
+            let created = store.create_account(&id, plan, &timezone).await?;
+            if json {
+                let account = store.account_summary(&id, SystemClock.now(), 20).await?;
+                let created = matches!(created, Created::New { .. });
+                let shown = serde_json::json!({ "created": created, "account": account });
+                serde_json::to_writer_pretty(&mut out, &shown)?;
+                writeln!(out)?;
+                store.close().await;
+                return Ok(());
+            }
+            match created {
                 Created::New { granted } if plan == Plan::Free => writeln!(
                     out,
                     "created account {id} on the free plan with {granted} signup credits"
@@ -265,9 +289,15 @@ async fn accounts(command: AccountsCommand, settings: &Settings) -> anyhow::Resu
                 )?,
             }
         }
-        AccountsCommand::SetPlan { id, plan } => {
+        AccountsCommand::SetPlan { id, plan, json } => {
             store.set_plan(&id, plan).await?;
-            writeln!(out, "account {id} is now on the {plan} plan")?;
+            if json {
+                let account = store.account_summary(&id, SystemClock.now(), 20).await?;
+                serde_json::to_writer_pretty(&mut out, &account)?;
+                writeln!(out)?;
+            } else {
+                writeln!(out, "account {id} is now on the {plan} plan")?;
+            }
         }
         AccountsCommand::Show { id, json } => {
             let summary = store.account_summary(&id, SystemClock.now(), 20).await?;
@@ -304,6 +334,17 @@ async fn dead_letters(command: DeadLettersCommand, settings: &Settings) -> anyho
         format!("dead letters at {url} (amqp.url / AMQP_URL, amqp.ca_file)")
     })?;
     let mut out = std::io::stdout().lock();
+    if filter.json {
+        let action = match (move_them, dry_run) {
+            (true, _) => "moved",
+            (false, true) => "would_move",
+            (false, false) => "listed",
+        };
+        let shown = serde_json::json!({ action: chosen.len(), "dead_letters": chosen });
+        serde_json::to_writer_pretty(&mut out, &shown)?;
+        writeln!(out)?;
+        return Ok(());
+    }
     writeln!(
         out,
         "{:<6}  {:<22}  {:<20}  {:<30}  detail",

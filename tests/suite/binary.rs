@@ -41,6 +41,29 @@ async fn account_commands_grant_once_and_report_clear_errors() {
         "{table}"
     );
 
+    // Every account command speaks JSON when asked.
+    let json = |args: &[&str]| -> serde_json::Value {
+        let out = cli(&env, args);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    let created = json(&["accounts", "create", "jay", "--plan", "pro", "--json"]);
+    assert_eq!(
+        (
+            created["created"].as_bool(),
+            created["account"]["plan"].as_str()
+        ),
+        (Some(true), Some("pro"))
+    );
+    let again = json(&["accounts", "create", "jay", "--plan", "pro", "--json"]);
+    assert_eq!(again["created"], false);
+    let changed = json(&["accounts", "set-plan", "jay", "scale", "--json"]);
+    assert_eq!(changed["plan"], "scale");
+
     // Errors: one clear line on stderr and a distinct exit code
     // (sysexits: 64 usage, 67 not found, 69 unavailable, 78 config).
     let out = cli(&env, &["accounts", "show", "nobody"]);

@@ -219,6 +219,25 @@ async fn redrive_moves_refused_jobs_and_never_refused_reports() {
     .await;
 
     store.set_plan(&id("rex"), Plan::Scale).await.unwrap();
+    let listed = cli(
+        &env,
+        &["dead-letters", "list", "--account", "rex", "--json"],
+    );
+    let listed: serde_json::Value = serde_json::from_slice(&listed.stdout).unwrap();
+    assert_eq!(listed["listed"], 3, "{listed}");
+    let dry = cli(
+        &env,
+        &[
+            "dead-letters",
+            "redrive",
+            "--account",
+            "rex",
+            "--dry-run",
+            "--json",
+        ],
+    );
+    let dry: serde_json::Value = serde_json::from_slice(&dry.stdout).unwrap();
+    assert_eq!(dry["would_move"], 1, "only the job: {dry}");
     let listed = cli(&env, &["dead-letters", "list", "--account", "rex"]);
     let listed = String::from_utf8_lossy(&listed.stdout).into_owned();
     assert_eq!(
