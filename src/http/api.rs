@@ -7,6 +7,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
+use axum::extract::rejection::PathRejection;
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
@@ -127,8 +128,24 @@ fn capacity_of(summary: &AccountSummary, now: DateTime<Utc>) -> Capacity {
     }
 }
 
-fn checked_id(id: String) -> Result<AccountId, ApiError> {
+/// The account id of the path, checked once: a path that is not UTF-8
+/// (or not an id) is a JSON 400 like any other bad input.
+fn checked_id(id: Result<Path<String>, PathRejection>) -> Result<AccountId, ApiError> {
+    let Path(id) = id.map_err(|err| bad_request(err.body_text()))?;
     AccountId::parse(id).map_err(|err| bad_request(err.0))
+}
+
+/// Any path the API does not serve: a JSON 404.
+pub async fn not_found() -> ApiError {
+    ApiError(StatusCode::NOT_FOUND, "no such resource".to_owned())
+}
+
+/// A method the path does not take: a JSON 405.
+pub async fn method_not_allowed() -> ApiError {
+    ApiError(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method not allowed here".to_owned(),
+    )
 }
 
 async fn view(state: &ApiState, id: &AccountId) -> Result<AccountView, ApiError> {
@@ -151,7 +168,7 @@ async fn view(state: &ApiState, id: &AccountId) -> Result<AccountView, ApiError>
 
 async fn show(
     State(state): State<ApiState>,
-    Path(id): Path<String>,
+    id: Result<Path<String>, PathRejection>,
 ) -> Result<Json<AccountView>, ApiError> {
     Ok(Json(view(&state, &checked_id(id)?).await?))
 }
@@ -166,7 +183,7 @@ struct PutAccount {
 /// Creates the account (201), or changes its plan (200).
 async fn put(
     State(state): State<ApiState>,
-    Path(id): Path<String>,
+    id: Result<Path<String>, PathRejection>,
     body: Result<Json<PutAccount>, axum::extract::rejection::JsonRejection>,
 ) -> Result<Response, ApiError> {
     let Json(body) = body.map_err(|err| bad_request(err.body_text()))?;
@@ -211,7 +228,7 @@ struct LedgerPage {
 
 async fn ledger(
     State(state): State<ApiState>,
-    Path(id): Path<String>,
+    id: Result<Path<String>, PathRejection>,
     Query(query): Query<HashMap<String, String>>,
 ) -> Result<Json<LedgerPage>, ApiError> {
     let limit = match query.get("limit") {
@@ -249,7 +266,7 @@ async fn ledger(
 
 async fn capacity(
     State(state): State<ApiState>,
-    Path(id): Path<String>,
+    id: Result<Path<String>, PathRejection>,
 ) -> Result<Json<Capacity>, ApiError> {
     let now = state.clock.now();
     let summary = state

@@ -33,6 +33,8 @@ pub fn router(
     let tokens = Tokens::new(settings.tokens());
     ops::router(metrics, health)
         .merge(api::router(store, clock, tokens))
+        .fallback(api::not_found)
+        .method_not_allowed_fallback(api::method_not_allowed)
         .layer(TimeoutLayer::with_status_code(
             StatusCode::REQUEST_TIMEOUT,
             settings.request_timeout(),

@@ -319,6 +319,21 @@ async fn bad_input_gets_a_json_error_naming_the_problem() {
             400,
             "page",
         ),
+        (
+            "GET",
+            "/v1/accounts/ann/nonsense".to_owned(),
+            None,
+            404,
+            "no such resource",
+        ),
+        (
+            "DELETE",
+            "/v1/accounts/ann".to_owned(),
+            None,
+            405,
+            "not allowed",
+        ),
+        ("GET", "/v1/accounts/%FF".to_owned(), None, 400, ""),
     ] {
         let (got, text) = http_request(http, method, &path, t, body).await;
         assert_eq!(got, status, "{method} {path} {body:?}: {text}");
