@@ -7,7 +7,7 @@
 
 use std::time::{Duration, Instant};
 
-use lapin::options::{BasicAckOptions, BasicNackOptions, BasicPublishOptions};
+use lapin::options::{BasicAckOptions, BasicPublishOptions};
 use lapin::{Channel, Confirmation, PublisherConfirm};
 use tracing::warn;
 
@@ -156,25 +156,16 @@ pub async fn publish_confirmed(
     publish_until_accepted(channel, settings, messages, failed).await
 }
 
-/// What to do with a finished batch.
-pub enum Acknowledge {
-    Ack,
-    /// Give it back to the broker, to be delivered again.
-    Requeue,
-}
-
-/// Acks (or returns to the queue) a whole batch: one `multiple` ack per
-/// channel its deliveries came on, at its last delivery there. Batches
-/// complete in the order they were gathered, so every earlier delivery on
-/// that channel belongs to an earlier batch, already acked: each ack covers
-/// exactly this batch's deliveries.
+/// Acks a whole batch: one `multiple` ack per channel its deliveries came
+/// on, at its last delivery there. Batches complete in the order they were
+/// gathered, so every earlier delivery on that channel belongs to an earlier
+/// batch, already acked: each ack covers exactly this batch's deliveries.
+/// Nothing is ever handed back: a dependency's trouble holds the batch, and
+/// what the data causes is dead-lettered alone.
 ///
 /// # Errors
 /// The channel failed.
-pub async fn acknowledge<'a>(
-    batch: impl Iterator<Item = &'a Received>,
-    how: Acknowledge,
-) -> Result<(), SessionError> {
+pub async fn ack<'a>(batch: impl Iterator<Item = &'a Received>) -> Result<(), SessionError> {
     let mut last: Vec<Option<&Received>> = Vec::new();
     for received in batch {
         if last.len() <= received.channel {
@@ -183,19 +174,12 @@ pub async fn acknowledge<'a>(
         last[received.channel] = Some(received);
     }
     for received in last.into_iter().flatten() {
-        let acker = &received.delivery.acker;
-        let done = match how {
-            Acknowledge::Ack => acker.ack(BasicAckOptions { multiple: true }).await?,
-            Acknowledge::Requeue => {
-                acker
-                    .nack(BasicNackOptions {
-                        multiple: true,
-                        requeue: true,
-                    })
-                    .await?
-            }
-        };
-        if !done {
+        let acked = received
+            .delivery
+            .acker
+            .ack(BasicAckOptions { multiple: true })
+            .await?;
+        if !acked {
             return Err(SessionError::AckFailed);
         }
     }

@@ -41,7 +41,7 @@ use super::batcher::Batcher;
 use super::marks::{self, Confirmed};
 use super::record::JobDecided;
 use super::{InFlight, Shared, Worker, isolate};
-use crate::amqp::confirm::{self, Acknowledge, Confirms, Publication};
+use crate::amqp::confirm::{self, Confirms, Publication};
 use crate::amqp::message::{self, Outgoing};
 use crate::amqp::session::{Received, SessionError};
 use crate::domain::decision::Decision;
@@ -342,7 +342,7 @@ impl JobsWorker {
         let publish_time = started.elapsed();
         // Marked before the ack, so no later copy is forwarded again.
         marks::record(&self.shared, &done.confirmed()).await;
-        confirm::acknowledge(done.slots.iter().map(|s| &s.received), Acknowledge::Ack).await?;
+        confirm::ack(done.slots.iter().map(|s| &s.received)).await?;
         let waited = done.slots[0]
             .received
             .at

@@ -13,7 +13,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, error};
 
 use super::{Shared, Worker, isolate};
-use crate::amqp::confirm::{self, Acknowledge, Publication};
+use crate::amqp::confirm::{self, Publication};
 use crate::amqp::message::{self, Outgoing};
 use crate::amqp::session::{Received, SessionError};
 use crate::domain::decision::Decision;
@@ -144,7 +144,7 @@ impl OutcomesWorker {
             })
             .collect();
         confirm::publish_confirmed(channel, &shared.settings.amqp, &publications).await?;
-        confirm::acknowledge(batch.iter(), Acknowledge::Ack).await?;
+        confirm::ack(batch.iter()).await?;
         for verdict in &verdicts {
             metrics::outcome(verdict.result);
         }
