@@ -16,6 +16,19 @@ use config::{Config, Environment, File, FileFormat};
 use secrecy::{ExposeSecret, SecretString};
 use serde::{Deserialize, Serialize};
 
+/// The first of (setting, value, min, max) outside its range, named.
+fn within_bounds(bounds: &[(&'static str, u64, u64, u64)]) -> Result<(), ConfigError> {
+    for &(setting, value, min, max) in bounds {
+        if value < min || value > max {
+            return Err(invalid(
+                setting,
+                format!("is {value}; must be between {min} and {max}"),
+            ));
+        }
+    }
+    Ok(())
+}
+
 fn invalid(setting: &'static str, problem: impl Into<String>) -> ConfigError {
     ConfigError::Invalid {
         setting,
@@ -187,15 +200,7 @@ impl ApiSettings {
                 10_000,
             ),
         ];
-        for (setting, value, min, max) in bounds {
-            if value < min || value > max {
-                return Err(invalid(
-                    setting,
-                    format!("is {value}; must be between {min} and {max}"),
-                ));
-            }
-        }
-        Ok(())
+        within_bounds(&bounds)
     }
 }
 
@@ -573,15 +578,7 @@ impl Settings {
                 3_600,
             ),
         ];
-        for (setting, value, min, max) in bounds {
-            if value < min || value > max {
-                return Err(invalid(
-                    setting,
-                    format!("is {value}; must be between {min} and {max}"),
-                ));
-            }
-        }
-        Ok(())
+        within_bounds(&bounds)
     }
 
     fn validate_connections(&self) -> Result<(), ConfigError> {
