@@ -147,6 +147,22 @@ pub async fn private_rabbit_with_definitions(definitions: &Path) -> &'static Pri
     &watched.service
 }
 
+/// A folder of this process's own under the temporary folder, removed when
+/// the process exits, however it exits.
+pub fn scratch_dir(name: &str) -> PathBuf {
+    static WATCHDOGS: std::sync::Mutex<Vec<std::process::Child>> =
+        std::sync::Mutex::new(Vec::new());
+    let dir = root().join(name);
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let watchdog = watch(&dir, "true");
+    WATCHDOGS
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .push(watchdog);
+    dir
+}
+
 /// This process's folder for its services.
 fn root() -> PathBuf {
     std::env::temp_dir().join(format!("sendgate-test-{}", std::process::id()))

@@ -13,7 +13,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::OnceCell;
 
 use crate::harness::services::{
-    PrivatePostgres, PrivateRabbit, private_postgres, private_tls_rabbit,
+    PrivatePostgres, PrivateRabbit, private_postgres, private_tls_rabbit, scratch_dir,
 };
 use crate::harness::*;
 
@@ -27,8 +27,7 @@ struct Ca {
 async fn ca() -> &'static Ca {
     static CA: OnceCell<Ca> = OnceCell::const_new();
     CA.get_or_init(|| async {
-        let dir = std::env::temp_dir().join(format!("sendgate-tls-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
+        let dir = scratch_dir("tls");
         let (cert, key) = (dir.join("ca.pem"), dir.join("ca.key"));
         openssl(&[
             "req",
