@@ -447,7 +447,11 @@ impl Settings {
     /// A missing or unreadable file, an unknown key, a value of the wrong type
     /// or out of range; the message names the setting.
     pub fn load(file: Option<&Path>) -> Result<Self, ConfigError> {
-        Self::load_from(file, |name| std::env::var(name).ok(), std::env::vars())
+        // A variable that is not UTF-8 cannot be a setting of ours; skipping
+        // it keeps one stray variable from stopping start-up.
+        let vars = std::env::vars_os()
+            .filter_map(|(key, value)| Some((key.into_string().ok()?, value.into_string().ok()?)));
+        Self::load_from(file, vars)
     }
 
     /// [`Settings::load`] with the environment passed in, for tests.
@@ -456,7 +460,6 @@ impl Settings {
     /// As [`Settings::load`].
     pub fn load_from(
         file: Option<&Path>,
-        var: impl Fn(&str) -> Option<String>,
         vars: impl IntoIterator<Item = (String, String)>,
     ) -> Result<Self, ConfigError> {
         let mut builder =
@@ -464,9 +467,12 @@ impl Settings {
         if let Some(path) = file {
             builder = builder.add_source(File::from(path).format(FileFormat::Toml).required(true));
         }
+        let vars: config::Map<String, String> = vars.into_iter().collect();
+        let var = |name: &str| vars.get(name).cloned();
         let env: config::Map<String, String> = vars
-            .into_iter()
+            .iter()
             .filter(|(key, _)| key.starts_with("SENDGATE__"))
+            .map(|(key, value)| (key.clone(), value.clone()))
             .collect();
         builder = builder.add_source(
             Environment::with_prefix("SENDGATE")
@@ -682,17 +688,7 @@ mod tests {
             .iter()
             .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
             .collect();
-        let lookup = env.clone();
-        Settings::load_from(
-            None,
-            move |name| {
-                lookup
-                    .iter()
-                    .find(|(k, _)| k == name)
-                    .map(|(_, v)| v.clone())
-            },
-            env,
-        )
+        Settings::load_from(None, env)
     }
 
     #[test]

@@ -133,19 +133,7 @@ impl TestEnv {
     }
 
     pub fn settings(&self) -> Settings {
-        let env = self.env.clone();
-        let lookup = env.clone();
-        Settings::load_from(
-            None,
-            move |name| {
-                lookup
-                    .iter()
-                    .find(|(k, _)| k == name)
-                    .map(|(_, v)| v.clone())
-            },
-            env,
-        )
-        .expect("test settings are valid")
+        Settings::load_from(None, self.env.clone()).expect("test settings are valid")
     }
 
     /// A setting's value as this test sets it.
@@ -307,15 +295,7 @@ impl Broker {
         let connection = Connection::connect(url, ConnectionProperties::default())
             .await
             .expect("RabbitMQ is reachable");
-        let channel = connection.create_channel().await.unwrap();
-        channel
-            .confirm_select(ConfirmSelectOptions::default())
-            .await
-            .unwrap();
-        Broker {
-            connection,
-            channel,
-        }
+        Broker::over(connection).await
     }
 
     /// Publishes a job as the scheduler does: persistent JSON through the
