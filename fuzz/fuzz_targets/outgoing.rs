@@ -15,7 +15,7 @@ use sendgate_core::plan::{Charge, Plan, Reason};
 fn settings() -> &'static AmqpSettings {
     static SETTINGS: OnceLock<AmqpSettings> = OnceLock::new();
     SETTINGS.get_or_init(|| {
-        Settings::load_from(None, |_| None, Vec::new())
+        Settings::load_from(None, Vec::new())
             .expect("the defaults load")
             .amqp
     })
