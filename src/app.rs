@@ -212,6 +212,7 @@ async fn prepare_database(settings: &Settings, stop: &CancellationToken) -> anyh
     let migrate = settings.database.migrate_on_start;
     let prepared = retry::until_ok(
         move || async move {
+            store_ref.locate_primary().await;
             if !migrate {
                 return store_ref.check_migrated().await;
             }

@@ -402,35 +402,45 @@ impl Secret {
     }
 
     /// The value with its password and credential parameters (`?password=`
-    /// and the like) replaced by `***`, fit for logs.
+    /// and the like) replaced by `***`, fit for logs; a list of servers as
+    /// one redacted URL per server.
     pub fn redacted(&self) -> String {
-        let Ok(mut url) = url::Url::parse(self.expose()) else {
-            return "<unparsable connection string>".to_owned();
-        };
-        if url.password().is_some() {
-            // Setting a password only fails for URLs that cannot have one,
-            // and this one just had one.
-            let _ = url.set_password(Some("***"));
-        }
-        let pairs: Vec<(String, String)> = url
-            .query_pairs()
-            .map(|(k, v)| {
-                let hidden = SECRET_PARAMETERS.contains(&k.to_ascii_lowercase().as_str());
-                (
-                    k.into_owned(),
-                    if hidden {
-                        "***".to_owned()
-                    } else {
-                        v.into_owned()
-                    },
-                )
-            })
-            .collect();
-        if !pairs.is_empty() {
-            url.query_pairs_mut().clear().extend_pairs(pairs);
-        }
-        url.to_string()
+        crate::endpoints::servers(self.expose())
+            .iter()
+            .map(|server| redact(server))
+            .collect::<Vec<_>>()
+            .join(",")
     }
+}
+
+/// One server's URL with its password and credential parameters hidden.
+fn redact(value: &str) -> String {
+    let Ok(mut url) = url::Url::parse(value) else {
+        return "<unparsable connection string>".to_owned();
+    };
+    if url.password().is_some() {
+        // Setting a password only fails for URLs that cannot have one,
+        // and this one just had one.
+        let _ = url.set_password(Some("***"));
+    }
+    let pairs: Vec<(String, String)> = url
+        .query_pairs()
+        .map(|(k, v)| {
+            let hidden = SECRET_PARAMETERS.contains(&k.to_ascii_lowercase().as_str());
+            (
+                k.into_owned(),
+                if hidden {
+                    "***".to_owned()
+                } else {
+                    v.into_owned()
+                },
+            )
+        })
+        .collect();
+    if !pairs.is_empty() {
+        url.query_pairs_mut().clear().extend_pairs(pairs);
+    }
+    url.to_string()
 }
 
 impl fmt::Debug for Secret {
@@ -589,10 +599,8 @@ impl Settings {
 
     fn validate_connections(&self) -> Result<(), ConfigError> {
         let url_scheme =
-            |value: &Secret, setting: &'static str, schemes: &[&str]| match url::Url::parse(
-                value.expose(),
-            ) {
-                Ok(url) if schemes.contains(&url.scheme()) => Ok(()),
+            |value: &str, setting: &'static str, schemes: &[&str]| match url::Url::parse(value) {
+                Ok(url) if schemes.contains(&url.scheme()) => Ok(url),
                 Ok(url) => Err(invalid(
                     setting,
                     format!(
@@ -603,12 +611,34 @@ impl Settings {
                 )),
                 Err(err) => Err(invalid(setting, format!("is not a URL: {err}"))),
             };
-        url_scheme(
-            &self.database.url,
-            "database.url",
-            &["postgres", "postgresql"],
-        )?;
-        url_scheme(&self.amqp.url, "amqp.url", &["amqp", "amqps"])?;
+        let hosts = crate::endpoints::postgres_hosts(self.database.url.expose())
+            .map_err(|problem| invalid("database.url", problem))?;
+        for host in &hosts {
+            url_scheme(host, "database.url", &["postgres", "postgresql"])?;
+        }
+        let nodes = crate::endpoints::amqp_nodes(self.amqp.url.expose());
+        if nodes.is_empty() {
+            return Err(invalid("amqp.url", "names no broker node"));
+        }
+        let mut vhost = None;
+        for node in nodes {
+            let url = url_scheme(node, "amqp.url", &["amqp", "amqps"])?;
+            // Every node must lead to the same queues.
+            match vhost {
+                None => vhost = Some(url.path().to_owned()),
+                Some(ref first) if *first != url.path() => {
+                    return Err(invalid(
+                        "amqp.url",
+                        format!(
+                            "lists nodes with different vhosts ({first} and {}): \
+                             every node of a cluster must name the same vhost",
+                            url.path()
+                        ),
+                    ));
+                }
+                Some(_) => {}
+            }
+        }
         if self.database.max_connections == 0 {
             return Err(invalid("database.max_connections", "must be at least 1"));
         }
@@ -763,6 +793,67 @@ mod tests {
         let dump = serde_json::to_string(&settings).expect("serializable");
         assert!(!dump.contains("hunter2"), "{dump}");
         assert!(dump.contains("postgres://u:***@db/x"), "{dump}");
+    }
+
+    #[test]
+    fn server_lists_are_accepted_and_redacted_per_server() {
+        let settings = load(&[
+            (
+                "DATABASE_URL",
+                "postgres://u:hunter2@h1:5432,h2:5433/x?target_session_attrs=read-write",
+            ),
+            (
+                "AMQP_URL",
+                "amqp://u:secret@r1:5672/%2f,amqp://u:secret@r2:5672/%2f",
+            ),
+        ])
+        .expect("valid lists");
+        let dump = serde_json::to_string(&settings).expect("serializable");
+        assert!(
+            !dump.contains("hunter2") && !dump.contains("secret"),
+            "{dump}"
+        );
+        assert!(
+            dump.contains("postgres://u:***@h1:5432/x,postgres://u:***@h2:5433/x"),
+            "{dump}"
+        );
+        assert!(
+            dump.contains("amqp://u:***@r1:5672/%2f,amqp://u:***@r2:5672/%2f"),
+            "{dump}"
+        );
+    }
+
+    #[test]
+    fn server_lists_that_cannot_work_are_named() {
+        let cases = [
+            (
+                "AMQP_URL",
+                "amqp://r1/%2f,amqp://r2/other",
+                "amqp.url",
+                "same vhost",
+            ),
+            ("AMQP_URL", "amqp://r1/%2f,http://r2/", "amqp.url", "scheme"),
+            ("AMQP_URL", ",", "amqp.url", "no broker node"),
+            (
+                "DATABASE_URL",
+                "postgres://h1,h2/x?target_session_attrs=read-only",
+                "database.url",
+                "writable",
+            ),
+            (
+                "DATABASE_URL",
+                "postgres://h1,,h2/x",
+                "database.url",
+                "empty host",
+            ),
+        ];
+        for (variable, value, setting, problem) in cases {
+            let err = load(&[(variable, value)]).expect_err("refused").to_string();
+            assert!(
+                err.contains(setting) && err.contains(problem),
+                "{value}: {err}"
+            );
+        }
     }
 
     #[test]

@@ -240,6 +240,7 @@ async fn execute(command: Command, settings: Settings) -> anyhow::Result<()> {
 async fn open_store(settings: &Settings, migrate: bool) -> anyhow::Result<Store> {
     let url = settings.database.url.redacted();
     let store = Store::connect_lazy(&settings.database, sendgate::app::limits(settings))?;
+    store.locate_primary().await;
     if !migrate {
         store.check_migrated().await.with_context(|| {
             format!("cannot use the database at {url} (database.url / DATABASE_URL)")

@@ -20,6 +20,8 @@ pub const BATCH_SIZE: &str = "sendgate_batch_size";
 pub const BATCH_DECIDE: &str = "sendgate_batch_decide_seconds";
 pub const JOBS_IN_FLIGHT: &str = "sendgate_jobs_in_flight";
 pub const AMQP_RECONNECTS: &str = "sendgate_amqp_reconnects_total";
+pub const AMQP_CONNECTS: &str = "sendgate_amqp_connects_total";
+pub const DB_PRIMARY_CHANGES: &str = "sendgate_db_primary_changes_total";
 pub const DB_ERRORS: &str = "sendgate_db_errors_total";
 pub const PUBLISH_FAILURES: &str = "sendgate_publish_failures_total";
 pub const QUEUE_MESSAGES: &str = "sendgate_queue_messages";
@@ -138,6 +140,23 @@ pub const CATALOGUE: &[MetricDoc] = &[
         labels: &[],
         unit: "connections",
         help: "Broker connections re-established after a failure.",
+    },
+    MetricDoc {
+        name: AMQP_CONNECTS,
+        kind: Kind::Counter,
+        labels: &[
+            ("node", "host:port of a node in amqp.url"),
+            ("outcome", "opened, failed"),
+        ],
+        unit: "connections",
+        help: "Connection attempts to each broker node of amqp.url: which node a process is on, and which ones refused it.",
+    },
+    MetricDoc {
+        name: DB_PRIMARY_CHANGES,
+        kind: Kind::Counter,
+        labels: &[],
+        unit: "changes",
+        help: "Times the database's writable server was found on another host of database.url (a failover).",
     },
     MetricDoc {
         name: DB_ERRORS,
@@ -387,6 +406,16 @@ pub fn in_flight_sub(n: usize) {
 
 pub fn amqp_reconnected() {
     counter!(AMQP_RECONNECTS).increment(1);
+}
+
+/// A connection attempt to broker node `node` (`host:port`).
+pub fn amqp_connect(node: &str, opened: bool) {
+    let outcome = if opened { "opened" } else { "failed" };
+    counter!(AMQP_CONNECTS, "node" => node.to_owned(), "outcome" => outcome).increment(1);
+}
+
+pub fn db_primary_changed() {
+    counter!(DB_PRIMARY_CHANGES).increment(1);
 }
 
 pub fn db_error(kind: &'static str) {

@@ -12,7 +12,7 @@ use lapin::{Channel, Confirmation, PublisherConfirm};
 use tracing::warn;
 
 use super::Outgoing;
-use super::session::{Received, SessionError};
+use super::session::{Broker, Received, SessionError};
 use crate::config::AmqpSettings;
 use crate::metrics;
 use crate::retry::Backoff;
@@ -113,10 +113,17 @@ pub async fn await_confirms(
 /// Publishes again, with backoff and after re-declaring the topology, the
 /// messages at the batch indices `failed`, until the broker accepts them all.
 ///
+/// Each retry goes out on a channel of its own, opened on `broker`'s
+/// connection for it: a channel that published to a queue while its leader
+/// died can keep a stale view of where the queue is and have every later
+/// publish refused, while a new channel finds the new leader. The batch's
+/// deliveries stay unacked on their own channels meanwhile, so no delivery
+/// attempt is spent.
+///
 /// # Errors
-/// The channel failed, or a confirm did not come in time.
+/// The connection failed, or a confirm did not come in time.
 pub async fn publish_until_accepted(
-    channel: &Channel,
+    broker: &Broker,
     settings: &AmqpSettings,
     messages: &[Publication<'_>],
     mut failed: Vec<usize>,
@@ -125,16 +132,22 @@ pub async fn publish_until_accepted(
     while !failed.is_empty() {
         let delay = backoff.next_delay();
         warn!(failed = failed.len(), retry_in = ?delay,
-            "outcomes not accepted by the broker; re-declaring the topology and retrying");
+            "outcomes not accepted by the broker; re-declaring the topology and retrying on a new channel");
         tokio::time::sleep(delay).await;
-        super::declare_topology(channel, settings).await?;
-        let again: Vec<Publication<'_>> = messages
-            .iter()
-            .filter(|m| failed.contains(&m.index))
-            .copied()
-            .collect();
-        let confirms = publish(channel, &again, settings.publish_timeout()).await?;
-        failed = await_confirms(confirms, settings.publish_timeout()).await?;
+        let channel = broker.side_channel().await?;
+        let attempt = async {
+            super::declare_topology(&channel, settings).await?;
+            let again: Vec<Publication<'_>> = messages
+                .iter()
+                .filter(|m| failed.contains(&m.index))
+                .copied()
+                .collect();
+            let confirms = publish(&channel, &again, settings.publish_timeout()).await?;
+            await_confirms(confirms, settings.publish_timeout()).await
+        };
+        let result = attempt.await;
+        let _ = channel.close(200, "retried".into()).await;
+        failed = result?;
     }
     Ok(())
 }
@@ -145,6 +158,7 @@ pub async fn publish_until_accepted(
 /// As [`publish_until_accepted`].
 pub async fn publish_confirmed(
     channel: &Channel,
+    broker: &Broker,
     settings: &AmqpSettings,
     messages: &[Publication<'_>],
 ) -> Result<(), SessionError> {
@@ -153,7 +167,7 @@ pub async fn publish_confirmed(
     }
     let confirms = publish(channel, messages, settings.publish_timeout()).await?;
     let failed = await_confirms(confirms, settings.publish_timeout()).await?;
-    publish_until_accepted(channel, settings, messages, failed).await
+    publish_until_accepted(broker, settings, messages, failed).await
 }
 
 /// Acks a whole batch: one `multiple` ack per channel its deliveries came

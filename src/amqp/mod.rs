@@ -23,6 +23,7 @@ use lapin::tcp::OwnedTLSConfig;
 use lapin::types::{AMQPValue, LongString};
 use lapin::uri::AMQPUri;
 use lapin::{Connection, ConnectionProperties};
+use tracing::{info, warn};
 
 pub use message::{Outgoing, header_text};
 pub use topology::declare_topology;
@@ -45,13 +46,63 @@ pub const HEADER_SOURCE: &str = "x-sendgate-source";
 /// (its delivery limit, or a reject without requeue).
 pub const BROKER_DEAD_LETTER_KEY: &str = "delivery_limit";
 
-/// Opens a connection with the configured heartbeat, named `name` in the
-/// management UI.
+/// Opens a connection to the first node of `amqp.url` that accepts one,
+/// named `name` in the management UI.
 ///
 /// # Errors
-/// An invalid URL, or the broker is unreachable or refuses the login.
+/// Every node is unreachable or refuses the login (the last node's error).
 pub async fn connect(settings: &AmqpSettings, name: &str) -> lapin::Result<Connection> {
-    let mut uri = AMQPUri::from_str(settings.url.expose()).map_err(|err| {
+    connect_from(settings, name, 0)
+        .await
+        .map(|(connection, _)| connection)
+}
+
+/// Tries each node of `amqp.url` once, in order from node `first` (wrapping
+/// around), and returns the first connection opened with the index of its
+/// node. Each attempt is logged with its node and counted; a caller backs
+/// off only when this fails, that is once every node has.
+///
+/// # Errors
+/// Every node is unreachable or refuses the login (the last node's error).
+pub async fn connect_from(
+    settings: &AmqpSettings,
+    name: &str,
+    first: usize,
+) -> lapin::Result<(Connection, usize)> {
+    let nodes = crate::endpoints::amqp_nodes(settings.url.expose());
+    let mut last_error = None;
+    for offset in 0..nodes.len() {
+        let index = (first + offset) % nodes.len();
+        let node = crate::endpoints::node_label(nodes[index]);
+        match connect_node(settings, nodes[index], name).await {
+            Ok(connection) => {
+                crate::metrics::amqp_connect(&node, true);
+                if nodes.len() > 1 {
+                    info!(%node, connection = name, "connected to broker node");
+                }
+                return Ok((connection, index));
+            }
+            Err(err) => {
+                crate::metrics::amqp_connect(&node, false);
+                if nodes.len() > 1 {
+                    warn!(%node, connection = name, error = %err, "broker node unreachable; trying the next");
+                }
+                last_error = Some(err);
+            }
+        }
+    }
+    Err(last_error.unwrap_or_else(|| {
+        std::io::Error::new(std::io::ErrorKind::InvalidInput, "amqp.url names no node").into()
+    }))
+}
+
+/// Opens a connection to one node with the configured heartbeat.
+async fn connect_node(
+    settings: &AmqpSettings,
+    node: &str,
+    name: &str,
+) -> lapin::Result<Connection> {
+    let mut uri = AMQPUri::from_str(node).map_err(|err| {
         std::io::Error::new(std::io::ErrorKind::InvalidInput, format!("amqp.url: {err}"))
     })?;
     uri.query.heartbeat = Some(settings.heartbeat_secs);

@@ -67,34 +67,65 @@ pub struct Broker {
     settings: AmqpSettings,
     /// A tokio mutex: connecting awaits while it is held, so concurrent
     /// workers wait for one connection instead of opening several.
-    slot: tokio::sync::Mutex<Option<Arc<Connection>>>,
+    slot: tokio::sync::Mutex<Slot>,
+}
+
+/// The shared connection, and which node of `amqp.url` to try first for
+/// the next one.
+#[derive(Default)]
+struct Slot {
+    connection: Option<Arc<Connection>>,
+    next_node: usize,
 }
 
 impl Broker {
     pub fn new(settings: AmqpSettings) -> Self {
         Broker {
             settings,
-            slot: tokio::sync::Mutex::new(None),
+            slot: tokio::sync::Mutex::default(),
         }
     }
 
     /// The shared connection; opens it when there is none or the last one
-    /// broke.
+    /// broke. A new connection goes to the node after the one the last
+    /// connection was on (the first node at start-up): when a node dies,
+    /// the process moves to a live one at once, and a node that is back
+    /// gets its turn again later.
     async fn connection(&self) -> lapin::Result<Arc<Connection>> {
         let mut slot = self.slot.lock().await;
-        if let Some(connection) = slot.as_ref().filter(|c| c.status().connected()) {
+        if let Some(connection) = slot.connection.as_ref().filter(|c| c.status().connected()) {
             return Ok(connection.clone());
         }
-        let connection = Arc::new(super::connect(&self.settings, "sendgate").await?);
-        *slot = Some(connection.clone());
+        let (connection, node) =
+            super::connect_from(&self.settings, "sendgate", slot.next_node).await?;
+        let connection = Arc::new(connection);
+        slot.connection = Some(connection.clone());
+        slot.next_node = node + 1;
         Ok(connection)
+    }
+
+    /// A channel with publisher confirms on the shared connection, for a
+    /// one-off publish; the caller closes it.
+    ///
+    /// # Errors
+    /// The broker is unreachable or refused the channel.
+    pub async fn side_channel(&self) -> lapin::Result<Channel> {
+        let channel = self.connection().await?.create_channel().await?;
+        channel
+            .confirm_select(ConfirmSelectOptions::default())
+            .await?;
+        Ok(channel)
     }
 
     /// Forgets (and closes) `connection` if it is still the shared one.
     pub async fn drop_connection(&self, connection: &Arc<Connection>) {
         let mut slot = self.slot.lock().await;
-        if slot.as_ref().is_some_and(|c| Arc::ptr_eq(c, connection)) {
-            *slot = None;
+        if slot
+            .connection
+            .as_ref()
+            .is_some_and(|c| Arc::ptr_eq(c, connection))
+        {
+            slot.connection = None;
             drop(slot);
             let _ = connection.close(320, "sendgate reconnecting".into()).await;
         }
@@ -102,7 +133,7 @@ impl Broker {
 
     /// Closes the shared connection, once every worker has stopped.
     pub async fn close(&self) {
-        if let Some(connection) = self.slot.lock().await.take() {
+        if let Some(connection) = self.slot.lock().await.connection.take() {
             let _ = connection.close(200, "sendgate shutting down".into()).await;
         }
     }

@@ -19,6 +19,7 @@ mod accounts;
 mod decide;
 mod error;
 mod marks;
+mod primary;
 mod rows;
 mod settle;
 mod sql;
@@ -94,7 +95,15 @@ pub struct Store {
     /// decide a batch: the unlocked path checks every plan it reads, and a
     /// wrong hint costs one read.
     scale_hint: Arc<Mutex<HashSet<String>>>,
+    /// With several hosts in `database.url`: which one is writable.
+    primary: Option<Arc<primary::Primary>>,
 }
+
+/// What the marks pool sets on top of the main pool's options.
+const MARKS_OPTIONS: &[(&str, &str)] = &[
+    ("synchronous_commit", "off"),
+    ("plan_cache_mode", "force_custom_plan"),
+];
 
 impl Store {
     /// Opens a pool without touching the database yet: the gate starts even
@@ -103,30 +112,88 @@ impl Store {
     /// # Errors
     /// An unparsable connection string.
     pub fn connect_lazy(settings: &DatabaseSettings, limits: Limits) -> Result<Self, StoreError> {
-        let options = PgConnectOptions::from_str(settings.url.expose())
-            .map_err(StoreError::Other)?
-            .application_name("sendgate")
-            .options([(
-                "statement_timeout",
-                format!("{}ms", settings.statement_timeout_ms),
-            )]);
-        let pool = PgPoolOptions::new()
-            .max_connections(settings.max_connections)
-            .acquire_timeout(settings.acquire_timeout())
-            .connect_lazy_with(options.clone());
-        let marks = PgPoolOptions::new()
-            .max_connections(1)
-            .acquire_timeout(settings.acquire_timeout())
-            .connect_lazy_with(options.options([
-                ("synchronous_commit", "off"),
-                ("plan_cache_mode", "force_custom_plan"),
-            ]));
+        let hosts = crate::endpoints::postgres_hosts(settings.url.expose())
+            .map_err(|problem| StoreError::Other(sqlx::Error::Configuration(problem.into())))?;
+        let timeout = format!("{}ms", settings.statement_timeout_ms);
+        let hosts = hosts
+            .iter()
+            .map(|url| {
+                let options = PgConnectOptions::from_str(url)
+                    .map_err(StoreError::Other)?
+                    .application_name("sendgate")
+                    .options([("statement_timeout", timeout.as_str())]);
+                Ok((crate::endpoints::node_label(url), options))
+            })
+            .collect::<Result<Vec<_>, StoreError>>()?;
+        let options = hosts[0].1.clone();
+        let primary = (hosts.len() > 1).then(|| Arc::new(primary::Primary::new(hosts)));
+        let pool_options = |max: u32| {
+            let mut pool = PgPoolOptions::new()
+                .max_connections(max)
+                .acquire_timeout(settings.acquire_timeout());
+            if let Some(primary) = &primary {
+                let primary = primary.clone();
+                pool = pool
+                    .after_connect(|connection, _| {
+                        Box::pin(primary::Primary::check_writable(connection))
+                    })
+                    .before_acquire(move |_, meta| {
+                        let current = primary.still_current(meta.age);
+                        Box::pin(async move { Ok(current) })
+                    });
+            }
+            pool
+        };
+        let pool = pool_options(settings.max_connections).connect_lazy_with(options.clone());
+        let marks =
+            pool_options(1).connect_lazy_with(options.options(MARKS_OPTIONS.iter().copied()));
         Ok(Self {
             pool,
             marks,
             limits,
             scale_hint: Arc::default(),
+            primary,
         })
+    }
+
+    /// After the database was unavailable: with several hosts, looks for
+    /// the writable one in the background and moves both pools to it. A
+    /// no-op with one host, or while a search runs.
+    pub fn find_primary(&self) {
+        if let Some(primary) = &self.primary {
+            let (primary, pool, marks) = (primary.clone(), self.pool.clone(), self.marks.clone());
+            tokio::spawn(async move {
+                primary
+                    .find(&[(&pool, &[]), (&marks, MARKS_OPTIONS)], false)
+                    .await;
+            });
+        }
+    }
+
+    /// With several hosts, finds the writable one now and moves both pools
+    /// to it (before a one-shot command, say). A no-op with one host.
+    pub async fn locate_primary(&self) {
+        if let Some(primary) = &self.primary {
+            primary
+                .find(&[(&self.pool, &[]), (&self.marks, MARKS_OPTIONS)], true)
+                .await;
+        }
+    }
+
+    /// A URL of the database's writable server, found by asking each host
+    /// of `url` (the first host's when none answers): for creating the
+    /// database, which needs one server.
+    async fn writable_url(url: &str) -> Result<String, StoreError> {
+        let hosts = crate::endpoints::postgres_hosts(url)
+            .map_err(|problem| StoreError::Other(sqlx::Error::Configuration(problem.into())))?;
+        if hosts.len() > 1 {
+            for host in &hosts {
+                if primary::is_writable(host).await {
+                    return Ok(host.clone());
+                }
+            }
+        }
+        Ok(hosts[0].clone())
     }
 
     /// Creates the database named in `url` when it does not exist yet.
@@ -134,6 +201,7 @@ impl Store {
     /// # Errors
     /// The server is unreachable or refuses to create it.
     pub async fn create_database_if_missing(url: &str) -> Result<(), StoreError> {
+        let url = &Self::writable_url(url).await?;
         if Postgres::database_exists(url).await? {
             return Ok(());
         }
@@ -203,7 +271,11 @@ impl Store {
     /// True when a connection answers within `timeout`.
     pub async fn ping(&self, timeout: Duration) -> bool {
         let probe = sqlx::query("SELECT 1").execute(&self.pool);
-        matches!(tokio::time::timeout(timeout, probe).await, Ok(Ok(_)))
+        let answered = matches!(tokio::time::timeout(timeout, probe).await, Ok(Ok(_)));
+        if !answered {
+            self.find_primary();
+        }
+        answered
     }
 
     pub async fn close(&self) {

@@ -149,7 +149,7 @@ impl Worker for JobsWorker {
         tokio::try_join!(
             self.decide_stage(channels, consumers, decided_tx, stop),
             self.publish_stage(channel, decided_rx, sent_tx),
-            self.ack_stage(channel, sent_rx),
+            self.ack_stage(sent_rx),
         )
         .map(|_| ())
     }
@@ -241,13 +241,9 @@ impl JobsWorker {
         Ok(())
     }
 
-    async fn ack_stage(
-        &self,
-        channel: &Channel,
-        mut sent: mpsc::Receiver<Sent>,
-    ) -> Result<(), SessionError> {
+    async fn ack_stage(&self, mut sent: mpsc::Receiver<Sent>) -> Result<(), SessionError> {
         while let Some(next) = sent.recv().await {
-            self.complete(channel, next).await?;
+            self.complete(next).await?;
         }
         Ok(())
     }
@@ -329,7 +325,7 @@ impl JobsWorker {
 
     /// Waits for a published batch's confirms (publishing again what the
     /// broker refused), marks the confirmed forwards and acks the batch.
-    async fn complete(&self, channel: &Channel, sent: Sent) -> Result<(), SessionError> {
+    async fn complete(&self, sent: Sent) -> Result<(), SessionError> {
         let Sent {
             done,
             confirms,
@@ -338,7 +334,13 @@ impl JobsWorker {
         let settings = &self.shared.settings.amqp;
         let send_time = confirms.sent.saturating_duration_since(started);
         let failed = confirm::await_confirms(confirms, settings.publish_timeout()).await?;
-        confirm::publish_until_accepted(channel, settings, &done.publications(), failed).await?;
+        confirm::publish_until_accepted(
+            &self.shared.broker,
+            settings,
+            &done.publications(),
+            failed,
+        )
+        .await?;
         let publish_time = started.elapsed();
         // Marked before the ack, so no later copy is forwarded again.
         marks::record(&self.shared, &done.confirmed()).await;

@@ -65,6 +65,8 @@ impl Shared {
                 return false;
             }
             self.health.set_database_ok(false);
+            // After a failover the writable server is another host.
+            self.store.find_primary();
             warn!(error = %err, retry_in = ?delay, holding,
                 "database unavailable; holding the batch and retrying");
             true

@@ -143,7 +143,13 @@ impl OutcomesWorker {
                 })
             })
             .collect();
-        confirm::publish_confirmed(channel, &shared.settings.amqp, &publications).await?;
+        confirm::publish_confirmed(
+            channel,
+            &shared.broker,
+            &shared.settings.amqp,
+            &publications,
+        )
+        .await?;
         confirm::ack(batch.iter()).await?;
         for verdict in &verdicts {
             metrics::outcome(verdict.result);

@@ -13,6 +13,7 @@
 
 #![allow(clippy::unwrap_used)]
 
+mod ha;
 #[path = "../harness/mod.rs"]
 mod harness;
 
@@ -105,6 +106,19 @@ impl Workload {
     fn total(&self) -> usize {
         self.jobs.len()
     }
+
+    /// The workload of only the first `n` jobs, in publishing order.
+    fn first(mut self, n: usize) -> Self {
+        self.jobs.truncate(n);
+        for account in &mut self.accounts {
+            account.jobs = self
+                .jobs
+                .iter()
+                .filter(|(a, _, _)| *a == account.id)
+                .count();
+        }
+        self
+    }
 }
 
 /// A time zone whose local time is far from midnight now, so a pro
@@ -124,6 +138,8 @@ struct Fleet {
     env: TestEnv,
     workers: Vec<Process>,
     ports: Vec<u16>,
+    /// The broker node the test's own clients use to look at the queues.
+    client: String,
 }
 
 impl Fleet {
@@ -132,11 +148,14 @@ impl Fleet {
             env,
             workers: Vec::new(),
             ports: (0..count).map(|_| free_port()).collect(),
+            client: amqp_url(),
         }
     }
 
     fn start(&mut self, i: usize) {
-        let process = Process::spawn_on(&self.env, self.ports[i], false);
+        // FAULT_LOGS=1 shows the processes' logs.
+        let logs = std::env::var_os("FAULT_LOGS").is_some();
+        let process = Process::spawn_on(&self.env, self.ports[i], logs);
         if i < self.workers.len() {
             self.workers[i] = process;
         } else {
@@ -270,8 +289,12 @@ async fn publish_all(queue: String, jobs: Vec<(String, String, Vec<u8>)>) -> usi
 
 impl Broker {
     async fn connect_checked() -> Result<Broker, lapin::Error> {
+        Broker::connect_checked_to(&amqp_url()).await
+    }
+
+    async fn connect_checked_to(url: &str) -> Result<Broker, lapin::Error> {
         let connection =
-            lapin::Connection::connect(&amqp_url(), lapin::ConnectionProperties::default()).await?;
+            lapin::Connection::connect(url, lapin::ConnectionProperties::default()).await?;
         let channel = connection.create_channel().await?;
         channel
             .confirm_select(lapin::options::ConfirmSelectOptions::default())
@@ -285,7 +308,7 @@ impl Broker {
 
 /// Jobs waiting in the send queue right now (0 if the broker is away).
 async fn backlog(fleet: &Fleet) -> u32 {
-    match Broker::connect_checked().await {
+    match Broker::connect_checked_to(&fleet.client).await {
         Ok(broker) => broker.depth_of(&fleet.env.send_queue()).await,
         Err(_) => 0,
     }
@@ -302,7 +325,7 @@ async fn settle(fleet: &Fleet, timeout: Duration) {
             Instant::now() < deadline,
             "the gate did not settle within {timeout:?}"
         );
-        let broker = match Broker::connect_checked().await {
+        let broker = match Broker::connect_checked_to(&fleet.client).await {
             Ok(b) => b,
             Err(_) => {
                 tokio::time::sleep(Duration::from_millis(500)).await;
@@ -463,13 +486,34 @@ async fn check(
     workload: &Workload,
     extra_conflicts: &HashSet<String>,
 ) -> Report {
-    let broker = Broker::connect().await;
+    let broker = Broker::connect_to(&fleet.client).await;
     let forwarded = broker
         .take_all(&fleet.env.delivery_queue(), Duration::ZERO)
         .await;
     let dead = broker
         .take_all(&fleet.env.dead_queue(), Duration::ZERO)
         .await;
+    judge(
+        scenario,
+        store,
+        workload,
+        &forwarded,
+        &dead,
+        extra_conflicts,
+    )
+    .await
+}
+
+/// Joins what was published with what came out (`forwarded` and `dead`)
+/// and with the ledger.
+async fn judge(
+    scenario: &str,
+    store: &Store,
+    workload: &Workload,
+    forwarded: &[lapin::message::Delivery],
+    dead: &[lapin::message::Delivery],
+    extra_conflicts: &HashSet<String>,
+) -> Report {
     let mut report = Report {
         scenario: scenario.to_owned(),
         published: workload.total(),
@@ -478,7 +522,7 @@ async fn check(
 
     let mut forwarded_keys: HashMap<String, Vec<String>> = HashMap::new();
     let mut per_account: HashMap<String, usize> = HashMap::new();
-    for d in &forwarded {
+    for d in forwarded {
         let key = d
             .properties
             .message_id()
@@ -510,7 +554,7 @@ async fn check(
         .count();
 
     let mut dead_keys = HashSet::new();
-    for d in &dead {
+    for d in dead {
         let reason = header(d, "x-sendgate-reason").unwrap_or_else(|| d.routing_key.to_string());
         *report.dead_by_reason.entry(reason).or_default() += 1;
         if let Ok(body) = serde_json::from_slice::<serde_json::Value>(&d.data)
@@ -519,7 +563,7 @@ async fn check(
             dead_keys.insert(key.to_owned());
         }
     }
-    report.lost = lost_messages(workload, &forwarded, &dead, extra_conflicts);
+    report.lost = lost_messages(workload, forwarded, dead, extra_conflicts);
 
     let double: i64 = sqlx::query_scalar(
         "SELECT count(*) FROM (SELECT 1 FROM credit_ledger WHERE kind IN ('send', 'release')

@@ -6,6 +6,7 @@
 
 #![allow(dead_code, clippy::unwrap_used)]
 
+pub mod ha;
 pub mod process;
 pub mod raw;
 pub mod services;
@@ -157,6 +158,9 @@ impl TestEnv {
     pub fn outcomes_queue(&self) -> String {
         self.var("SENDGATE__AMQP__OUTCOMES_QUEUE")
     }
+    pub fn deferred_queue(&self) -> String {
+        self.var("SENDGATE__AMQP__DEFERRED_QUEUE")
+    }
 
     /// A migrated store on this test's database.
     pub async fn store(&self) -> Store {
@@ -166,6 +170,7 @@ impl TestEnv {
             .unwrap();
         let store =
             Store::connect_lazy(&settings.database, sendgate::app::limits(&settings)).unwrap();
+        store.locate_primary().await;
         store.migrate().await.unwrap();
         store
     }
@@ -195,7 +200,7 @@ impl TestEnv {
             self.delivery_queue(),
             self.dead_queue(),
             self.outcomes_queue(),
-            self.var("SENDGATE__AMQP__DEFERRED_QUEUE"),
+            self.deferred_queue(),
         ] {
             let _ = broker
                 .channel

@@ -28,9 +28,9 @@ static RABBIT: OnceCell<Watched<PrivateRabbit>> = OnceCell::const_new();
 static POSTGRES: OnceCell<Watched<PrivatePostgres>> = OnceCell::const_new();
 
 /// A service and the watchdog that tears it down after this process.
-struct Watched<T> {
-    service: T,
-    _watchdog: std::process::Child,
+pub struct Watched<T> {
+    pub service: T,
+    pub _watchdog: std::process::Child,
 }
 
 /// The binary's private services, started on first use, and made the
@@ -52,13 +52,7 @@ pub async fn private_postgres() -> &'static PrivatePostgres {
             tokio::task::spawn_blocking(|| {
                 let dir = root().join("postgres");
                 let service = PrivatePostgres::start(&dir);
-                let teardown = format!(
-                    "{} {}/pg_ctl -D {} -m immediate stop",
-                    as_user("postgres").join(" "),
-                    service.bin.display(),
-                    service.data.display()
-                );
-                let _watchdog = watch(&dir, &teardown);
+                let _watchdog = watch(&dir, &service.stop_command());
                 Watched { service, _watchdog }
             })
             .await
@@ -164,13 +158,13 @@ pub fn scratch_dir(name: &str) -> PathBuf {
 }
 
 /// This process's folder for its services.
-fn root() -> PathBuf {
+pub fn root() -> PathBuf {
     std::env::temp_dir().join(format!("sendgate-test-{}", std::process::id()))
 }
 
 /// Runs `teardown` and removes `dir` once this process has exited, however
 /// it exits.
-fn watch(dir: &Path, teardown: &str) -> std::process::Child {
+pub fn watch(dir: &Path, teardown: &str) -> std::process::Child {
     let script = format!(
         "while kill -0 {pid} 2>/dev/null; do sleep 1; done; {teardown} >/dev/null 2>&1; rm -rf {dir}; \
          rmdir {root} 2>/dev/null || true",
@@ -237,6 +231,7 @@ fn chown(user: &str, path: &Path) {
 pub struct PrivateRabbit {
     pub node: String,
     pub port: u16,
+    dist_port: u16,
     dir: PathBuf,
 }
 
@@ -249,6 +244,13 @@ impl PrivateRabbit {
 
     /// A node named `name` whose `rabbitmq.conf` is `conf(port)`.
     fn start_with(dir: &Path, name: &str, conf: impl Fn(u16) -> String) -> PrivateRabbit {
+        let rabbit = PrivateRabbit::prepare(dir, name, conf);
+        rabbit.launch();
+        rabbit
+    }
+
+    /// A node's folders and files, not started yet.
+    pub fn prepare(dir: &Path, name: &str, conf: impl Fn(u16) -> String) -> PrivateRabbit {
         let (port, dist_port) = (free_port(), free_port());
         let node = format!("sendgate-test-{name}-{}@localhost", std::process::id());
         let _ = std::fs::remove_dir_all(dir);
@@ -262,16 +264,17 @@ impl PrivateRabbit {
         )
         .unwrap();
         chown("rabbitmq", dir);
-        let rabbit = PrivateRabbit {
+        PrivateRabbit {
             node,
             port,
+            dist_port,
             dir: dir.to_owned(),
-        };
-        rabbit.launch(dist_port);
-        rabbit
+        }
     }
 
-    fn launch(&self, dist_port: u16) {
+    /// Starts the node (again, after [`PrivateRabbit::kill9`]) and waits
+    /// for it.
+    pub fn launch(&self) {
         let dir = |name: &str| self.dir.join(name).display().to_string();
         let status = Command::new("rabbitmq-server")
             .arg("-detached")
@@ -279,7 +282,7 @@ impl PrivateRabbit {
             .env("RABBITMQ_NODENAME", &self.node)
             .env("RABBITMQ_NODE_IP_ADDRESS", "127.0.0.1")
             .env("RABBITMQ_NODE_PORT", self.port.to_string())
-            .env("RABBITMQ_DIST_PORT", dist_port.to_string())
+            .env("RABBITMQ_DIST_PORT", self.dist_port.to_string())
             .env("RABBITMQ_CONF_ENV_FILE", dir("rabbitmq-env.conf"))
             .env("RABBITMQ_CONFIG_FILE", dir("rabbitmq.conf"))
             .env("RABBITMQ_ENABLED_PLUGINS_FILE", dir("enabled_plugins"))
@@ -304,6 +307,25 @@ impl PrivateRabbit {
             std::thread::sleep(Duration::from_secs(1));
         }
         panic!("the private RabbitMQ node {} did not start", self.node);
+    }
+
+    /// True when the node answers.
+    pub fn is_running(&self) -> bool {
+        self.ctl_quiet(&["status"])
+    }
+
+    /// Kills the node's Erlang VM with SIGKILL: a hard crash.
+    pub fn kill9(&self) {
+        let pid = std::fs::read_to_string(self.dir.join("node.pid")).expect("the node's pid file");
+        assert!(
+            run(None, "kill", &["-9", pid.trim()]),
+            "kill -9 {}",
+            self.node
+        );
+        // Gone once the node no longer answers.
+        while self.is_running() {
+            std::thread::sleep(Duration::from_millis(100));
+        }
     }
 
     /// Stops the node's RabbitMQ app (the Erlang node stays up).
@@ -368,11 +390,11 @@ pub struct PrivatePostgres {
     pub port: u16,
     bin: PathBuf,
     data: PathBuf,
-    dir: PathBuf,
+    pub dir: PathBuf,
 }
 
 impl PrivatePostgres {
-    fn start(dir: &Path) -> PrivatePostgres {
+    pub fn start(dir: &Path) -> PrivatePostgres {
         let bin = postgres_bin();
         let port = free_port();
         let _ = std::fs::remove_dir_all(dir);
@@ -411,6 +433,70 @@ impl PrivatePostgres {
         words.extend(args);
         let pg_ctl = self.bin.join("pg_ctl").display().to_string();
         assert!(run(Some("postgres"), &pg_ctl, &words), "pg_ctl {args:?}");
+    }
+
+    /// A standby of `primary` in `dir`, streaming from it as `name`
+    /// (its `application_name`), started.
+    pub fn standby_of(primary: &PrivatePostgres, dir: &Path, name: &str) -> PrivatePostgres {
+        let _ = std::fs::remove_dir_all(dir);
+        std::fs::create_dir_all(dir).unwrap();
+        chown("postgres", dir);
+        let standby = PrivatePostgres {
+            port: free_port(),
+            data: dir.join("data"),
+            bin: primary.bin.clone(),
+            dir: dir.to_owned(),
+        };
+        let data = standby.data.display().to_string();
+        let basebackup = standby.bin.join("pg_basebackup").display().to_string();
+        let conninfo = format!(
+            "host=127.0.0.1 port={} user=postgres application_name={name}",
+            primary.port
+        );
+        assert!(
+            run(
+                Some("postgres"),
+                &basebackup,
+                &[
+                    "-d",
+                    &conninfo,
+                    "-D",
+                    &data,
+                    "-X",
+                    "stream",
+                    "-R",
+                    "--no-sync"
+                ]
+            ),
+            "pg_basebackup of the standby"
+        );
+        standby.pg_ctl(&["start"]);
+        standby
+    }
+
+    /// Runs one statement with psql as `postgres`; its output, unaligned.
+    pub fn sql(&self, statement: &str) -> String {
+        let out = Command::new("psql")
+            .args(["-h", "127.0.0.1", "-p", &self.port.to_string()])
+            .args(["-U", "postgres", "-d", "postgres", "-XAtq", "-c", statement])
+            .output()
+            .expect("psql runs");
+        assert!(
+            out.status.success(),
+            "psql {statement}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// A shell command that stops the cluster at once, if it runs.
+    pub fn stop_command(&self) -> String {
+        format!(
+            "{} {}/pg_ctl -D {} -m immediate stop",
+            as_user("postgres").join(" "),
+            self.bin.display(),
+            self.data.display()
+        )
     }
 
     /// Restarts the cluster (a fast shutdown: every session ends).
