@@ -344,6 +344,7 @@ fn describe() {
     counter!(JOBS_DUPLICATE).absolute(0);
     counter!(JOBS_DEFERRED).absolute(0);
     counter!(AMQP_RECONNECTS).absolute(0);
+    counter!(DB_PRIMARY_CHANGES).absolute(0);
     counter!(PUBLISH_FAILURES).absolute(0);
     counter!(HOLDS_EXPIRED).absolute(0);
     counter!(OUTCOMES_STALE).absolute(0);
