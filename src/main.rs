@@ -42,6 +42,14 @@ enum Command {
     /// queue.
     #[command(subcommand)]
     DeadLetters(DeadLettersCommand),
+    /// Print a shell completion script (for example
+    /// `sendgate completions bash > /etc/bash_completion.d/sendgate`).
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Print the manual page, roff (`sendgate man > sendgate.1`).
+    Man,
 }
 
 #[derive(Subcommand)]
@@ -170,6 +178,25 @@ fn main() -> ExitCode {
             return ExitCode::from(exit::USAGE);
         }
     };
+    // Neither needs settings: they work before any is written.
+    match cli.command {
+        Command::Completions { shell } => {
+            let mut command = <Cli as clap::CommandFactory>::command();
+            clap_complete::generate(shell, &mut command, "sendgate", &mut std::io::stdout());
+            return ExitCode::SUCCESS;
+        }
+        Command::Man => {
+            let page = clap_mangen::Man::new(<Cli as clap::CommandFactory>::command());
+            return match page.render(&mut std::io::stdout()) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(err) => {
+                    eprintln!("sendgate: cannot write the manual page: {err}");
+                    ExitCode::FAILURE
+                }
+            };
+        }
+        _ => {}
+    }
     let settings = match Settings::load(cli.config.as_deref()) {
         Ok(settings) => settings,
         Err(err) => {
@@ -231,6 +258,8 @@ async fn execute(command: Command, settings: Settings) -> anyhow::Result<()> {
             writeln!(out)?;
             Ok(())
         }
+        // Handled in `main`, before the settings are loaded.
+        Command::Completions { .. } | Command::Man => Ok(()),
     }
 }
 

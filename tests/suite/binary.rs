@@ -231,3 +231,38 @@ async fn the_binary_gates_jobs_counts_them_in_metrics_and_drains_on_sigterm() {
 
     env.cleanup().await;
 }
+
+#[test]
+fn completions_and_the_manual_page_need_no_settings() {
+    // A setting that would stop any other command: these do not read them.
+    let run = |args: &[&str]| {
+        std::process::Command::new(BIN)
+            .args(args)
+            .env("SENDGATE__AMQP__PREFETCH", "not a number")
+            .output()
+            .expect("the binary runs")
+    };
+    for shell in ["bash", "zsh", "fish"] {
+        let out = run(&["completions", shell]);
+        assert!(out.status.success(), "completions {shell}: {out:?}");
+        let script = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            script.contains("dead-letters") && script.contains("set-plan"),
+            "{shell}: {script}"
+        );
+    }
+    let out = run(&["man"]);
+    assert!(out.status.success(), "{out:?}");
+    let page = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        page.starts_with(".ie") || page.contains(".TH sendgate"),
+        "{page}"
+    );
+    assert!(page.contains("completions"), "{page}");
+    let out = run(&["completions", "tcsh"]);
+    assert_eq!(
+        out.status.code(),
+        Some(64),
+        "an unknown shell is a usage error"
+    );
+}
