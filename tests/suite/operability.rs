@@ -184,6 +184,8 @@ async fn a_real_prometheus_scrapes_the_jobs_sendgate_received() {
             &format!("127.0.0.1:{}", running.sendgate.port),
         )
         .replace("rabbitmq:15692", "127.0.0.1:15692")
+        // No Alertmanager here: alerts are only evaluated.
+        .replace("alertmanager:9093", "127.0.0.1:9")
         .replace(
             "/etc/prometheus/alerts.yml",
             &format!("{ROOT}/config/prometheus/alerts.yml"),
