@@ -177,7 +177,13 @@ async fn show(
 #[serde(deny_unknown_fields)]
 struct PutAccount {
     plan: String,
-    timezone: Option<String>,
+    /// Absent means UTC; `null` is refused like any other non-string.
+    #[serde(default = "utc")]
+    timezone: String,
+}
+
+fn utc() -> String {
+    "UTC".to_owned()
 }
 
 /// Creates the account (201), or changes its plan (200).
@@ -192,7 +198,7 @@ async fn put(
         .plan
         .parse()
         .map_err(|err: UnknownPlan| bad_request(err.to_string()))?;
-    let timezone = body.timezone.unwrap_or_else(|| "UTC".to_owned());
+    let timezone = body.timezone;
     parse_timezone(&timezone).map_err(bad_request)?;
     let status = match state.store.create_account(&id, plan, &timezone).await {
         Ok(Created::New { .. }) => StatusCode::CREATED,

@@ -245,6 +245,13 @@ async fn bad_input_gets_a_json_error_naming_the_problem() {
         (
             "PUT",
             "/v1/accounts/bob".to_owned(),
+            Some(r#"{"plan":"free","timezone":null}"#),
+            400,
+            "timezone",
+        ),
+        (
+            "PUT",
+            "/v1/accounts/bob".to_owned(),
             Some("not json"),
             400,
             "",
