@@ -127,6 +127,14 @@ mod tests {
     use super::*;
 
     #[test]
+    fn identifiers_are_compared_as_sent_without_unicode_normalisation() {
+        let nfc = AccountId::parse("caf\u{e9}").expect("valid");
+        let nfd = AccountId::parse("cafe\u{301}").expect("valid");
+        assert_ne!(nfc, nfd, "two look-alike ids are two accounts");
+        assert_eq!(nfd.as_str(), "cafe\u{301}", "kept exactly as sent");
+    }
+
+    #[test]
     fn identifiers_are_printable_and_bounded() {
         assert!(AccountId::parse("acme").is_ok());
         assert!(AccountId::parse("").expect_err("empty").0.contains("empty"));
