@@ -7,6 +7,8 @@
 //! - **G**: `sendgate run` (the real binary, a separate process) gating the
 //!   same number of jobs over 1,000 accounts of mixed plans;
 //! - **H**: G with every job on one hot scale account;
+//! - **H_m**: G with every job on one hot pro account whose daily limit is
+//!   raised above the run's jobs: every job takes the account's lock;
 //! - **L**: latency from publish to arrival downstream, at a steady rate of
 //!   about a quarter of P, for P and G;
 //! - peak RSS of the sendgate process.
@@ -110,11 +112,24 @@ struct Bench {
     store: Store,
 }
 
+/// Whose jobs a gate run carries.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Mix {
+    /// G: 1,000 accounts of mixed plans.
+    Mixed,
+    /// H: one scale account (the unlocked path).
+    HotScale,
+    /// H_m: one pro account whose daily limit is raised above the run's
+    /// jobs, so every job is charged through the locking (metered) path.
+    HotPro,
+}
+
 #[derive(Debug, Default, Clone, serde::Serialize)]
 struct Samples {
     p: Vec<f64>,
     g: Vec<f64>,
     h: Vec<f64>,
+    h_m: Vec<f64>,
     lat_p_p50: Vec<f64>,
     lat_p_p99: Vec<f64>,
     lat_g_p50: Vec<f64>,
@@ -124,6 +139,7 @@ struct Samples {
     cpu_p: Vec<Cpu>,
     cpu_g: Vec<Cpu>,
     cpu_h: Vec<Cpu>,
+    cpu_h_m: Vec<Cpu>,
     /// The same during the latency runs (higher per job: batches are small
     /// there). For P the client is the whole benchmark process, so it
     /// includes publishing and timing the jobs.
@@ -362,7 +378,9 @@ impl Bench {
         }
     }
 
-    fn spawn_sendgate(&self, port: u16) -> anyhow::Result<Child> {
+    /// `sendgate run` on `port`; `daily_sends` replaces the pro plan's
+    /// daily limit.
+    fn spawn_sendgate(&self, port: u16, daily_sends: Option<usize>) -> anyhow::Result<Child> {
         let mut command = Command::new(&self.args.sendgate);
         command
             .arg("run")
@@ -382,6 +400,9 @@ impl Bench {
             .stderr(Stdio::inherit());
         for (key, value) in &self.args.set {
             command.env(key, value);
+        }
+        if let Some(daily) = daily_sends {
+            command.env("SENDGATE__PLANS__PRO__DAILY_SENDS", daily.to_string());
         }
         command
             .spawn()
@@ -523,15 +544,18 @@ impl Bench {
 
     /// G or H: preload, start sendgate, time, check, stop. Returns the rate,
     /// sendgate's peak RSS in MiB and the CPU time spent.
-    async fn run_gate(&self, run: &str, hot: bool) -> anyhow::Result<(f64, f64, Cpu)> {
+    async fn run_gate(&self, run: &str, mix: Mix) -> anyhow::Result<(f64, f64, Cpu)> {
         let n = self.args.jobs;
-        let accounts = if hot {
+        let hot = |plan: Plan| async move {
             self.store
-                .create_account(&account_id(&format!("{run}-hot"))?, Plan::Scale, "UTC")
+                .create_account(&account_id(&format!("{run}-hot"))?, plan, "UTC")
                 .await?;
-            vec![(format!("{run}-hot"), Plan::Scale)]
-        } else {
-            self.create_accounts(run, self.args.accounts).await?
+            anyhow::Ok(vec![(format!("{run}-hot"), plan)])
+        };
+        let accounts = match mix {
+            Mix::Mixed => self.create_accounts(run, self.args.accounts).await?,
+            Mix::HotScale => hot(Plan::Scale).await?,
+            Mix::HotPro => hot(Plan::Pro).await?,
         };
         let mut per_account: HashMap<&str, usize> = HashMap::new();
         let bodies: Vec<Vec<u8>> = (0..n)
@@ -545,7 +569,9 @@ impl Bench {
 
         let port = free_port()?;
         let before = CpuTicks::now();
-        let mut child = self.spawn_sendgate(port)?;
+        // H_m: a daily limit above the run's jobs (the check below expects it).
+        let daily_sends = (mix == Mix::HotPro).then_some(n + 1);
+        let mut child = self.spawn_sendgate(port, daily_sends)?;
         let timed = self
             .time_arrivals(
                 &[&self.names.delivery, &self.names.dead],
@@ -564,9 +590,10 @@ impl Bench {
         let (mut expect_forwarded, mut expect_dead) = (0usize, 0usize);
         for (id, plan) in &accounts {
             let jobs = per_account.get(id.as_str()).copied().unwrap_or(0);
+            let daily = daily_sends.unwrap_or(limits.daily_sends as usize);
             let allowed = match plan {
                 Plan::Free => jobs.min(limits.signup_credits as usize),
-                Plan::Pro => jobs.min(limits.daily_sends as usize),
+                Plan::Pro => jobs.min(daily),
                 Plan::Scale => jobs,
             };
             expect_forwarded += allowed;
@@ -826,27 +853,30 @@ async fn run_all(bench: &Bench) -> anyhow::Result<()> {
         runs
     };
     eprintln!(
-        "throughput: {throughput_runs} rounds of P, G, H with {} jobs each",
+        "throughput: {throughput_runs} rounds of P, G, H, H_m with {} jobs each",
         bench.args.jobs
     );
     for round in 0..throughput_runs {
         let (p, cpu_p) = bench.run_p().await?;
-        let (g, rss_g, cpu_g) = bench.run_gate(&format!("g{round}"), false).await?;
-        let (h, rss_h, cpu_h) = bench.run_gate(&format!("h{round}"), true).await?;
+        let (g, rss_g, cpu_g) = bench.run_gate(&format!("g{round}"), Mix::Mixed).await?;
+        let (h, rss_h, cpu_h) = bench.run_gate(&format!("h{round}"), Mix::HotScale).await?;
+        let (h_m, rss_h_m, cpu_h_m) = bench.run_gate(&format!("m{round}"), Mix::HotPro).await?;
         eprintln!(
-            "  round {}: P {p:.0}/s  G {g:.0}/s  H {h:.0}/s  RSS {rss_g:.1}/{rss_h:.1} MiB",
+            "  round {}: P {p:.0}/s  G {g:.0}/s  H {h:.0}/s  H_m {h_m:.0}/s  RSS {rss_g:.1}/{rss_h:.1}/{rss_h_m:.1} MiB",
             round + 1
         );
         eprintln!(
-            "    CPU ms per 1k jobs, broker/Postgres/client: P {cpu_p}  G {cpu_g}  H {cpu_h}"
+            "    CPU ms per 1k jobs, broker/Postgres/client: P {cpu_p}  G {cpu_g}  H {cpu_h}  H_m {cpu_h_m}"
         );
         s.cpu_p.push(cpu_p);
         s.cpu_g.push(cpu_g);
         s.cpu_h.push(cpu_h);
+        s.cpu_h_m.push(cpu_h_m);
         s.p.push(p);
         s.g.push(g);
         s.h.push(h);
-        s.rss_mib.push(rss_g.max(rss_h));
+        s.h_m.push(h_m);
+        s.rss_mib.push(rss_g.max(rss_h).max(rss_h_m));
     }
     settle(bench).await;
     s.latency_rate = bench
@@ -888,7 +918,7 @@ async fn run_all(bench: &Bench) -> anyhow::Result<()> {
         let cpu_p = Cpu::per_thousand(before, CpuTicks::now(), own, jobs);
         // G
         let port = free_port()?;
-        let mut child = bench.spawn_sendgate(port)?;
+        let mut child = bench.spawn_sendgate(port, None)?;
         bench.wait_ready(port).await?;
         let (before, own) = (CpuTicks::now(), ticks_of(child.id()));
         let lat = bench
@@ -974,13 +1004,14 @@ async fn write_results(bench: &Bench, s: &Samples) -> anyhow::Result<()> {
         .await
         .unwrap_or_default();
     let machine = machine(&postgres);
-    let (p, g, h) = (median(&s.p), median(&s.g), median(&s.h));
+    let (p, g, h, h_m) = (median(&s.p), median(&s.g), median(&s.h), median(&s.h_m));
     let rss = s.rss_mib.iter().copied().fold(0.0, f64::max);
     let lat_diff = median(&s.lat_g_p99) - median(&s.lat_p_p99);
-    let (cpu_p, cpu_g, cpu_h, cpu_lp, cpu_l) = (
+    let (cpu_p, cpu_g, cpu_h, cpu_h_m, cpu_lp, cpu_l) = (
         Cpu::median(&s.cpu_p),
         Cpu::median(&s.cpu_g),
         Cpu::median(&s.cpu_h),
+        Cpu::median(&s.cpu_h_m),
         Cpu::median(&s.cpu_latency_p),
         Cpu::median(&s.cpu_latency_g),
     );
@@ -989,6 +1020,7 @@ async fn write_results(bench: &Bench, s: &Samples) -> anyhow::Result<()> {
         ("P, full load".to_owned(), cpu_p, false),
         ("G, full load".to_owned(), cpu_g, true),
         ("H, full load".to_owned(), cpu_h, true),
+        ("H_m, full load".to_owned(), cpu_h_m, true),
         (
             format!("P, latency run at {rate:.0} msg/s (client: the whole benchmark, publisher included)"),
             cpu_lp,
@@ -1013,14 +1045,16 @@ async fn write_results(bench: &Bench, s: &Samples) -> anyhow::Result<()> {
 | P: pass-through | {p:.0} msg/s | — |\n\
 | G: sendgate, 1,000 accounts, mixed plans | {g:.0} msg/s | — |\n\
 | H: sendgate, one hot scale account | {h:.0} msg/s | — |\n\
+| H_m: sendgate, one hot pro account (every job takes the account lock) | {h_m:.0} msg/s | — |\n\
 | G / P | {gp:.2} | ≥ 0.8 |\n\
 | H / P | {hp:.2} | ≥ 0.6 |\n\
+| H_m / P | {hmp:.2} | ≥ 0.8 |\n\
 | latency at {rate:.0} msg/s, P p50 / p99 | {pl50:.2} / {pl99:.2} ms | — |\n\
 | latency at {rate:.0} msg/s, G p50 / p99 | {gl50:.2} / {gl99:.2} ms | — |\n\
 | p99 latency, G minus P | {lat_diff:.2} ms | ≤ 10 ms |\n\
 | peak RSS of sendgate | {rss:.1} MiB | ≤ 64 MiB |\n\n\
 CPU time per 1,000 jobs, medians, in ms, summed over the machine's cores:\n\n\
-| run | broker | Postgres | client (P: the pass-through; G, H: sendgate) |\n|---|---|---|---|\n\
+| run | broker | Postgres | client (P: the pass-through; G, H, H_m: sendgate) |\n|---|---|---|---|\n\
 {cpu_rows}",
         machine = machine,
         jobs = bench.args.jobs,
@@ -1031,6 +1065,7 @@ CPU time per 1,000 jobs, medians, in ms, summed over the machine's cores:\n\n\
         latency_secs = bench.args.latency_secs,
         gp = g / p,
         hp = h / p,
+        hmp = h_m / p,
         pl50 = median(&s.lat_p_p50),
         pl99 = median(&s.lat_p_p99),
         gl50 = median(&s.lat_g_p50),
@@ -1051,9 +1086,10 @@ CPU time per 1,000 jobs, medians, in ms, summed over the machine's cores:\n\n\
         "latency_runs": bench.args.latency_runs,
         "latency_secs": bench.args.latency_secs,
         "samples": s,
-        "medians": {"p": p, "g": g, "h": h, "g_over_p": g / p, "h_over_p": h / p,
+        "medians": {"p": p, "g": g, "h": h, "h_m": h_m, "g_over_p": g / p, "h_over_p": h / p,
+                    "h_m_over_p": h_m / p,
                     "latency_p99_diff_ms": lat_diff, "peak_rss_mib": rss,
-                    "cpu_ms_per_1000_jobs": {"p": cpu_p, "g": cpu_g, "h": cpu_h,
+                    "cpu_ms_per_1000_jobs": {"p": cpu_p, "g": cpu_g, "h": cpu_h, "h_m": cpu_h_m,
                                              "p_latency": cpu_lp, "g_latency": cpu_l}},
     });
     std::fs::write(
