@@ -282,6 +282,9 @@ async fn kill_and_restart(run: &Run, node: usize) {
         eprintln!("killed node {node}; queues now:\n{queues}");
     }
     forwarding_after(&run.fleet, at).await;
+    // Ready again while the node is still down: /readyz is 503 only while
+    // no node answers.
+    run.fleet.wait_ready(WAIT).await;
     let queues = run.queues();
     tokio::task::spawn_blocking(move || {
         cluster.nodes[node].launch();
