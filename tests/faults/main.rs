@@ -201,7 +201,11 @@ impl Fleet {
         }
         for worker in self.workers.iter_mut().filter(|w| w.is_running()) {
             let status = worker.wait_for_exit(Duration::from_secs(30)).await;
-            assert!(status.success(), "a worker exited with {status} on SIGTERM");
+            assert!(
+                status.success(),
+                "a worker exited with {status} on SIGTERM; {}",
+                worker.log_tail()
+            );
         }
     }
 }

@@ -35,6 +35,8 @@ pub fn cli(env: &TestEnv, args: &[&str]) -> Output {
 pub struct Process {
     child: Option<Child>,
     pub port: u16,
+    /// Where its log goes when not to the test's stderr.
+    log: Option<std::path::PathBuf>,
 }
 
 impl Process {
@@ -43,22 +45,46 @@ impl Process {
         Process::spawn_on(env, free_port(), logs)
     }
 
+    /// Without `logs`, the log goes to a file under `target/test-logs/`,
+    /// quoted when the process exits badly.
     pub fn spawn_on(env: &TestEnv, port: u16, logs: bool) -> Process {
+        let log = (!logs).then(|| {
+            static STARTED: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+            let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/test-logs");
+            std::fs::create_dir_all(&dir).unwrap();
+            let n = STARTED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            dir.join(format!("sendgate-{}-{port}-{n}.log", std::process::id()))
+        });
+        let stderr = match &log {
+            Some(path) => Stdio::from(std::fs::File::create(path).unwrap()),
+            None => Stdio::inherit(),
+        };
         let child = command(env)
             .arg("run")
             .env("SENDGATE__HTTP__LISTEN", format!("127.0.0.1:{port}"))
             .stdout(Stdio::null())
-            .stderr(if logs {
-                Stdio::inherit()
-            } else {
-                Stdio::null()
-            })
+            .stderr(stderr)
             .spawn()
             .expect("sendgate run starts");
         Process {
             child: Some(child),
             port,
+            log,
         }
+    }
+
+    /// The last lines of its log file, for a failure message.
+    pub fn log_tail(&self) -> String {
+        let Some(path) = &self.log else {
+            return "(log on the test's stderr)".to_owned();
+        };
+        let text = std::fs::read_to_string(path).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        format!(
+            "{}:\n{}",
+            path.display(),
+            lines[lines.len().saturating_sub(20)..].join("\n")
+        )
     }
 
     pub fn addr(&self) -> SocketAddr {
@@ -110,7 +136,11 @@ impl Process {
     pub async fn stop(&mut self, timeout: Duration) {
         self.terminate();
         let status = self.wait_for_exit(timeout).await;
-        assert!(status.success(), "sendgate exited with {status} on SIGTERM");
+        assert!(
+            status.success(),
+            "sendgate exited with {status} on SIGTERM; {}",
+            self.log_tail()
+        );
     }
 
     /// kill -9: no drain, no goodbye.
