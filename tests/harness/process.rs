@@ -9,13 +9,24 @@ use super::{TestEnv, eventually, http_get};
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_sendgate");
 
-/// A port nobody listens on right now.
+/// A port nobody listens on right now, and never handed out before by this
+/// process: the system may offer a port again once its listener is closed,
+/// and two processes of one test given the same port would leave one of
+/// them failing to bind while the other answers for both.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    let mut given = GIVEN.lock().unwrap_or_else(|e| e.into_inner());
+    loop {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        if !given.contains(&port) {
+            given.push(port);
+            return port;
+        }
+    }
 }
 
 fn command(env: &TestEnv) -> Command {
