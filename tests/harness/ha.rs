@@ -59,6 +59,8 @@ impl RabbitCluster {
                 scope.spawn(|| node.launch());
             }
         });
+        // `ctl` names the private node (`rabbitmqctl -n <node>`): the
+        // machine's own RabbitMQ is never stopped.
         for node in &nodes[1..] {
             node.ctl(&["stop_app"]);
             node.ctl(&["join_cluster", &nodes[0].node]);
