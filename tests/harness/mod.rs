@@ -622,16 +622,31 @@ impl Drop for RabbitUser {
 }
 
 fn rabbitmqctl(args: &[&str]) {
-    let out = std::process::Command::new("rabbitmqctl")
-        .arg("-q")
-        .args(args)
-        .output()
-        .expect("rabbitmqctl runs");
-    assert!(
-        out.status.success(),
-        "rabbitmqctl {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    rabbitmqctl_output(args);
+}
+
+/// `rabbitmqctl -q ARGS`, its output. A listing fails now and then while
+/// other tests delete their queues and close their channels under it, so a
+/// failed run is tried again a few times before the test fails with its error.
+pub fn rabbitmqctl_output(args: &[&str]) -> String {
+    let mut attempts = 0;
+    loop {
+        attempts += 1;
+        let out = std::process::Command::new("rabbitmqctl")
+            .arg("-q")
+            .args(args)
+            .output()
+            .expect("rabbitmqctl runs");
+        if out.status.success() {
+            return String::from_utf8_lossy(&out.stdout).into_owned();
+        }
+        assert!(
+            attempts < 5,
+            "rabbitmqctl {args:?} failed {attempts} times: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
 }
 
 /// Whether a session on the test's database waits for a lock right now.

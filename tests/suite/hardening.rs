@@ -540,30 +540,37 @@ async fn a_setting_that_would_overflow_stops_start_up_naming_it() {
 /// Messages handed out to `queue`'s consumers and not acked yet, asked of
 /// the consumers' channels themselves (queue statistics lag by seconds).
 fn unacked(queue: &str) -> u64 {
-    let ctl = |args: &[&str]| {
-        let out = std::process::Command::new("rabbitmqctl")
-            .arg("-q")
-            .args(args)
-            .output()
-            .unwrap();
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    };
-    let consumers = ctl(&["list_consumers", "queue_name", "channel_pid"]);
-    let channels: Vec<&str> = consumers
-        .lines()
-        .filter_map(|line| line.strip_prefix(queue)?.split_whitespace().next())
-        .collect();
+    // A listing taken while other tests' queues come and go can miss a
+    // queue: ask again until this one's consumers show.
+    let mut channels = Vec::new();
+    for _ in 0..5 {
+        let consumers = rabbitmqctl_output(&["list_consumers", "queue_name", "channel_pid"]);
+        channels = consumers
+            .lines()
+            .filter_map(|line| {
+                let (name, pid) = line.split_once('\t')?;
+                (name == queue).then(|| pid.trim().to_owned())
+            })
+            .collect();
+        if !channels.is_empty() {
+            break;
+        }
+    }
     assert!(!channels.is_empty(), "{queue} has consumers");
-    ctl(&["list_channels", "pid", "messages_unacknowledged"])
+    let listing = rabbitmqctl_output(&["list_channels", "pid", "messages_unacknowledged"]);
+    let counts: Vec<(&str, u64)> = listing
         .lines()
         .filter_map(|line| {
-            let mut words = line.split_whitespace();
-            let pid = words.next()?;
+            let (pid, count) = line.split_once('\t')?;
             channels
-                .contains(&pid)
-                .then(|| words.next()?.parse::<u64>().ok())?
+                .iter()
+                .any(|c| c == pid)
+                .then(|| Some((pid, count.trim().parse::<u64>().ok()?)))?
         })
-        .sum()
+        .collect();
+    // Shown when the test fails.
+    eprintln!("{queue}: consumers on {channels:?}, unacked {counts:?}");
+    counts.iter().map(|(_, n)| n).sum()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
