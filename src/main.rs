@@ -50,6 +50,9 @@ enum Command {
     },
     /// Print the manual page, roff (`sendgate man > sendgate.1`).
     Man,
+    /// Print the HTTP API's OpenAPI document, YAML (the one in
+    /// `docs/openapi.yaml`).
+    Openapi,
 }
 
 #[derive(Subcommand)]
@@ -185,6 +188,16 @@ fn main() -> ExitCode {
             clap_complete::generate(shell, &mut command, "sendgate", &mut std::io::stdout());
             return ExitCode::SUCCESS;
         }
+        Command::Openapi => {
+            let document = sendgate::http::openapi::yaml();
+            return match std::io::stdout().write_all(document.as_bytes()) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(err) => {
+                    eprintln!("sendgate: cannot write the OpenAPI document: {err}");
+                    ExitCode::FAILURE
+                }
+            };
+        }
         Command::Man => {
             let page = clap_mangen::Man::new(<Cli as clap::CommandFactory>::command());
             return match page.render(&mut std::io::stdout()) {
@@ -259,7 +272,7 @@ async fn execute(command: Command, settings: Settings) -> anyhow::Result<()> {
             Ok(())
         }
         // Handled in `main`, before the settings are loaded.
-        Command::Completions { .. } | Command::Man => Ok(()),
+        Command::Completions { .. } | Command::Man | Command::Openapi => Ok(()),
     }
 }
 

@@ -15,15 +15,17 @@ use axum::routing::get;
 use axum::{Json, Router};
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
+use utoipa::{IntoParams, ToSchema};
 
 use super::auth::{Tokens, require_token};
+use super::openapi::{BadRequest, ErrorBody, Forbidden, NotFound, Unauthorized, Unavailable};
 use crate::clock::Clock;
 use crate::domain::ids::AccountId;
 use crate::domain::plan::{Plan, UnknownPlan, next_day_start, parse_timezone};
 use crate::store::{AccountSummary, Created, LedgerEntry, Store, StoreError};
 
 #[derive(Clone)]
-struct ApiState {
+pub(super) struct ApiState {
     store: Store,
     clock: Arc<dyn Clock>,
 }
@@ -75,32 +77,49 @@ fn bad_request(message: impl Into<String>) -> ApiError {
     ApiError(StatusCode::BAD_REQUEST, message.into())
 }
 
-#[derive(Serialize)]
-struct Today {
+/// Today's usage, in the account's time zone.
+#[derive(Serialize, ToSchema)]
+pub(super) struct Today {
+    /// The account's local date.
+    #[schema(value_type = NaiveDate)]
     date: String,
+    /// Sends charged today.
+    #[schema(example = 3)]
     sends: i64,
-    /// Pro: the daily limit; free: the credit balance; scale: none.
+    /// Pro: the daily limit; free: the credit balance; scale: null.
+    #[schema(example = 20, required = true)]
     limit: Option<i64>,
 }
 
-#[derive(Serialize)]
-struct AccountView {
+/// An account: plan, balance and today's usage.
+#[derive(Serialize, ToSchema)]
+#[schema(as = Account)]
+pub(super) struct AccountView {
+    #[schema(example = "acme")]
     id: String,
     plan: Plan,
+    /// IANA time zone of the account's calendar day.
+    #[schema(example = "Europe/Berlin")]
     timezone: String,
+    /// Kept on record on every plan; spent only on free.
+    #[schema(example = 17)]
     credit_balance: i64,
     today: Today,
-    /// When the next send slot frees up, if none is free now.
+    /// When the next send slot frees up, if none is free now (pro).
+    #[schema(required = true)]
     next_slot_at: Option<DateTime<Utc>>,
 }
 
-#[derive(Serialize)]
-struct Capacity {
-    /// Sends that would pass right now; `null` when unlimited.
+/// How many sends would pass right now.
+#[derive(Serialize, ToSchema)]
+pub(super) struct Capacity {
+    /// Sends that would pass right now; null when unlimited.
+    #[schema(example = 17, required = true)]
     sends_available: Option<i64>,
     unlimited: bool,
-    /// When more become available, if ever; `null` when some are available
+    /// When more become available, if ever; null when some are available
     /// now or none will ever come (a free account's credits never refresh).
+    #[schema(required = true)]
     next_available_at: Option<DateTime<Utc>>,
 }
 
@@ -126,6 +145,23 @@ fn capacity_of(summary: &AccountSummary, now: DateTime<Utc>) -> Capacity {
             }
         }
     }
+}
+
+/// The account id in a path.
+#[derive(IntoParams)]
+#[into_params(parameter_in = Path)]
+#[allow(dead_code)]
+pub(super) struct AccountIdParam {
+    /// 1 to 128 printable characters (no control characters), compared
+    /// exactly as sent: no Unicode normalisation, so look-alike ids in NFC
+    /// and NFD are two accounts.
+    #[param(
+        min_length = 1,
+        max_length = 128,
+        pattern = "^[^\\u0000-\\u001F\\u007F-\\u009F]+$",
+        example = "acme"
+    )]
+    id: String,
 }
 
 /// The account id of the path, checked once: a path that is not UTF-8
@@ -166,28 +202,73 @@ async fn view(state: &ApiState, id: &AccountId) -> Result<AccountView, ApiError>
     })
 }
 
-async fn show(
+/// Plan, credit balance, today's usage and limit, and when the next slot
+/// frees up.
+#[utoipa::path(get, path = "/v1/accounts/{id}", operation_id = "getAccount", tag = "accounts",
+    params(AccountIdParam),
+    responses(
+        (status = 200, description = "The account", body = AccountView),
+        (status = 400, response = BadRequest),
+        (status = 401, response = Unauthorized),
+        (status = 404, response = NotFound),
+        (status = 503, response = Unavailable),
+    ))]
+pub(super) async fn show(
     State(state): State<ApiState>,
     id: Result<Path<String>, PathRejection>,
 ) -> Result<Json<AccountView>, ApiError> {
     Ok(Json(view(&state, &checked_id(id)?).await?))
 }
 
-#[derive(Deserialize)]
+/// The plan of an account to create or change.
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
-struct PutAccount {
+pub(super) struct PutAccount {
+    #[schema(value_type = Plan)]
     plan: String,
-    /// Absent means UTC; `null` is refused like any other non-string.
     #[serde(default = "utc")]
+    #[schema(schema_with = iana_time_zone)]
     timezone: String,
+}
+
+/// The time zone names the API takes: the IANA database's, as compiled in.
+fn iana_time_zone() -> utoipa::openapi::Object {
+    utoipa::openapi::ObjectBuilder::new()
+        .schema_type(utoipa::openapi::schema::Type::String)
+        .description(Some(
+            "IANA time zone of the account's calendar day, set at creation; absent means UTC, \
+             null is refused.",
+        ))
+        .enum_values(Some(chrono_tz::TZ_VARIANTS.iter().map(|tz| tz.name())))
+        .default(Some(serde_json::json!("UTC")))
+        .examples([serde_json::json!("Europe/Berlin")])
+        .build()
 }
 
 fn utc() -> String {
     "UTC".to_owned()
 }
 
-/// Creates the account (201), or changes its plan (200).
-async fn put(
+/// Creates the account, or changes its plan.
+///
+/// Same rules as `sendgate accounts create` and `set-plan`: a new free
+/// account gets its signup credits once; a plan change applies from the next
+/// job, keeps the credit balance on record and never grants credits. The
+/// time zone is set at creation and cannot be changed here.
+#[utoipa::path(put, path = "/v1/accounts/{id}", operation_id = "putAccount", tag = "accounts",
+    params(AccountIdParam),
+    request_body(content = PutAccount,
+        example = json!({"plan": "pro", "timezone": "Europe/Berlin"})),
+    responses(
+        (status = 200, description = "The account existed; its plan is now the one given", body = AccountView),
+        (status = 201, description = "The account was created", body = AccountView),
+        (status = 400, response = BadRequest),
+        (status = 401, response = Unauthorized),
+        (status = 403, response = Forbidden),
+        (status = 409, description = "The account exists with another time zone", body = ErrorBody),
+        (status = 503, response = Unavailable),
+    ))]
+pub(super) async fn put(
     State(state): State<ApiState>,
     id: Result<Path<String>, PathRejection>,
     body: Result<Json<PutAccount>, axum::extract::rejection::JsonRejection>,
@@ -225,14 +306,41 @@ async fn put(
     Ok((status, Json(view(&state, &id).await?)).into_response())
 }
 
-#[derive(Serialize)]
-struct LedgerPage {
+/// A page of the credit usage log.
+#[derive(Serialize, ToSchema)]
+pub(super) struct LedgerPage {
+    /// Newest first.
     entries: Vec<LedgerEntry>,
-    /// Pass as `before` for the next (older) page; `null` on the last one.
+    /// Pass as `before` for the next (older) page; null on the last one.
+    #[schema(required = true)]
     next_before: Option<i64>,
 }
 
-async fn ledger(
+/// Paging through the ledger. Parsed by hand (not by these types) so a bad
+/// value gets an error that names it.
+#[derive(IntoParams)]
+#[into_params(parameter_in = Query)]
+#[allow(dead_code)]
+pub(super) struct LedgerQuery {
+    /// Entries on a page.
+    #[param(minimum = 1, maximum = 500, default = 50)]
+    limit: Option<i64>,
+    /// Only entries with a smaller id: the `next_before` of the previous page.
+    #[param(minimum = 1)]
+    before: Option<i64>,
+}
+
+/// The credit usage log, newest first, paged.
+#[utoipa::path(get, path = "/v1/accounts/{id}/ledger", operation_id = "getLedger", tag = "accounts",
+    params(AccountIdParam, LedgerQuery),
+    responses(
+        (status = 200, description = "A page of ledger entries", body = LedgerPage),
+        (status = 400, response = BadRequest),
+        (status = 401, response = Unauthorized),
+        (status = 404, response = NotFound),
+        (status = 503, response = Unavailable),
+    ))]
+pub(super) async fn ledger(
     State(state): State<ApiState>,
     id: Result<Path<String>, PathRejection>,
     Query(query): Query<HashMap<String, String>>,
@@ -270,7 +378,21 @@ async fn ledger(
     }))
 }
 
-async fn capacity(
+/// How many sends would pass right now, and when more become available.
+///
+/// For the scheduler, to avoid enqueuing jobs bound to be refused. Free: the
+/// credit balance (it never refreshes). Pro: what is left of today's sends,
+/// and when the next day starts if none is. Scale: unlimited.
+#[utoipa::path(get, path = "/v1/accounts/{id}/capacity", operation_id = "getCapacity", tag = "accounts",
+    params(AccountIdParam),
+    responses(
+        (status = 200, description = "The account's capacity", body = Capacity),
+        (status = 400, response = BadRequest),
+        (status = 401, response = Unauthorized),
+        (status = 404, response = NotFound),
+        (status = 503, response = Unavailable),
+    ))]
+pub(super) async fn capacity(
     State(state): State<ApiState>,
     id: Result<Path<String>, PathRejection>,
 ) -> Result<Json<Capacity>, ApiError> {

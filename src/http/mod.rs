@@ -3,6 +3,7 @@
 
 pub mod api;
 pub mod auth;
+pub mod openapi;
 pub mod ops;
 
 use std::sync::Arc;

@@ -11,11 +11,13 @@ use axum::http::{StatusCode, header};
 use axum::response::IntoResponse;
 use axum::routing::get;
 use metrics_exporter_prometheus::PrometheusHandle;
+use serde::Serialize;
+use utoipa::ToSchema;
 
 use crate::health::Health;
 
 #[derive(Clone)]
-struct AppState {
+pub(super) struct AppState {
     metrics: PrometheusHandle,
     health: Arc<Health>,
 }
@@ -28,7 +30,11 @@ pub fn router(metrics: PrometheusHandle, health: Arc<Health>) -> Router {
         .with_state(AppState { metrics, health })
 }
 
-async fn metrics_text(State(state): State<AppState>) -> impl IntoResponse {
+/// Prometheus metrics, in the text exposition format (`docs/metrics.md`).
+#[utoipa::path(get, path = "/metrics", operation_id = "getMetrics", tag = "operations", security(()),
+    responses((status = 200, description = "The metrics",
+        content_type = "text/plain; version=0.0.4; charset=utf-8", body = String)))]
+pub(super) async fn metrics_text(State(state): State<AppState>) -> impl IntoResponse {
     (
         [(
             header::CONTENT_TYPE,
@@ -38,20 +44,44 @@ async fn metrics_text(State(state): State<AppState>) -> impl IntoResponse {
     )
 }
 
-async fn healthz() -> &'static str {
+/// The process is alive.
+#[utoipa::path(get, path = "/healthz", operation_id = "getHealth", tag = "operations", security(()),
+    responses((status = 200, description = "Alive", content_type = "text/plain", body = String,
+        example = "ok\n")))]
+pub(super) async fn healthz() -> &'static str {
     "ok\n"
 }
 
-async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
+/// Whether the process takes work, and what it waits for if not.
+#[derive(Serialize, ToSchema)]
+pub(super) struct Readiness {
+    /// Connected to the broker and the database, and not draining.
+    ready: bool,
+    /// A broker node answers.
+    broker: bool,
+    /// The database answers (and is writable).
+    database: bool,
+    /// Shutting down: finishing the jobs in hand, taking no new ones.
+    draining: bool,
+}
+
+/// Ready to take work: connected to the broker and the database, and not
+/// draining.
+#[utoipa::path(get, path = "/readyz", operation_id = "getReadiness", tag = "operations", security(()),
+    responses(
+        (status = 200, description = "Ready", body = Readiness),
+        (status = 503, description = "Not ready; the body says what is missing", body = Readiness),
+    ))]
+pub(super) async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
     let database = state.health.database_ok();
     let broker = state.health.broker_ok();
     let draining = state.health.draining();
-    let body = serde_json::json!({
-        "ready": broker && database && !draining,
-        "broker": broker,
-        "database": database,
-        "draining": draining,
-    });
+    let body = Readiness {
+        ready: broker && database && !draining,
+        broker,
+        database,
+        draining,
+    };
     let status = if broker && database && !draining {
         StatusCode::OK
     } else {

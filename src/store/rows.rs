@@ -100,15 +100,36 @@ pub(super) fn held(row: &PgRow) -> Result<HeldRow, StoreError> {
 }
 
 /// One row of the credit ledger.
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, serde::Serialize, utoipa::ToSchema)]
 pub struct LedgerEntry {
+    /// Increasing; pages are asked for by it.
+    #[schema(example = 42)]
     pub id: i64,
+    /// Credits added (positive) or taken (negative).
+    #[schema(example = -1)]
     pub delta: i64,
+    /// What the entry records.
+    #[schema(schema_with = ledger_kind)]
     pub kind: String,
+    /// The credit balance after this entry.
+    #[schema(example = 17)]
     pub balance_after: i64,
+    /// The job's key, for `send` and `release`.
+    #[schema(example = "campaign-7/contact-311", required = true)]
     pub idempotency_key: Option<String>,
+    /// The charge, for `send` and `release`.
+    #[schema(required = true)]
     pub reservation_id: Option<Uuid>,
     pub at: DateTime<Utc>,
+}
+
+/// The kinds of ledger entry, as the `kind` column holds them.
+fn ledger_kind() -> utoipa::openapi::Object {
+    utoipa::openapi::ObjectBuilder::new()
+        .schema_type(utoipa::openapi::schema::Type::String)
+        .enum_values(Some(["signup_grant", "send", "release", "adjustment"]))
+        .examples([serde_json::json!("send")])
+        .build()
 }
 
 pub(super) fn ledger_entry(row: &PgRow) -> Result<LedgerEntry, StoreError> {

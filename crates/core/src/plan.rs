@@ -9,6 +9,12 @@ use chrono_tz::Tz;
 
 /// An account's plan (SPEC §1).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[cfg_attr(
+    feature = "openapi",
+    schema(description = "free: signup credits, granted once, never refreshed; \
+    pro: a number of sends per calendar day; scale: unmetered")
+)]
 #[serde(rename_all = "lowercase")]
 pub enum Plan {
     /// Signup credits, granted once, never refreshed.
