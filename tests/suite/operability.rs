@@ -224,12 +224,42 @@ async fn a_real_prometheus_scrapes_the_jobs_sendgate_received() {
         }
         tokio::time::sleep(Duration::from_millis(250)).await;
     };
+    // The per-queue RabbitMQ job sees this test's send queue, so the
+    // dashboard's filtered RabbitMQ panels have series.
+    let per_queue = format!(
+        "/api/v1/query?query=rabbitmq_detailed_queue_consumers%7Bqueue%3D%22{}%22%7D",
+        running.env.send_queue()
+    );
+    let plugin_enabled = http_get("127.0.0.1:15692".parse().unwrap(), "/metrics")
+        .await
+        .is_ok();
+    if plugin_enabled {
+        // Until the per-queue job has scraped this test's queue.
+        loop {
+            if let Ok((200, body)) = http_get(addr, &per_queue).await {
+                let json: serde_json::Value = serde_json::from_str(&body).unwrap();
+                if json["data"]["result"][0]["value"][1].as_str().is_some() {
+                    break;
+                }
+            }
+            if Instant::now() > deadline {
+                let _ = prometheus.kill();
+                panic!("Prometheus never scraped the send queue's per-queue RabbitMQ series");
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    }
     let _ = prometheus.kill();
     let _ = prometheus.wait();
     let _ = std::fs::remove_dir_all(&dir);
     assert_eq!(value, "21", "Prometheus sees what the test published");
     running.stop().await;
 }
+
+/// The per-queue endpoint of RabbitMQ's Prometheus plugin, with the
+/// parameters `config/prometheus/prometheus.yml` scrapes it with.
+const RABBIT_PER_QUEUE: &str =
+    "/metrics/detailed?family=queue_coarse_metrics&family=queue_consumer_count&vhost=%2F";
 
 /// Metric names in a PromQL expression (identifiers that are not functions,
 /// keywords or label names).
@@ -301,10 +331,28 @@ async fn every_metric_a_dashboard_panel_queries_exists() {
                     .is_some_and(|rest| rest.starts_with('{') || rest.starts_with(' '))
         })
     };
-    let rabbit = http_get("127.0.0.1:15692".parse().unwrap(), "/metrics")
-        .await
-        .ok()
-        .map(|r| r.1);
+    // Both of the plugin's endpoints the shipped scrape config reads: the
+    // aggregated one and the per-queue one, which lists a new queue once
+    // the broker has emitted its statistics (every few seconds).
+    let plugin: std::net::SocketAddr = "127.0.0.1:15692".parse().unwrap();
+    let rabbit_names: Vec<&String> = wanted
+        .iter()
+        .filter(|n| n.starts_with("rabbitmq_"))
+        .collect();
+    let deadline = Instant::now() + WAIT;
+    let rabbit = loop {
+        let text = match (
+            http_get(plugin, "/metrics").await,
+            http_get(plugin, RABBIT_PER_QUEUE).await,
+        ) {
+            (Ok((_, aggregated)), Ok((_, per_queue))) => aggregated + &per_queue,
+            _ => break None,
+        };
+        if rabbit_names.iter().all(|name| exported(&text, name)) || Instant::now() > deadline {
+            break Some(text);
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    };
     for name in &wanted {
         if name == "up" {
             continue; // Prometheus' own series.
