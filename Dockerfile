@@ -17,6 +17,7 @@ COPY crates crates
 COPY src src
 COPY migrations migrations
 COPY config config
+COPY docs/runbook.md docs/runbook.md
 RUN touch src/main.rs src/lib.rs crates/core/src/lib.rs \
     && cargo build --release --locked --bin sendgate
 

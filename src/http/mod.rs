@@ -1,10 +1,11 @@
 //! HTTP, on one listen address: [`ops`] serves `/metrics`, `/healthz` and
-//! `/readyz`; [`api`] the account API under `/v1`.
+//! `/readyz`, [`runbook`] `/runbook`; [`api`] the account API under `/v1`.
 
 pub mod api;
 pub mod auth;
 pub mod openapi;
 pub mod ops;
+pub mod runbook;
 
 use std::sync::Arc;
 

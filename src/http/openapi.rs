@@ -5,7 +5,7 @@
 use utoipa::openapi::security::{Http, HttpAuthScheme, SecurityScheme};
 use utoipa::{Modify, OpenApi, ToResponse, ToSchema};
 
-use super::{api, ops};
+use super::{api, ops, runbook};
 
 /// The body of every error response.
 #[derive(ToSchema)]
@@ -64,7 +64,7 @@ pub struct Unavailable(pub ErrorBody);
         description = "Plan, balance and usage of an account, its credit usage log, and how many \
 sends would pass right now. Served on sendgate's HTTP listener (`[http] listen`, default port \
 9400) when an API token is configured; every `/v1` route needs `Authorization: Bearer <token>`. \
-`/metrics`, `/healthz` and `/readyz` on the same listener need no token.\n\n\
+`/metrics`, `/healthz`, `/readyz` and `/runbook` on the same listener need no token.\n\n\
 Every error is JSON `{\"error\": \"...\"}`, including a path the API does not serve (404), a \
 method a path does not take (405), a request that took too long (408), a body over the limit \
 (413) and a URI over the limit (414).",
@@ -77,7 +77,8 @@ method a path does not take (405), a request that took too long (408), a body ov
         api::capacity,
         ops::healthz,
         ops::readyz,
-        ops::metrics_text
+        ops::metrics_text,
+        runbook::runbook
     ),
     components(schemas(ErrorBody), responses(BadRequest, Unauthorized, Forbidden, NotFound, Unavailable)),
     modifiers(&Bearer),
@@ -138,6 +139,7 @@ mod tests {
                 "/healthz",
                 "/metrics",
                 "/readyz",
+                "/runbook",
                 "/v1/accounts/{id}",
                 "/v1/accounts/{id}/capacity",
                 "/v1/accounts/{id}/ledger",

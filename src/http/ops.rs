@@ -27,6 +27,7 @@ pub fn router(metrics: PrometheusHandle, health: Arc<Health>) -> Router {
         .route("/metrics", get(metrics_text))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
+        .route("/runbook", get(super::runbook::runbook))
         .with_state(AppState { metrics, health })
 }
 
