@@ -31,7 +31,6 @@ use sendgate::clock::{Clock, ManualClock};
 use sendgate::config::Settings;
 use sendgate::store::Store;
 use sqlx::migrate::MigrateDatabase;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_util::sync::CancellationToken;
 
 /// Where the tests' broker and database are, when not the defaults: the
@@ -415,19 +414,47 @@ where
     }
 }
 
-/// A minimal HTTP/1.0 GET: status code and body.
+/// A GET: status code and body, or the error that kept it from answering.
 pub async fn http_get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
     try_http_request(addr, "GET", path, None, None).await
 }
 
-/// The value of an unlabelled or labelled series in Prometheus text output.
+/// The value of a series in Prometheus text output, named as PromQL would
+/// (`name` or `name{label="value",…}`, labels in any order, all of them).
 pub fn metric_value(text: &str, series: &str) -> Option<f64> {
-    text.lines()
-        .filter(|line| !line.starts_with('#'))
-        .find_map(|line| {
-            let (name, value) = line.rsplit_once(' ')?;
-            (name == series).then(|| value.parse().ok()).flatten()
-        })
+    let (name, wanted) = match series.split_once('{') {
+        None => (series, Vec::new()),
+        Some((name, labels)) => {
+            let labels = labels.strip_suffix('}').expect("a series ends with }");
+            let pairs = labels
+                .split(',')
+                .filter(|pair| !pair.is_empty())
+                .map(|pair| {
+                    let (label, value) = pair.split_once('=').expect("label=\"value\"");
+                    (
+                        label.trim().to_owned(),
+                        value.trim().trim_matches('"').to_owned(),
+                    )
+                })
+                .collect();
+            (name, pairs)
+        }
+    };
+    let scrape = prometheus_parse::Scrape::parse(text.lines().map(|l| Ok(l.to_owned())))
+        .expect("Prometheus text format");
+    scrape.samples.iter().find_map(|sample| {
+        let same = sample.metric == name
+            && sample.labels.len() == wanted.len()
+            && wanted
+                .iter()
+                .all(|(k, v)| sample.labels.get(k) == Some(v.as_str()));
+        match (same, &sample.value) {
+            (true, prometheus_parse::Value::Counter(v))
+            | (true, prometheus_parse::Value::Gauge(v))
+            | (true, prometheus_parse::Value::Untyped(v)) => Some(*v),
+            _ => None,
+        }
+    })
 }
 
 /// Sum of a free account's ledger and its balance, which must agree.
@@ -453,8 +480,8 @@ pub async fn reservation_count(store: &Store, account: &str) -> i64 {
 
 pub const WAIT: Duration = Duration::from_secs(20);
 
-/// A minimal HTTP/1.0 request with optional bearer token and JSON body:
-/// status code and body.
+/// A request with optional bearer token and JSON body: status code and
+/// body.
 pub async fn http_request(
     addr: SocketAddr,
     method: &str,
@@ -474,31 +501,22 @@ async fn try_http_request(
     token: Option<&str>,
     body: Option<&str>,
 ) -> std::io::Result<(u16, String)> {
-    let mut stream = tokio::net::TcpStream::connect(addr).await?;
-    let mut request = format!("{method} {path} HTTP/1.0\r\nHost: localhost\r\n");
+    let method = reqwest::Method::from_bytes(method.as_bytes()).expect("an HTTP method");
+    let mut request = reqwest::Client::new()
+        .request(method, format!("http://{addr}{path}"))
+        .timeout(Duration::from_secs(30));
     if let Some(token) = token {
-        request.push_str(&format!("Authorization: Bearer {token}\r\n"));
+        request = request.bearer_auth(token);
     }
-    match body {
-        Some(body) => request.push_str(&format!(
-            "Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-            body.len()
-        )),
-        None => request.push_str("\r\n"),
+    if let Some(body) = body {
+        request = request
+            .header(reqwest::header::CONTENT_TYPE, "application/json")
+            .body(body.to_owned());
     }
-    stream.write_all(request.as_bytes()).await?;
-    let mut response = String::new();
-    stream.read_to_string(&mut response).await?;
-    let status = response
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0);
-    let body = response
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_owned())
-        .unwrap_or_default();
-    Ok((status, body))
+    let response = request.send().await.map_err(std::io::Error::other)?;
+    let status = response.status().as_u16();
+    let text = response.text().await.map_err(std::io::Error::other)?;
+    Ok((status, text))
 }
 
 impl Broker {
