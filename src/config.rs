@@ -722,6 +722,34 @@ mod tests {
     }
 
     #[test]
+    fn the_compose_env_file_turns_the_api_on_with_an_admin_and_a_read_token() {
+        let file = include_str!("../config/compose.env");
+        let env: Vec<(String, String)> = file
+            .lines()
+            .filter(|line| !line.trim().is_empty() && !line.starts_with('#'))
+            .map(|line| {
+                let (key, value) = line.split_once('=').expect("KEY=value");
+                (key.to_owned(), value.to_owned())
+            })
+            .collect();
+        let settings = Settings::load_from(None, env).expect("compose's tokens are valid");
+        let mut tokens: Vec<(String, Scope)> = settings
+            .api
+            .tokens()
+            .into_iter()
+            .map(|t| (t.name, t.scope))
+            .collect();
+        tokens.sort_by(|a, b| a.0.cmp(&b.0));
+        assert_eq!(
+            tokens,
+            [
+                ("dashboard".to_owned(), Scope::Read),
+                ("default".to_owned(), Scope::Admin)
+            ]
+        );
+    }
+
+    #[test]
     fn defaults_load_and_match_the_contract() {
         let settings = load(&[]).expect("defaults are valid");
         assert_eq!(settings.http.listen.to_string(), "0.0.0.0:9400");
