@@ -227,6 +227,11 @@ impl Token {
         self.0.expose_secret().chars().count()
     }
 
+    /// The token itself, to present it (`sendgate ctl`); never to log.
+    pub fn expose(&self) -> &str {
+        self.0.expose_secret()
+    }
+
     /// True when `presented` is the token; takes the same time wherever the
     /// two differ.
     pub fn matches(&self, presented: &str) -> bool {

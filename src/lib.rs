@@ -46,6 +46,7 @@ pub mod amqp;
 pub mod app;
 pub mod clock;
 pub mod config;
+pub mod ctl;
 pub mod endpoints;
 pub mod health;
 pub mod http;

@@ -11,6 +11,7 @@ use clap::builder::TypedValueParser as _;
 use clap::{Parser, Subcommand};
 use sendgate::clock::{Clock, SystemClock};
 use sendgate::config::Settings;
+use sendgate::ctl::CtlError;
 use sendgate::domain::ids::AccountId;
 use sendgate::domain::plan::{Plan, parse_timezone};
 use sendgate::store::{AccountSummary, Created, Store, StoreError};
@@ -38,6 +39,29 @@ enum Command {
     Accounts(AccountsCommand),
     /// Print the effective configuration as JSON (passwords redacted).
     Config,
+    /// Control a running sendgate over its admin API: pause or resume
+    /// taking jobs, or show whether it does.
+    Ctl {
+        #[command(subcommand)]
+        action: CtlAction,
+        /// The running sendgate's HTTP address; default: `[http] listen`
+        /// of this configuration, on loopback.
+        #[arg(long, global = true, env = "SENDGATE_URL", value_name = "URL")]
+        url: Option<String>,
+        /// An API token (admin scope to pause or resume); default: `[api]
+        /// token` of this configuration.
+        #[arg(
+            long,
+            global = true,
+            env = "SENDGATE_TOKEN",
+            value_name = "TOKEN",
+            hide_env_values = true
+        )]
+        token: Option<String>,
+        /// Print the answer as JSON.
+        #[arg(long, global = true)]
+        json: bool,
+    },
     /// Look at the dead-letter queue, or move jobs from it back to the send
     /// queue.
     #[command(subcommand)]
@@ -53,6 +77,18 @@ enum Command {
     /// Print the HTTP API's OpenAPI document, YAML (the one in
     /// `docs/openapi.yaml`).
     Openapi,
+}
+
+#[derive(Subcommand, Clone, Copy)]
+enum CtlAction {
+    /// Stop taking jobs: the batches in hand finish, prefetched jobs go back
+    /// to the send queue; delivery reports are still applied. This process
+    /// only, until resumed or restarted.
+    Pause,
+    /// Take jobs again.
+    Resume,
+    /// Whether it takes jobs: consuming, pausing or paused.
+    Status,
 }
 
 #[derive(Subcommand)]
@@ -138,6 +174,8 @@ mod exit {
     pub const NOT_FOUND: u8 = 67;
     /// The database or the broker cannot be reached or refuses the work.
     pub const UNAVAILABLE: u8 = 69;
+    /// The API refused the token (missing, wrong, or too narrow a scope).
+    pub const NO_PERMISSION: u8 = 77;
     /// A setting is unknown or invalid.
     pub const CONFIG: u8 = 78;
 }
@@ -155,6 +193,16 @@ fn exit_code(err: &anyhow::Error) -> u8 {
         }
         if cause.downcast_ref::<lapin::Error>().is_some() {
             return exit::UNAVAILABLE;
+        }
+        if cause.downcast_ref::<Usage>().is_some() {
+            return exit::USAGE;
+        }
+        if let Some(ctl) = cause.downcast_ref::<CtlError>() {
+            return match ctl {
+                CtlError::Unreachable { .. } => exit::UNAVAILABLE,
+                CtlError::Unauthorized { .. } => exit::NO_PERMISSION,
+                CtlError::Failed { .. } => 1,
+            };
         }
     }
     1
@@ -264,6 +312,12 @@ async fn execute(command: Command, settings: Settings) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Accounts(command) => accounts(command, &settings).await,
+        Command::Ctl {
+            action,
+            url,
+            token,
+            json,
+        } => ctl(action, url, token, json, &settings).await,
         Command::DeadLetters(command) => dead_letters(command, &settings).await,
         Command::Config => {
             let mut out = std::io::stdout().lock();
@@ -274,6 +328,60 @@ async fn execute(command: Command, settings: Settings) -> anyhow::Result<()> {
         // Handled in `main`, before the settings are loaded.
         Command::Completions { .. } | Command::Man | Command::Openapi => Ok(()),
     }
+}
+
+/// A command line that cannot work as given.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct Usage(&'static str);
+
+/// `sendgate ctl`: one call to the running process's admin API.
+async fn ctl(
+    action: CtlAction,
+    url: Option<String>,
+    token: Option<String>,
+    json: bool,
+    settings: &Settings,
+) -> anyhow::Result<()> {
+    let url = url.unwrap_or_else(|| sendgate::ctl::local_url(settings.http.listen));
+    let token = match token {
+        Some(token) => token,
+        None if !settings.api.token.is_empty() => settings.api.token.expose().to_owned(),
+        None => {
+            return Err(Usage(
+                "no API token: pass --token or set SENDGATE_TOKEN (or [api] token / SENDGATE__API__TOKEN)",
+            )
+            .into());
+        }
+    };
+    let action = match action {
+        CtlAction::Pause => sendgate::ctl::Action::Pause,
+        CtlAction::Resume => sendgate::ctl::Action::Resume,
+        CtlAction::Status => sendgate::ctl::Action::Status,
+    };
+    let answer = sendgate::ctl::call(&url, &token, action).await?;
+    let mut out = std::io::stdout().lock();
+    if json {
+        serde_json::to_writer_pretty(&mut out, &answer)?;
+        writeln!(out)?;
+    } else {
+        write!(
+            out,
+            "{url}: {}",
+            answer["state"].as_str().unwrap_or("unknown")
+        )?;
+        if let (Some(by), Some(at)) = (answer["changed_by"].as_str(), answer["changed_at"].as_str())
+        {
+            let verb = if answer["paused"] == true {
+                "paused"
+            } else {
+                "resumed"
+            };
+            write!(out, " ({verb} by {by} at {at})")?;
+        }
+        writeln!(out)?;
+    }
+    Ok(())
 }
 
 /// The store for a one-shot command: created and migrated when `migrate`

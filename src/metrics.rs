@@ -29,6 +29,7 @@ pub const OUTCOMES: &str = "sendgate_outcomes_total";
 pub const OUTCOMES_STALE: &str = "sendgate_outcomes_stale_total";
 pub const HOLDS_EXPIRED: &str = "sendgate_holds_expired_total";
 pub const READY: &str = "sendgate_ready";
+pub const PAUSED: &str = "sendgate_paused";
 pub const BUILD_INFO: &str = "sendgate_build_info";
 pub const API_REQUESTS: &str = "sendgate_api_requests_total";
 pub const DB_POOL_CONNECTIONS: &str = "sendgate_db_pool_connections";
@@ -212,6 +213,13 @@ pub const CATALOGUE: &[MetricDoc] = &[
         labels: &[],
         unit: "boolean",
         help: "1 when every worker is connected to the broker, the database answers and the process is not draining.",
+    },
+    MetricDoc {
+        name: PAUSED,
+        kind: Kind::Gauge,
+        labels: &[],
+        unit: "boolean",
+        help: "1 while an operator has paused taking jobs (`sendgate ctl pause`); delivery reports are still applied.",
     },
     MetricDoc {
         name: DB_POOL_CONNECTIONS,
@@ -460,6 +468,10 @@ pub fn queue_messages(role: &'static str, messages: u32) {
 
 pub fn set_ready(ready: bool) {
     gauge!(READY).set(if ready { 1.0 } else { 0.0 });
+}
+
+pub fn set_paused(paused: bool) {
+    gauge!(PAUSED).set(if paused { 1.0 } else { 0.0 });
 }
 
 #[cfg(test)]

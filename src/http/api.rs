@@ -11,17 +11,19 @@ use axum::extract::rejection::PathRejection;
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
 use axum::{Json, Router};
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 
+use super::admin;
 use super::auth::{Tokens, require_token};
 use super::openapi::{BadRequest, ErrorBody, Forbidden, NotFound, Unauthorized, Unavailable};
 use crate::clock::Clock;
 use crate::domain::ids::AccountId;
 use crate::domain::plan::{Plan, UnknownPlan, next_day_start, parse_timezone};
+use crate::health::Health;
 use crate::store::{AccountSummary, Created, LedgerEntry, Store, StoreError};
 
 #[derive(Clone)]
@@ -31,16 +33,25 @@ pub(super) struct ApiState {
 }
 
 /// The `/v1` routes, or none when no token is configured.
-pub fn router(store: Store, clock: Arc<dyn Clock>, tokens: Tokens) -> Router {
+pub fn router(store: Store, clock: Arc<dyn Clock>, health: Arc<Health>, tokens: Tokens) -> Router {
     if tokens.is_empty() {
         return Router::new();
     }
+    let admin = Router::new()
+        .route("/v1/admin/consuming", get(admin::consuming))
+        .route("/v1/admin/pause", post(admin::pause))
+        .route("/v1/admin/resume", post(admin::resume))
+        .with_state(admin::AdminState {
+            health,
+            clock: clock.clone(),
+        });
     Router::new()
         .route("/v1/accounts/{id}", get(show).put(put))
         .route("/v1/accounts/{id}/ledger", get(ledger))
         .route("/v1/accounts/{id}/capacity", get(capacity))
-        .layer(axum::middleware::from_fn_with_state(tokens, require_token))
         .with_state(ApiState { store, clock })
+        .merge(admin)
+        .layer(axum::middleware::from_fn_with_state(tokens, require_token))
 }
 
 /// An error as the API returns it: a status and `{"error": "..."}`.

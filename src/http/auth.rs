@@ -61,7 +61,16 @@ fn required_scope(method: &Method) -> Scope {
 
 /// The middleware: 401 without a known token, 403 when its scope is too
 /// narrow; else the request, counted and logged under the token's name.
-pub async fn require_token(State(tokens): State<Tokens>, request: Request, next: Next) -> Response {
+/// The name of the token a request presented, for handlers that record who
+/// asked (an audit trail never holds the token itself).
+#[derive(Debug, Clone)]
+pub struct Caller(pub String);
+
+pub async fn require_token(
+    State(tokens): State<Tokens>,
+    mut request: Request,
+    next: Next,
+) -> Response {
     let (method, path) = (request.method().clone(), request.uri().path().to_owned());
     let Some(token) = tokens.find(request.headers()) else {
         metrics::api_request("none", StatusCode::UNAUTHORIZED.as_u16());
@@ -70,6 +79,7 @@ pub async fn require_token(State(tokens): State<Tokens>, request: Request, next:
     };
     let name = token.name.as_str();
     let response = if token.scope >= required_scope(&method) {
+        request.extensions_mut().insert(Caller(name.to_owned()));
         next.run(request).await
     } else {
         let message = format!("token `{name}` has the read scope; this needs admin");

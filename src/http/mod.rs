@@ -1,6 +1,7 @@
 //! HTTP, on one listen address: [`ops`] serves `/metrics`, `/healthz` and
 //! `/readyz`, [`runbook`] `/runbook`; [`api`] the account API under `/v1`.
 
+pub mod admin;
 pub mod api;
 pub mod auth;
 pub mod openapi;
@@ -33,8 +34,8 @@ pub fn router(
     settings: &ApiSettings,
 ) -> Router {
     let tokens = Tokens::new(settings.tokens());
-    ops::router(metrics, health)
-        .merge(api::router(store, clock, tokens))
+    ops::router(metrics, health.clone())
+        .merge(api::router(store, clock, health, tokens))
         .fallback(api::not_found)
         .method_not_allowed_fallback(api::method_not_allowed)
         .layer(TimeoutLayer::with_status_code(

@@ -5,7 +5,7 @@
 use utoipa::openapi::security::{Http, HttpAuthScheme, SecurityScheme};
 use utoipa::{Modify, OpenApi, ToResponse, ToSchema};
 
-use super::{api, ops, runbook};
+use super::{admin, api, ops, runbook};
 
 /// The body of every error response.
 #[derive(ToSchema)]
@@ -75,6 +75,9 @@ method a path does not take (405), a request that took too long (408), a body ov
         api::put,
         api::ledger,
         api::capacity,
+        admin::consuming,
+        admin::pause,
+        admin::resume,
         ops::healthz,
         ops::readyz,
         ops::metrics_text,
@@ -85,7 +88,8 @@ method a path does not take (405), a request that took too long (408), a body ov
     security(("bearer" = [])),
     tags(
         (name = "accounts", description = "What a user sees of an account, and what the scheduler asks before it enqueues"),
-        (name = "operations", description = "Probes and metrics, open without a token"),
+        (name = "admin", description = "Operator control of the process that answers"),
+        (name = "operations", description = "Probes, metrics and the runbook, open without a token"),
     ),
 )]
 pub struct ApiDoc;
@@ -143,6 +147,9 @@ mod tests {
                 "/v1/accounts/{id}",
                 "/v1/accounts/{id}/capacity",
                 "/v1/accounts/{id}/ledger",
+                "/v1/admin/consuming",
+                "/v1/admin/pause",
+                "/v1/admin/resume",
             ]
         );
         let json = serde_json::to_value(&doc).expect("the document is JSON");

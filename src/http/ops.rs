@@ -64,6 +64,9 @@ pub(super) struct Readiness {
     database: bool,
     /// Shutting down: finishing the jobs in hand, taking no new ones.
     draining: bool,
+    /// An operator paused taking jobs (`sendgate ctl pause`); the process
+    /// stays ready: it is doing what it was told.
+    paused: bool,
 }
 
 /// Ready to take work: connected to the broker and the database, and not
@@ -82,6 +85,7 @@ pub(super) async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
         broker,
         database,
         draining,
+        paused: state.health.pause_asked(),
     };
     let status = if broker && database && !draining {
         StatusCode::OK

@@ -125,6 +125,10 @@ impl Worker for JobsWorker {
         &self.shared.settings.amqp.send_queue
     }
 
+    fn pausable(&self) -> bool {
+        true
+    }
+
     fn channels(&self) -> usize {
         self.shared.settings.gate.consumers
     }

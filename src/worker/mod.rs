@@ -79,10 +79,19 @@ impl Shared {
     }
 }
 
+/// Jobs workers per process (pausing waits for each).
+pub const JOBS_WORKERS: usize = 1;
+
 /// One kind of worker: which queue it consumes, on how many channels, and
 /// what it does with a session until `stop` (then `Ok`) or a broker failure.
 pub(crate) trait Worker {
     fn queue(&self) -> &str;
+    /// Whether `sendgate ctl pause` stops this worker: the jobs worker.
+    /// Delivery reports keep being applied while paused, so a hold is never
+    /// committed by the sweep while its failure report waits.
+    fn pausable(&self) -> bool {
+        false
+    }
     fn channels(&self) -> usize;
     fn shared(&self) -> &Shared;
     fn id(&self) -> usize;
@@ -101,7 +110,23 @@ pub(crate) async fn run(worker: impl Worker, stop: CancellationToken) {
     let tag = format!("sendgate-{}-{id}", std::process::id());
     let mut backoff = Backoff::new();
     let mut connected_before = false;
+    let mut pause = worker.pausable().then(|| shared.health.pause_requests());
     while !stop.is_cancelled() {
+        if let Some(pause) = &mut pause
+            && *pause.borrow_and_update()
+        {
+            shared.health.worker_paused(true);
+            info!(worker = id, "paused: taking no jobs until resumed");
+            tokio::select! {
+                _ = stop.cancelled() => {}
+                _ = pause.wait_for(|paused| !paused) => {}
+            }
+            shared.health.worker_paused(false);
+            if stop.is_cancelled() {
+                return;
+            }
+            info!(worker = id, "resumed");
+        }
         let opened = tokio::select! {
             _ = stop.cancelled() => return,
             opened = shared.broker.open_session(worker.queue(), worker.channels(), &tag) => opened,
@@ -128,8 +153,28 @@ pub(crate) async fn run(worker: impl Worker, stop: CancellationToken) {
         backoff.reset();
         shared.health.broker_connected();
         let consumers = std::mem::take(&mut session.consumers);
-        let result = worker.consume(&session.channels, consumers, &stop).await;
+        // A pause ends the session the way a stop does: the batches in hand
+        // are finished, and what is still prefetched goes back to the queue.
+        let session_stop = stop.child_token();
+        let pause_watch = pause.clone().map(|mut pause| {
+            let session_stop = session_stop.clone();
+            tokio::spawn(async move {
+                if pause.wait_for(|paused| *paused).await.is_ok() {
+                    session_stop.cancel();
+                }
+            })
+        });
+        let result = worker
+            .consume(&session.channels, consumers, &session_stop)
+            .await;
+        if let Some(watch) = pause_watch {
+            watch.abort();
+        }
         shared.health.broker_disconnected();
+        if result.is_ok() && !stop.is_cancelled() {
+            session.close("sendgate paused").await;
+            continue;
+        }
         if end_session(shared, id, &session, result).await {
             return;
         }

@@ -522,9 +522,16 @@ async fn try_http_request(
 impl Broker {
     /// Messages ready in `queue` (0 when it does not exist).
     pub async fn depth_of(&self, queue: &str) -> u32 {
-        let Ok(channel) = self.connection.create_channel().await else {
-            return 0;
-        };
+        self.declared(queue).await.map_or(0, |q| q.message_count())
+    }
+
+    /// Consumers on `queue` (0 when it does not exist).
+    pub async fn consumers_of(&self, queue: &str) -> u32 {
+        self.declared(queue).await.map_or(0, |q| q.consumer_count())
+    }
+
+    async fn declared(&self, queue: &str) -> Option<lapin::Queue> {
+        let channel = self.connection.create_channel().await.ok()?;
         channel
             .queue_declare(
                 queue.into(),
@@ -535,8 +542,7 @@ impl Broker {
                 lapin::types::FieldTable::default(),
             )
             .await
-            .map(|q| q.message_count())
-            .unwrap_or(0)
+            .ok()
     }
 }
 

@@ -5,6 +5,7 @@
 
 mod api;
 mod binary;
+mod control;
 mod gate;
 mod hardening;
 #[path = "../harness/mod.rs"]
