@@ -150,6 +150,27 @@ enum AccountsCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Add (or take, with a negative number) credits by hand: a support
+    /// correction, written to the ledger with the reason and who made it.
+    /// Not a way to sell credits.
+    Adjust {
+        #[arg(value_parser = parse_account_id)]
+        id: AccountId,
+        /// Credits to add, or to take when negative (the balance never goes
+        /// below 0).
+        #[arg(long, allow_negative_numbers = true)]
+        credits: i64,
+        /// Why, for the audit trail.
+        #[arg(long)]
+        reason: String,
+        /// A key for this correction, so running the command again applies
+        /// it once; default: a new one each run.
+        #[arg(long)]
+        key: Option<String>,
+        /// Print the ledger row and balance as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Show plan, credit balance, today's usage and the recent ledger.
     Show {
         #[arg(value_parser = parse_account_id)]
@@ -333,7 +354,13 @@ async fn execute(command: Command, settings: Settings) -> anyhow::Result<()> {
 /// A command line that cannot work as given.
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
-struct Usage(&'static str);
+struct Usage(std::borrow::Cow<'static, str>);
+
+impl Usage {
+    fn owned(message: String) -> Self {
+        Usage(message.into())
+    }
+}
 
 /// `sendgate ctl`: one call to the running process's admin API.
 async fn ctl(
@@ -349,7 +376,8 @@ async fn ctl(
         None if !settings.api.token.is_empty() => settings.api.token.expose().to_owned(),
         None => {
             return Err(Usage(
-                "no API token: pass --token or set SENDGATE_TOKEN (or [api] token / SENDGATE__API__TOKEN)",
+                "no API token: pass --token or set SENDGATE_TOKEN (or [api] token / SENDGATE__API__TOKEN)"
+                    .into(),
             )
             .into());
         }
@@ -448,6 +476,45 @@ async fn accounts(command: AccountsCommand, settings: &Settings) -> anyhow::Resu
                 writeln!(out)?;
             } else {
                 writeln!(out, "account {id} is now on the {plan} plan")?;
+            }
+        }
+        AccountsCommand::Adjust {
+            id,
+            credits,
+            reason,
+            key,
+            json,
+        } => {
+            let key = key.unwrap_or_else(|| format!("cli-{}", uuid::Uuid::new_v4()));
+            let actor = format!(
+                "cli:{}",
+                std::env::var("USER").unwrap_or_else(|_| "operator".to_owned())
+            );
+            let adjustment = sendgate::store::Adjustment::new(credits, &reason, &key, &actor)
+                .map_err(Usage::owned)?;
+            let adjusted = store.adjust_credits(&id, &adjustment).await?;
+            if json {
+                serde_json::to_writer_pretty(
+                    &mut out,
+                    &serde_json::json!({
+                        "entry": adjusted.entry,
+                        "credit_balance": adjusted.balance,
+                        "replayed": adjusted.replayed,
+                    }),
+                )?;
+                writeln!(out)?;
+            } else if adjusted.replayed {
+                writeln!(
+                    out,
+                    "{id}: adjustment `{key}` was applied before; nothing changed (balance {})",
+                    adjusted.balance
+                )?;
+            } else {
+                writeln!(
+                    out,
+                    "{id}: {:+} credits ({}), balance {}",
+                    adjusted.entry.delta, reason, adjusted.balance
+                )?;
             }
         }
         AccountsCommand::Show { id, json } => {

@@ -8,7 +8,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use axum::extract::rejection::PathRejection;
-use axum::extract::{Path, Query, State};
+use axum::extract::{Extension, Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -18,13 +18,14 @@ use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 
 use super::admin;
+use super::auth::Caller;
 use super::auth::{Tokens, require_token};
 use super::openapi::{BadRequest, ErrorBody, Forbidden, NotFound, Unauthorized, Unavailable};
 use crate::clock::Clock;
 use crate::domain::ids::AccountId;
 use crate::domain::plan::{Plan, UnknownPlan, next_day_start, parse_timezone};
 use crate::health::Health;
-use crate::store::{AccountSummary, Created, LedgerEntry, Store, StoreError};
+use crate::store::{AccountSummary, Adjustment, Created, LedgerEntry, Store, StoreError};
 
 #[derive(Clone)]
 pub(super) struct ApiState {
@@ -49,6 +50,7 @@ pub fn router(store: Store, clock: Arc<dyn Clock>, health: Arc<Health>, tokens: 
         .route("/v1/accounts/{id}", get(show).put(put))
         .route("/v1/accounts/{id}/ledger", get(ledger))
         .route("/v1/accounts/{id}/capacity", get(capacity))
+        .route("/v1/accounts/{id}/adjustments", post(adjust))
         .with_state(ApiState { store, clock })
         .merge(admin)
         .layer(axum::middleware::from_fn_with_state(tokens, require_token))
@@ -68,7 +70,9 @@ impl From<StoreError> for ApiError {
         match err {
             StoreError::UnknownAccount(_) => ApiError(StatusCode::NOT_FOUND, err.to_string()),
             StoreError::InvalidAccount(_) => ApiError(StatusCode::BAD_REQUEST, err.to_string()),
-            StoreError::AccountExists { .. } => ApiError(StatusCode::CONFLICT, err.to_string()),
+            StoreError::AccountExists { .. } | StoreError::AdjustmentRefused(_) => {
+                ApiError(StatusCode::CONFLICT, err.to_string())
+            }
             StoreError::Unavailable(_) | StoreError::Contention => ApiError(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "database unavailable; try again".to_owned(),
@@ -165,7 +169,8 @@ fn capacity_of(summary: &AccountSummary, now: DateTime<Utc>) -> Capacity {
 pub(super) struct AccountIdParam {
     /// 1 to 128 printable characters (no control characters), compared
     /// exactly as sent: no Unicode normalisation, so look-alike ids in NFC
-    /// and NFD are two accounts.
+    /// and NFD are two accounts. At most 255 bytes in UTF-8 (so 128
+    /// characters only when most are ASCII).
     #[param(
         min_length = 1,
         max_length = 128,
@@ -413,4 +418,130 @@ pub(super) async fn capacity(
         .account_summary(&checked_id(id)?, now, 0)
         .await?;
     Ok(Json(capacity_of(&summary, now)))
+}
+
+/// A support correction: credits added (or taken, negative) by hand.
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+#[schema(example = json!({"credits": 5, "reason": "refund after the 2026-11-28 delivery incident",
+    "idempotency_key": "incident-2026-11-28/acme"}))]
+pub(super) struct AdjustmentRequest {
+    /// Read as any JSON number (`5.0` is an integer to JSON Schema), then
+    /// checked to be whole.
+    #[schema(schema_with = adjustment_credits)]
+    credits: serde_json::Number,
+    /// Why, for the audit trail: up to 500 printable characters, not all
+    /// blank.
+    #[schema(
+        min_length = 1,
+        max_length = 500,
+        pattern = "^[^\\u0000-\\u001F\\u007F-\\u009F]*[^\\s\\u0000-\\u001F\\u007F-\\u009F][^\\u0000-\\u001F\\u007F-\\u009F]*$"
+    )]
+    reason: String,
+    /// The client's key for this correction, 1 to 255 ASCII letters, digits
+    /// or punctuation: the same key again applies it once (and answers 200
+    /// with the row it wrote).
+    #[schema(min_length = 1, max_length = 255, pattern = "^[!-~]+$")]
+    idempotency_key: String,
+}
+
+/// A JSON number that is a whole number within `i64` (`5`, `5.0`, `5e0`).
+fn whole_number(number: &serde_json::Number) -> Option<i64> {
+    if let Some(n) = number.as_i64() {
+        return Some(n);
+    }
+    let f = number.as_f64()?;
+    // Beyond 2^53 a float is not exact; adjustments are far below that.
+    (f.fract() == 0.0 && f.abs() < 9_007_199_254_740_992.0).then_some(f as i64)
+}
+
+/// Credits to add or take: from -1,000,000 to 1,000,000, never 0.
+fn adjustment_credits() -> utoipa::openapi::Schema {
+    use utoipa::openapi::schema::{KnownFormat, ObjectBuilder, OneOfBuilder, SchemaFormat, Type};
+    let range = |min: i64, max: i64| {
+        ObjectBuilder::new()
+            .schema_type(Type::Integer)
+            .format(Some(SchemaFormat::KnownFormat(KnownFormat::Int64)))
+            .minimum(Some(min))
+            .maximum(Some(max))
+    };
+    OneOfBuilder::new()
+        .description(Some(
+            "Credits to add (positive) or take (negative), at most 1,000,000 either way; never 0.",
+        ))
+        .item(range(1, 1_000_000))
+        .item(range(-1_000_000, -1))
+        .examples([serde_json::json!(5)])
+        .build()
+        .into()
+}
+
+/// What an adjustment wrote.
+#[derive(Serialize, ToSchema)]
+pub(super) struct AdjustmentView {
+    /// The ledger row (kind `adjustment`, with who made it).
+    entry: LedgerEntry,
+    /// The account's balance now.
+    credit_balance: i64,
+}
+
+/// Adds or takes credits by hand: a support correction, audited.
+///
+/// One ledger row of kind `adjustment` with the reason and the token's
+/// name; the balance never goes below 0. For refunds after an incident, not
+/// for selling credits: a free account's credits come only from its signup
+/// grant and refunds of failed deliveries.
+#[utoipa::path(post, path = "/v1/accounts/{id}/adjustments", operation_id = "adjustCredits",
+    tag = "accounts",
+    params(AccountIdParam),
+    request_body(content = AdjustmentRequest),
+    responses(
+        (status = 201, description = "Applied", body = AdjustmentView),
+        (status = 200, description = "Applied before under this key; nothing changed", body = AdjustmentView),
+        (status = 400, response = BadRequest),
+        (status = 401, response = Unauthorized),
+        (status = 403, response = Forbidden),
+        (status = 404, response = NotFound),
+        (status = 409, description = "It would take the balance below 0, or the key was used for another adjustment", body = ErrorBody),
+        (status = 503, response = Unavailable),
+    ))]
+pub(super) async fn adjust(
+    State(state): State<ApiState>,
+    Extension(Caller(caller)): Extension<Caller>,
+    id: Result<Path<String>, PathRejection>,
+    body: Result<Json<AdjustmentRequest>, axum::extract::rejection::JsonRejection>,
+) -> Result<Response, ApiError> {
+    let Json(body) = body.map_err(|err| bad_request(err.body_text()))?;
+    let id = checked_id(id)?;
+    let credits = whole_number(&body.credits)
+        .ok_or_else(|| bad_request("`credits` must be a whole number"))?;
+    let adjustment = Adjustment::new(credits, &body.reason, &body.idempotency_key, &caller)
+        .map_err(bad_request)?;
+    let adjusted = state.store.adjust_credits(&id, &adjustment).await?;
+    let status = if adjusted.replayed {
+        StatusCode::OK
+    } else {
+        StatusCode::CREATED
+    };
+    let view = AdjustmentView {
+        entry: adjusted.entry,
+        credit_balance: adjusted.balance,
+    };
+    Ok((status, Json(view)).into_response())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn credits_are_any_json_number_that_is_whole() {
+        let n = |text: &str| whole_number(&serde_json::from_str(text).expect("a JSON number"));
+        assert_eq!(n("5"), Some(5));
+        assert_eq!(n("-3"), Some(-3));
+        assert_eq!(n("1883.0"), Some(1883));
+        assert_eq!(n("5e2"), Some(500));
+        assert_eq!(n("1.5"), None);
+        assert_eq!(n("1e300"), None);
+    }
 }

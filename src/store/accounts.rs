@@ -217,7 +217,8 @@ impl Store {
         before: Option<i64>,
     ) -> Result<Vec<LedgerEntry>, StoreError> {
         let rows = sqlx::query(
-            "SELECT id, delta, kind, balance_after, idempotency_key, reservation_id, created_at
+            "SELECT id, delta, kind, balance_after, idempotency_key, reservation_id, note, actor,
+                    created_at
              FROM credit_ledger WHERE account_id = $1 AND ($2::int8 IS NULL OR id < $2)
              ORDER BY id DESC LIMIT $3",
         )

@@ -21,6 +21,10 @@ pub enum StoreError {
     /// The caller's input is not acceptable (a time zone, say).
     #[error("invalid account: {0}")]
     InvalidAccount(String),
+    /// A correction the account's state does not allow: it would take the
+    /// balance below 0, or its key was used for a different correction.
+    #[error("adjustment refused: {0}")]
+    AdjustmentRefused(String),
     /// A row holds a value the code cannot read: edited by hand, or written
     /// by a newer version. Not the caller's fault, and not retried.
     #[error("database row cannot be read: {0}")]
@@ -68,6 +72,7 @@ impl StoreError {
             StoreError::UnknownAccount(_) => "unknown_account",
             StoreError::AccountExists { .. } => "account_exists",
             StoreError::InvalidAccount(_) => "invalid_account",
+            StoreError::AdjustmentRefused(_) => "adjustment_refused",
             StoreError::Corrupt(_) => "corrupt",
             StoreError::Constraint { .. } => "constraint",
             StoreError::Migrate(_) => "migrate",

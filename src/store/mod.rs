@@ -16,6 +16,7 @@
 //! round trips per batch, whatever its size.
 
 mod accounts;
+mod adjust;
 mod decide;
 mod error;
 mod marks;
@@ -34,6 +35,7 @@ use sqlx::migrate::MigrateDatabase;
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 
 pub use accounts::{AccountSummary, Created};
+pub use adjust::{Adjusted, Adjustment};
 pub use decide::Recorded;
 pub use error::StoreError;
 pub use marks::ConfirmedForward;

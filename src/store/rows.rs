@@ -120,6 +120,16 @@ pub struct LedgerEntry {
     /// The charge, for `send` and `release`.
     #[schema(required = true)]
     pub reservation_id: Option<Uuid>,
+    /// Why: the reason given for an adjustment, "signup grant", "delivery
+    /// failed"; null on sends.
+    #[schema(
+        example = "refund after the 2026-11-28 delivery incident",
+        required = true
+    )]
+    pub note: Option<String>,
+    /// Who made an adjustment: the API token's name, or `cli:<user>`.
+    #[schema(example = "support", required = true)]
+    pub actor: Option<String>,
     pub at: DateTime<Utc>,
 }
 
@@ -140,6 +150,8 @@ pub(super) fn ledger_entry(row: &PgRow) -> Result<LedgerEntry, StoreError> {
         balance_after: row.try_get("balance_after")?,
         idempotency_key: row.try_get("idempotency_key")?,
         reservation_id: row.try_get("reservation_id")?,
+        note: row.try_get("note")?,
+        actor: row.try_get("actor")?,
         at: row.try_get("created_at")?,
     })
 }

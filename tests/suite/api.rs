@@ -26,6 +26,13 @@ async fn every_endpoint_needs_the_token_and_health_stays_open() {
         ("PUT", "/v1/accounts/a", Some(r#"{"plan":"free"}"#)),
         ("GET", "/v1/accounts/a/ledger", None),
         ("GET", "/v1/accounts/a/capacity", None),
+        (
+            "POST",
+            "/v1/accounts/a/adjustments",
+            Some(r#"{"credits":1,"reason":"r","idempotency_key":"k"}"#),
+        ),
+        ("GET", "/v1/admin/consuming", None),
+        ("POST", "/v1/admin/pause", None),
     ] {
         let (status, text) = http_request(http, method, path, None, body).await;
         assert_eq!(status, 401, "{method} {path} without a token");
@@ -449,5 +456,194 @@ async fn the_bearer_scheme_is_read_in_any_case_and_big_bodies_are_refused() {
     )
     .await;
     assert_eq!(status, 413);
+    finish(env, gate).await;
+}
+
+/// A support correction: applied once per key, audited with the token's
+/// name, never below 0, and never by a read token.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn adjustments_apply_once_per_key_and_never_take_the_balance_below_zero() {
+    let mut env = TestEnv::new();
+    env.set("SENDGATE__API__TOKEN", TOKEN);
+    env.set("SENDGATE__API__TOKENS__HELPDESK__SCOPE", "admin");
+    env.set(
+        "SENDGATE__API__TOKENS__HELPDESK__TOKEN",
+        "helpdesk-token-1234",
+    );
+    env.set("SENDGATE__API__TOKENS__AUDITOR__SCOPE", "read");
+    env.set(
+        "SENDGATE__API__TOKENS__AUDITOR__TOKEN",
+        "auditor-token-1234",
+    );
+    let gate = env.start_gate(Arc::new(SystemClock)).await;
+    let http = gate.http;
+    let store = env.store().await;
+    put_account(http, "ada", r#"{"plan":"free"}"#).await;
+    let adjust = |token: &'static str, body: &'static str| async move {
+        http_request(
+            http,
+            "POST",
+            "/v1/accounts/ada/adjustments",
+            Some(token),
+            Some(body),
+        )
+        .await
+    };
+    let refund = r#"{"credits":5,"reason":"refund after incident 42","idempotency_key":"inc-42"}"#;
+
+    let (status, body) = adjust("helpdesk-token-1234", refund).await;
+    assert_eq!(status, 201, "{body}");
+    let first = json(&body);
+    assert_eq!(first["credit_balance"], 25);
+    assert_eq!(first["entry"]["kind"], "adjustment");
+    assert_eq!(first["entry"]["delta"], 5);
+    assert_eq!(first["entry"]["actor"], "helpdesk");
+    assert_eq!(first["entry"]["note"], "refund after incident 42");
+
+    // The same request again (a retry): the same row, nothing added.
+    let (status, body) = adjust("helpdesk-token-1234", refund).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(json(&body)["entry"]["id"], first["entry"]["id"]);
+    assert_eq!(json(&body)["credit_balance"], 25);
+    // The key for something else: refused.
+    let (status, body) = adjust(
+        TOKEN,
+        r#"{"credits":7,"reason":"refund after incident 42","idempotency_key":"inc-42"}"#,
+    )
+    .await;
+    assert_eq!(status, 409, "{body}");
+    assert!(json(&body)["error"].as_str().unwrap().contains("inc-42"));
+    // Never below 0.
+    let (status, body) = adjust(
+        TOKEN,
+        r#"{"credits":-26,"reason":"clawback","idempotency_key":"claw-1"}"#,
+    )
+    .await;
+    assert_eq!(status, 409, "{body}");
+    assert!(json(&body)["error"].as_str().unwrap().contains("below 0"));
+    let (status, body) = adjust(
+        TOKEN,
+        r#"{"credits":-25,"reason":"clawback","idempotency_key":"claw-2"}"#,
+    )
+    .await;
+    assert_eq!(status, 201, "{body}");
+    assert_eq!(json(&body)["credit_balance"], 0);
+    assert_eq!(json(&body)["entry"]["actor"], "default");
+
+    // A read token may not; bad input says which field.
+    let (status, _) = adjust("auditor-token-1234", refund).await;
+    assert_eq!(status, 403);
+    for (body, field) in [
+        (
+            r#"{"credits":0,"reason":"x","idempotency_key":"z"}"#,
+            "credits",
+        ),
+        (
+            r#"{"credits":1,"reason":"  ","idempotency_key":"z"}"#,
+            "reason",
+        ),
+        (
+            r#"{"credits":1,"reason":"x","idempotency_key":"a b"}"#,
+            "key",
+        ),
+        (r#"{"credits":1,"reason":"x"}"#, "idempotency_key"),
+    ] {
+        let (status, text) = adjust(TOKEN, body).await;
+        assert_eq!(status, 400, "{body}: {text}");
+        assert!(
+            json(&text)["error"].as_str().unwrap().contains(field),
+            "{body}: {text}"
+        );
+    }
+    let (status, _) = http_request(
+        http,
+        "POST",
+        "/v1/accounts/nobody/adjustments",
+        Some(TOKEN),
+        Some(refund),
+    )
+    .await;
+    assert_eq!(status, 404);
+
+    // The ledger shows both, and still sums to the balance.
+    let (_, body) = http_request(http, "GET", "/v1/accounts/ada/ledger", Some(TOKEN), None).await;
+    let kinds: Vec<String> = json(&body)["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["kind"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(kinds, ["adjustment", "adjustment", "signup_grant"]);
+    assert_eq!(balance_and_ledger(&store, "ada").await, (0, 0));
+
+    // The CLI twin, as an operator.
+    let out = cli(
+        &env,
+        &[
+            "accounts",
+            "adjust",
+            "ada",
+            "--credits",
+            "3",
+            "--reason",
+            "goodwill",
+            "--key",
+            "gw-1",
+            "--json",
+        ],
+    );
+    assert!(out.status.success(), "{out:?}");
+    let adjusted: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(adjusted["credit_balance"], 3);
+    assert!(
+        adjusted["entry"]["actor"]
+            .as_str()
+            .unwrap()
+            .starts_with("cli:")
+    );
+    let again = cli(
+        &env,
+        &[
+            "accounts",
+            "adjust",
+            "ada",
+            "--credits",
+            "3",
+            "--reason",
+            "goodwill",
+            "--key",
+            "gw-1",
+        ],
+    );
+    assert!(String::from_utf8_lossy(&again.stdout).contains("applied before"));
+    let below = cli(
+        &env,
+        &[
+            "accounts",
+            "adjust",
+            "ada",
+            "--credits",
+            "-4",
+            "--reason",
+            "oops",
+        ],
+    );
+    assert_eq!(below.status.code(), Some(1), "{below:?}");
+    assert!(String::from_utf8_lossy(&below.stderr).contains("below 0"));
+    let bad = cli(
+        &env,
+        &[
+            "accounts",
+            "adjust",
+            "ada",
+            "--credits",
+            "0",
+            "--reason",
+            "x",
+        ],
+    );
+    assert_eq!(bad.status.code(), Some(64), "{bad:?}");
+    assert_eq!(balance_and_ledger(&store, "ada").await, (3, 3));
+
     finish(env, gate).await;
 }
