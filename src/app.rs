@@ -109,6 +109,7 @@ impl App {
         let sweeper = tokio::spawn(worker::sweep::sweep_expired_holds(
             shared.store.clone(),
             shared.settings.reservations.clone(),
+            shared.settings.jobs.refusal_retention(),
             stop.clone(),
         ));
 

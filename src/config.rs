@@ -341,6 +341,14 @@ pub struct ProPlanSettings {
 #[serde(deny_unknown_fields)]
 pub struct JobSettings {
     pub max_body_bytes: usize,
+    /// How long a key's latest refusal is kept for job status.
+    pub refusal_retention_days: u64,
+}
+
+impl JobSettings {
+    pub fn refusal_retention(&self) -> Duration {
+        Duration::from_secs(self.refusal_retention_days * 86_400)
+    }
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -548,7 +556,7 @@ impl Settings {
     fn validate_durations(&self) -> Result<(), ConfigError> {
         const MINUTE_MS: u64 = 60_000;
         const DAY_SECS: u64 = 86_400;
-        let bounds: [(&'static str, u64, u64, u64); 9] = [
+        let bounds: [(&'static str, u64, u64, u64); 10] = [
             ("gate.batch_wait_ms", self.gate.batch_wait_ms, 0, MINUTE_MS),
             (
                 "amqp.publish_timeout_ms",
@@ -585,6 +593,12 @@ impl Settings {
                 self.reservations.hold_secs,
                 1,
                 365 * DAY_SECS,
+            ),
+            (
+                "jobs.refusal_retention_days",
+                self.jobs.refusal_retention_days,
+                1,
+                3_650,
             ),
             (
                 "reservations.sweep_interval_secs",

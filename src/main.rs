@@ -171,6 +171,17 @@ enum AccountsCommand {
         #[arg(long)]
         json: bool,
     },
+    /// What happened to a job: its charge (held, committed, released) and
+    /// its latest refusal.
+    Job {
+        #[arg(value_parser = parse_account_id)]
+        id: AccountId,
+        /// The job's idempotency key.
+        key: String,
+        /// Print JSON instead of a summary.
+        #[arg(long)]
+        json: bool,
+    },
     /// Show plan, credit balance, today's usage and the recent ledger.
     Show {
         #[arg(value_parser = parse_account_id)]
@@ -515,6 +526,37 @@ async fn accounts(command: AccountsCommand, settings: &Settings) -> anyhow::Resu
                     "{id}: {:+} credits ({}), balance {}",
                     adjusted.entry.delta, reason, adjusted.balance
                 )?;
+            }
+        }
+        AccountsCommand::Job { id, key, json } => {
+            let status = store.job_status(&id, &key).await?;
+            if json {
+                serde_json::to_writer_pretty(&mut out, &status)?;
+                writeln!(out)?;
+            } else {
+                writeln!(out, "{id} {key}: {}", status.status)?;
+                if let Some(charge) = &status.charge {
+                    write!(
+                        out,
+                        "  charge      {} ({} {}, reservation {}) at {}",
+                        charge.state,
+                        charge.plan,
+                        charge.charge,
+                        charge.reservation_id,
+                        charge.charged_at
+                    )?;
+                    if let (Some(at), Some(detail)) = (charge.settled_at, &charge.settle_detail) {
+                        write!(out, ", settled {at}: {detail}")?;
+                    }
+                    writeln!(out)?;
+                }
+                if let Some(refusal) = &status.last_refusal {
+                    writeln!(
+                        out,
+                        "  refused     {} at {}: {}",
+                        refusal.reason, refusal.refused_at, refusal.detail
+                    )?;
+                }
             }
         }
         AccountsCommand::Show { id, json } => {

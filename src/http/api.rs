@@ -25,7 +25,9 @@ use crate::clock::Clock;
 use crate::domain::ids::AccountId;
 use crate::domain::plan::{Plan, UnknownPlan, next_day_start, parse_timezone};
 use crate::health::Health;
-use crate::store::{AccountSummary, Adjustment, Created, LedgerEntry, Store, StoreError};
+use crate::store::{
+    AccountSummary, Adjustment, Created, JobStatus, LedgerEntry, Store, StoreError,
+};
 
 #[derive(Clone)]
 pub(super) struct ApiState {
@@ -51,6 +53,7 @@ pub fn router(store: Store, clock: Arc<dyn Clock>, health: Arc<Health>, tokens: 
         .route("/v1/accounts/{id}/ledger", get(ledger))
         .route("/v1/accounts/{id}/capacity", get(capacity))
         .route("/v1/accounts/{id}/adjustments", post(adjust))
+        .route("/v1/accounts/{id}/jobs/{key}", get(job))
         .with_state(ApiState { store, clock })
         .merge(admin)
         .layer(axum::middleware::from_fn_with_state(tokens, require_token))
@@ -528,6 +531,51 @@ pub(super) async fn adjust(
         credit_balance: adjusted.balance,
     };
     Ok((status, Json(view)).into_response())
+}
+
+/// A job key in a path.
+#[derive(IntoParams)]
+#[into_params(parameter_in = Path)]
+#[allow(dead_code)]
+pub(super) struct JobKeyParam {
+    /// 1 to 255 printable characters, percent-encoded (`/` as `%2F`).
+    #[param(
+        min_length = 1,
+        max_length = 255,
+        pattern = "^[^\\u0000-\\u001F\\u007F-\\u009F]+$",
+        example = "campaign-7/recipient-21"
+    )]
+    key: String,
+}
+
+/// What happened to a job: its charge (held, committed or released) and
+/// its latest refusal.
+///
+/// For a scheduler reconciling its sends. A refusal is kept for `[jobs]
+/// refusal_retention_days`; a refused job sent again is judged afresh, and
+/// `status` follows whichever came last.
+#[utoipa::path(get, path = "/v1/accounts/{id}/jobs/{key}", operation_id = "getJob", tag = "accounts",
+    params(AccountIdParam, JobKeyParam),
+    responses(
+        (status = 200, description = "What is recorded about the key (`unknown` when nothing is)", body = JobStatus),
+        (status = 400, response = BadRequest),
+        (status = 401, response = Unauthorized),
+        (status = 404, response = NotFound),
+        (status = 503, response = Unavailable),
+    ))]
+pub(super) async fn job(
+    State(state): State<ApiState>,
+    path: Result<Path<(String, String)>, PathRejection>,
+) -> Result<Json<JobStatus>, ApiError> {
+    let Path((id, key)) = path.map_err(|err| bad_request(err.body_text()))?;
+    let id = AccountId::parse(id).map_err(|err| bad_request(err.0))?;
+    let chars = key.chars().count();
+    if chars == 0 || chars > 255 || key.chars().any(char::is_control) {
+        return Err(bad_request(
+            "the job key must be 1 to 255 printable characters",
+        ));
+    }
+    Ok(Json(state.store.job_status(&id, &key).await?))
 }
 
 #[cfg(test)]

@@ -19,6 +19,7 @@ mod accounts;
 mod adjust;
 mod decide;
 mod error;
+mod jobs;
 mod marks;
 mod primary;
 mod rows;
@@ -38,6 +39,7 @@ pub use accounts::{AccountSummary, Created};
 pub use adjust::{Adjusted, Adjustment};
 pub use decide::Recorded;
 pub use error::StoreError;
+pub use jobs::{ChargeStatus, JobStatus, Refusal, RefusalStatus};
 pub use marks::ConfirmedForward;
 pub use rows::LedgerEntry;
 

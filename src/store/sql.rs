@@ -229,8 +229,8 @@ pub const CONFIRM_FORWARDS: &str = "
 
 /// The runtime role's privileges, granted by every `sendgate migrate` (run
 /// as the owner) when the role exists: exactly the DML the gate needs. The
-/// ledger is append-only (no UPDATE, no DELETE), nothing may be deleted, and
-/// the role creates and alters nothing. See `deploy/postgres/roles.sql`.
+/// ledger is append-only (no UPDATE, no DELETE), nothing but refusals past
+/// their retention may be deleted, and the role creates and alters nothing. See `deploy/postgres/roles.sql`.
 pub const RUNTIME_GRANTS: &str = "
     DO $$
     BEGIN
@@ -238,6 +238,23 @@ pub const RUNTIME_GRANTS: &str = "
             GRANT SELECT, INSERT, UPDATE
                 ON accounts, reservations, daily_usage, forward_batches TO sendgate_app;
             GRANT SELECT, INSERT ON credit_ledger TO sendgate_app;
+            -- Job status: the latest refusal per key, removed by retention.
+            GRANT SELECT, INSERT, UPDATE, DELETE ON refusals TO sendgate_app;
             GRANT SELECT ON _sqlx_migrations TO sendgate_app;
         END IF;
     END $$";
+
+/// The latest refusal of each key ($1 accounts, $2 keys, $3 reasons, $4
+/// details; one row per key).
+pub const RECORD_REFUSALS: &str = "
+    INSERT INTO refusals (account_id, idempotency_key, reason, detail)
+    SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[])
+    ON CONFLICT (account_id, idempotency_key) DO UPDATE
+    SET reason = EXCLUDED.reason, detail = EXCLUDED.detail, refused_at = now()";
+
+/// Removes refusals older than $1, at most $2 at a time, oldest first.
+pub const PURGE_REFUSALS: &str = "
+    DELETE FROM refusals WHERE (account_id, idempotency_key) IN (
+        SELECT account_id, idempotency_key FROM refusals
+        WHERE refused_at < now() - $1::interval
+        ORDER BY refused_at LIMIT $2)";

@@ -34,7 +34,7 @@ use lapin::options::BasicCancelOptions;
 use lapin::{Channel, Consumer};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, error};
+use tracing::{debug, error, warn};
 use uuid::Uuid;
 
 use super::batcher::Batcher;
@@ -49,7 +49,7 @@ use crate::domain::ids::JobKey;
 use crate::domain::job::{InvalidJob, Job};
 use crate::domain::plan::Reason;
 use crate::metrics;
-use crate::store::ConfirmedForward;
+use crate::store::{ConfirmedForward, Refusal};
 
 /// Consumes the send queue on `[gate] consumers` channels, all feeding one
 /// batcher.
@@ -288,7 +288,7 @@ impl JobsWorker {
                 )
             })
         });
-        let slots = batch
+        let slots: Vec<Slot> = batch
             .into_iter()
             .zip(parsed)
             .map(|(received, parsed)| {
@@ -319,11 +319,42 @@ impl JobsWorker {
                 }
             })
             .collect();
+        self.record_refusals(&slots).await;
         DecidedBatch {
             slots,
             decide_time: started.elapsed(),
             forward_batches: forward_batches.into_iter().flatten().collect(),
             _in_flight: in_flight,
+        }
+    }
+
+    /// Records the batch's refusals for job status, before the batch is
+    /// published and acked (a crash in between refuses and records them
+    /// again). Holds the batch while the database is unavailable; any other
+    /// failure only costs the status its latest refusal.
+    async fn record_refusals(&self, slots: &[Slot]) {
+        let refusals: Vec<Refusal> = slots
+            .iter()
+            .filter_map(|slot| {
+                let key = slot.key.as_ref()?;
+                let (Decision::DeadLetter(refused) | Decision::Defer(refused)) = &slot.decision
+                else {
+                    return None;
+                };
+                Some(Refusal {
+                    key: key.clone(),
+                    reason: refused.reason.as_str(),
+                    detail: refused.detail.clone(),
+                })
+            })
+            .collect();
+        if refusals.is_empty() {
+            return;
+        }
+        let shared = &self.shared;
+        let recorded = shared.with_database("refusals", || shared.store.record_refusals(&refusals));
+        if let Err(err) = recorded.await {
+            warn!(worker = self.id, error = %err, "cannot record refusals for job status");
         }
     }
 

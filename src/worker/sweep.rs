@@ -1,6 +1,7 @@
 //! Holds that got no delivery report within the hold time are committed,
 //! every sweep interval. Every process sweeps; `SKIP LOCKED` keeps them
-//! from doing the same rows twice.
+//! from doing the same rows twice. The same sweep removes refusals past
+//! `[jobs] refusal_retention_days`.
 
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
@@ -16,6 +17,7 @@ const SWEEP_CHUNK: i64 = 1000;
 pub async fn sweep_expired_holds(
     store: Store,
     settings: ReservationSettings,
+    refusal_retention: std::time::Duration,
     stop: CancellationToken,
 ) {
     let mut tick = tokio::time::interval(settings.sweep_interval());
@@ -38,6 +40,18 @@ pub async fn sweep_expired_holds(
                 Err(err) => {
                     metrics::db_error(err.kind());
                     warn!(error = %err, "cannot sweep expired holds; trying again next interval");
+                    break;
+                }
+            }
+        }
+        // Refusals past their retention, a chunk at a time.
+        loop {
+            match store.purge_refusals(refusal_retention, SWEEP_CHUNK).await {
+                Ok(n) if n < SWEEP_CHUNK as u64 => break,
+                Ok(_) => {}
+                Err(err) => {
+                    metrics::db_error(err.kind());
+                    warn!(error = %err, "cannot remove old refusals; trying again next interval");
                     break;
                 }
             }

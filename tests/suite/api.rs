@@ -4,6 +4,7 @@
 #![allow(clippy::unwrap_used)]
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use crate::harness::*;
 use sendgate::clock::SystemClock;
@@ -644,6 +645,82 @@ async fn adjustments_apply_once_per_key_and_never_take_the_balance_below_zero() 
     );
     assert_eq!(bad.status.code(), Some(64), "{bad:?}");
     assert_eq!(balance_and_ledger(&store, "ada").await, (3, 3));
+
+    finish(env, gate).await;
+}
+
+/// Job status: a charged key, a refused one (even for an unknown account),
+/// one refused and then charged, and what retention leaves.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn job_status_tells_charged_refused_and_unknown_keys_apart() {
+    let mut env = TestEnv::new();
+    env.set("SENDGATE__API__TOKEN", TOKEN);
+    env.set("SENDGATE__PLANS__FREE__SIGNUP_CREDITS", "1");
+    let gate = env.start_gate(Arc::new(SystemClock)).await;
+    let (http, t) = (gate.http, Some(TOKEN));
+    let store = env.store().await;
+    let broker = env.broker().await;
+    put_account(http, "jo", r#"{"plan":"free"}"#).await;
+    let status = |path: String| async move {
+        let (code, body) = http_request(http, "GET", &path, t, None).await;
+        (code, json(&body))
+    };
+
+    broker.publish_job(&env.send_queue(), "jo", "c/1").await;
+    let forward = broker.take(&env.delivery_queue(), 1, WAIT).await;
+    broker.publish_job(&env.send_queue(), "jo", "c/2").await;
+    broker.publish_job(&env.send_queue(), "ghost", "g-1").await;
+    broker.take(&env.dead_queue(), 2, WAIT).await;
+
+    // Keys are percent-encoded in the path.
+    let (code, charged) = status("/v1/accounts/jo/jobs/c%2F1".to_owned()).await;
+    assert_eq!(code, 200, "{charged}");
+    assert_eq!(charged["status"], "charged");
+    assert_eq!(charged["charge"]["state"], "held");
+    assert_eq!(charged["charge"]["charge"], "credit");
+    assert_eq!(
+        charged["charge"]["reservation_id"].as_str(),
+        header(&forward[0], "x-sendgate-reservation-id").as_deref()
+    );
+    assert!(charged["last_refusal"].is_null());
+    let (_, refused) = status("/v1/accounts/jo/jobs/c%2F2".to_owned()).await;
+    assert_eq!(refused["status"], "refused");
+    assert_eq!(refused["last_refusal"]["reason"], "out_of_credits");
+    assert!(refused["charge"].is_null());
+    let (code, ghost) = status("/v1/accounts/ghost/jobs/g-1".to_owned()).await;
+    assert_eq!(code, 200, "{ghost}");
+    assert_eq!(ghost["last_refusal"]["reason"], "unknown_account");
+    let (code, unknown) = status("/v1/accounts/jo/jobs/never-sent".to_owned()).await;
+    assert_eq!((code, unknown["status"].as_str()), (200, Some("unknown")));
+    let (code, _) = status("/v1/accounts/nobody/jobs/x".to_owned()).await;
+    assert_eq!(code, 404);
+
+    // A credit comes back by hand; the refused key sent again is judged
+    // afresh and charged: its status follows.
+    let body = r#"{"credits":1,"reason":"test","idempotency_key":"t-1"}"#;
+    let (code, _) = http_request(http, "POST", "/v1/accounts/jo/adjustments", t, Some(body)).await;
+    assert_eq!(code, 201);
+    broker.publish_job(&env.send_queue(), "jo", "c/2").await;
+    broker.take(&env.delivery_queue(), 1, WAIT).await;
+    let (_, again) = status("/v1/accounts/jo/jobs/c%2F2".to_owned()).await;
+    assert_eq!(again["status"], "charged");
+    assert_eq!(again["last_refusal"]["reason"], "out_of_credits");
+
+    // The CLI twin.
+    let out = cli(&env, &["accounts", "job", "jo", "c/2", "--json"]);
+    assert!(out.status.success(), "{out:?}");
+    let shown: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(shown["status"], "charged");
+    let out = cli(&env, &["accounts", "job", "jo", "c/2"]);
+    assert!(String::from_utf8_lossy(&out.stdout).contains("refused     out_of_credits"));
+
+    // Retention removes refusals; charges stay.
+    assert_eq!(store.purge_refusals(Duration::ZERO, 1000).await.unwrap(), 2);
+    let (_, after) = status("/v1/accounts/jo/jobs/c%2F2".to_owned()).await;
+    assert!(after["last_refusal"].is_null());
+    assert_eq!(after["status"], "charged");
+    let (code, _) = status("/v1/accounts/ghost/jobs/g-1".to_owned()).await;
+    assert_eq!(code, 404);
 
     finish(env, gate).await;
 }

@@ -1,0 +1,199 @@
+//! What happened to one job key, for a scheduler reconciling its sends:
+//! its charge (held, committed or released) and its latest refusal. The
+//! refusals are recorded as the gate refuses jobs, one row per key, and
+//! removed after their retention.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use sqlx::Row;
+use uuid::Uuid;
+
+use super::{Store, StoreError, sql};
+use crate::domain::ids::{AccountId, JobKey};
+
+/// A job the gate refused: its key, why, and the detail.
+#[derive(Debug, Clone)]
+pub struct Refusal {
+    pub key: JobKey,
+    pub reason: &'static str,
+    pub detail: String,
+}
+
+/// A key's charge.
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+pub struct ChargeStatus {
+    pub reservation_id: Uuid,
+    /// held (forwarded, awaiting its delivery report), committed or
+    /// released (the delivery failed; the credit or slot came back).
+    #[schema(example = "held")]
+    pub state: String,
+    #[schema(example = "free")]
+    pub plan: String,
+    /// credit, daily_slot or unmetered.
+    #[schema(example = "credit")]
+    pub charge: String,
+    pub charged_at: DateTime<Utc>,
+    #[schema(required = true)]
+    pub settled_at: Option<DateTime<Utc>>,
+    /// Why it settled so ("delivered", a failure's detail, "no outcome
+    /// within the hold time").
+    #[schema(required = true)]
+    pub settle_detail: Option<String>,
+}
+
+/// A key's latest refusal.
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+pub struct RefusalStatus {
+    /// The dead-letter reason (`out_of_credits`, `daily_limit_reached`, …).
+    #[schema(example = "out_of_credits")]
+    pub reason: String,
+    #[schema(example = "free plan: no credits left (20 granted at signup, none refresh)")]
+    pub detail: String,
+    pub refused_at: DateTime<Utc>,
+}
+
+/// Everything recorded about a key.
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+pub struct JobStatus {
+    #[schema(example = "acme")]
+    pub account_id: String,
+    #[schema(example = "campaign-7/recipient-21")]
+    pub idempotency_key: String,
+    /// charged (see `charge.state`), refused (its latest judgement was a
+    /// refusal) or unknown (nothing recorded, or a refusal past retention).
+    #[schema(example = "refused")]
+    pub status: String,
+    #[schema(required = true)]
+    pub charge: Option<ChargeStatus>,
+    #[schema(required = true)]
+    pub last_refusal: Option<RefusalStatus>,
+}
+
+impl Store {
+    /// Records the latest refusal of each key (the last one of a key that
+    /// appears twice).
+    ///
+    /// # Errors
+    /// [`StoreError::is_transient`] when it should be retried.
+    pub async fn record_refusals(&self, refusals: &[Refusal]) -> Result<(), StoreError> {
+        if refusals.is_empty() {
+            return Ok(());
+        }
+        // One row per key: a statement may not update a row twice.
+        let mut latest: HashMap<&JobKey, &Refusal> = HashMap::new();
+        for refusal in refusals {
+            latest.insert(&refusal.key, refusal);
+        }
+        let rows: Vec<&Refusal> = latest.into_values().collect();
+        sqlx::query(sql::RECORD_REFUSALS)
+            .bind(
+                rows.iter()
+                    .map(|r| r.key.account_id.as_str())
+                    .collect::<Vec<_>>(),
+            )
+            .bind(
+                rows.iter()
+                    .map(|r| r.key.idempotency_key.as_str())
+                    .collect::<Vec<_>>(),
+            )
+            .bind(rows.iter().map(|r| r.reason).collect::<Vec<_>>())
+            // Postgres text cannot hold NUL.
+            .bind(
+                rows.iter()
+                    .map(|r| r.detail.replace('\0', ""))
+                    .collect::<Vec<_>>(),
+            )
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    /// Removes refusals older than `retention`, at most `limit`.
+    ///
+    /// # Errors
+    /// [`StoreError::is_transient`] when it should be retried.
+    pub async fn purge_refusals(&self, retention: Duration, limit: i64) -> Result<u64, StoreError> {
+        Ok(sqlx::query(sql::PURGE_REFUSALS)
+            .bind(format!("{} seconds", retention.as_secs()))
+            .bind(limit)
+            .execute(&self.pool)
+            .await?
+            .rows_affected())
+    }
+
+    /// What is recorded about `key` of `account`.
+    ///
+    /// # Errors
+    /// [`StoreError::UnknownAccount`] when the account does not exist and
+    /// nothing is recorded about the key.
+    pub async fn job_status(
+        &self,
+        account: &AccountId,
+        key: &str,
+    ) -> Result<JobStatus, StoreError> {
+        let charge = sqlx::query(
+            "SELECT id, state, plan, charge, created_at, settled_at, settle_detail
+             FROM reservations WHERE account_id = $1 AND idempotency_key = $2",
+        )
+        .bind(account.as_str())
+        .bind(key)
+        .fetch_optional(&self.pool)
+        .await?
+        .map(|row| -> Result<ChargeStatus, sqlx::Error> {
+            Ok(ChargeStatus {
+                reservation_id: row.try_get("id")?,
+                state: row.try_get("state")?,
+                plan: row.try_get("plan")?,
+                charge: row.try_get("charge")?,
+                charged_at: row.try_get("created_at")?,
+                settled_at: row.try_get("settled_at")?,
+                settle_detail: row.try_get("settle_detail")?,
+            })
+        })
+        .transpose()?;
+        let last_refusal = sqlx::query(
+            "SELECT reason, detail, refused_at FROM refusals
+             WHERE account_id = $1 AND idempotency_key = $2",
+        )
+        .bind(account.as_str())
+        .bind(key)
+        .fetch_optional(&self.pool)
+        .await?
+        .map(|row| -> Result<RefusalStatus, sqlx::Error> {
+            Ok(RefusalStatus {
+                reason: row.try_get("reason")?,
+                detail: row.try_get("detail")?,
+                refused_at: row.try_get("refused_at")?,
+            })
+        })
+        .transpose()?;
+        if charge.is_none() && last_refusal.is_none() {
+            let exists: bool =
+                sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM accounts WHERE id = $1)")
+                    .bind(account.as_str())
+                    .fetch_one(&self.pool)
+                    .await?;
+            if !exists {
+                return Err(StoreError::UnknownAccount(account.to_string()));
+            }
+        }
+        // Whichever came last: a key refused, then charged on a later
+        // attempt (or charged, released, then refused) shows its latest fate.
+        let status = match (&charge, &last_refusal) {
+            (Some(c), Some(r)) if r.refused_at > c.charged_at => "refused",
+            (Some(_), _) => "charged",
+            (None, Some(_)) => "refused",
+            (None, None) => "unknown",
+        };
+        Ok(JobStatus {
+            account_id: account.to_string(),
+            idempotency_key: key.to_owned(),
+            status: status.to_owned(),
+            charge,
+            last_refusal,
+        })
+    }
+}
