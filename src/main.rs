@@ -171,6 +171,18 @@ enum AccountsCommand {
         #[arg(long)]
         json: bool,
     },
+    /// List the account's held charges: forwarded, awaiting a delivery
+    /// report (or the hold time), oldest first.
+    Holds {
+        #[arg(value_parser = parse_account_id)]
+        id: AccountId,
+        /// At most this many.
+        #[arg(long, default_value_t = 100)]
+        limit: i64,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
     /// What happened to a job: its charge (held, committed, released) and
     /// its latest refusal.
     Job {
@@ -528,6 +540,31 @@ async fn accounts(command: AccountsCommand, settings: &Settings) -> anyhow::Resu
                 )?;
             }
         }
+        AccountsCommand::Holds { id, limit, json } => {
+            let holds = store.holds(&id, limit.max(1)).await?;
+            if json {
+                serde_json::to_writer_pretty(&mut out, &serde_json::json!({ "holds": holds }))?;
+                writeln!(out)?;
+            } else {
+                writeln!(
+                    out,
+                    "{:<32}  {:<36}  {:<5}  {:<10}  charged at",
+                    "idempotency key", "reservation", "plan", "charge"
+                )?;
+                for hold in &holds {
+                    writeln!(
+                        out,
+                        "{:<32}  {:<36}  {:<5}  {:<10}  {}",
+                        hold.idempotency_key,
+                        hold.reservation_id,
+                        hold.plan,
+                        hold.charge,
+                        hold.charged_at
+                    )?;
+                }
+                writeln!(out, "{} held charge(s) of {id}", holds.len())?;
+            }
+        }
         AccountsCommand::Job { id, key, json } => {
             let status = store.job_status(&id, &key).await?;
             if json {
@@ -578,6 +615,20 @@ async fn dead_letters(command: DeadLettersCommand, settings: &Settings) -> anyho
         DeadLettersCommand::List { filter } => (filter, false, false),
         DeadLettersCommand::Redrive { filter, dry_run } => (filter, !dry_run, dry_run),
     };
+    let mut out = std::io::stdout().lock();
+    let json = filter.json;
+    // Each dead letter is printed as it is read (the JSON array too), so
+    // listing a long queue takes no more memory than a short one.
+    if json {
+        write!(out, "{{\"dead_letters\": [")?;
+    } else {
+        writeln!(
+            out,
+            "{:<6}  {:<22}  {:<20}  {:<30}  {:<24}  detail",
+            "source", "reason", "account", "idempotency key", "dead-lettered at"
+        )?;
+    }
+    let mut first = true;
     let chosen = sendgate::amqp::redrive::run(
         &settings.amqp,
         &sendgate::amqp::redrive::Filter {
@@ -587,54 +638,50 @@ async fn dead_letters(command: DeadLettersCommand, settings: &Settings) -> anyho
         },
         filter.limit,
         move_them,
+        |d| {
+            if json {
+                write!(out, "{}\n  ", if first { "\n  " } else { "," })?;
+                serde_json::to_writer(&mut out, d)?;
+                first = false;
+            } else {
+                writeln!(
+                    out,
+                    "{:<6}  {:<22}  {:<20}  {:<30}  {:<24}  {}",
+                    d.source,
+                    d.reason,
+                    d.account_id.as_deref().unwrap_or("-"),
+                    d.idempotency_key.as_deref().unwrap_or("-"),
+                    d.dead_lettered_at.as_deref().unwrap_or("-"),
+                    d.detail.as_deref().unwrap_or("")
+                )?;
+            }
+            Ok(())
+        },
     )
     .await
     .with_context(|| {
         let url = settings.amqp.url.redacted();
         format!("dead letters at {url} (amqp.url / AMQP_URL, amqp.ca_file)")
     })?;
-    let mut out = std::io::stdout().lock();
-    if filter.json {
+    if json {
         let action = match (move_them, dry_run) {
             (true, _) => "moved",
             (false, true) => "would_move",
             (false, false) => "listed",
         };
-        let shown = serde_json::json!({ action: chosen.len(), "dead_letters": chosen });
-        serde_json::to_writer_pretty(&mut out, &shown)?;
-        writeln!(out)?;
+        writeln!(out, "\n], \"{action}\": {chosen}}}")?;
         return Ok(());
     }
-    writeln!(
-        out,
-        "{:<6}  {:<22}  {:<20}  {:<30}  detail",
-        "source", "reason", "account", "idempotency key"
-    )?;
-    for d in &chosen {
-        writeln!(
-            out,
-            "{:<6}  {:<22}  {:<20}  {:<30}  {}",
-            d.source,
-            d.reason,
-            d.account_id.as_deref().unwrap_or("-"),
-            d.idempotency_key.as_deref().unwrap_or("-"),
-            d.detail.as_deref().unwrap_or("")
-        )?;
-    }
-    let (n, send, dead) = (
-        chosen.len(),
-        &settings.amqp.send_queue,
-        &settings.amqp.dead_letter_queue,
-    );
+    let (send, dead) = (&settings.amqp.send_queue, &settings.amqp.dead_letter_queue);
     if move_them {
-        writeln!(out, "moved {n} dead letter(s) from {dead} to {send}")?;
+        writeln!(out, "moved {chosen} dead letter(s) from {dead} to {send}")?;
     } else if dry_run {
         writeln!(
             out,
-            "{n} dead letter(s) would be moved from {dead} to {send}"
+            "{chosen} dead letter(s) would be moved from {dead} to {send}"
         )?;
     } else {
-        writeln!(out, "{n} dead letter(s) in {dead} match")?;
+        writeln!(out, "{chosen} dead letter(s) in {dead} match")?;
     }
     Ok(())
 }

@@ -7,9 +7,9 @@ use lapin::BasicProperties;
 use lapin::types::{AMQPValue, FieldTable, ShortString};
 
 use super::{
-    HEADER_CHARGE, HEADER_CREDITS_REMAINING, HEADER_DAILY_REMAINING, HEADER_DECISION,
-    HEADER_DETAIL, HEADER_PLAN, HEADER_REASON, HEADER_RESERVATION_ID, HEADER_RETRY_AFTER,
-    HEADER_SOURCE, long_string,
+    HEADER_CHARGE, HEADER_CREDITS_REMAINING, HEADER_DAILY_REMAINING, HEADER_DECIDED_AT,
+    HEADER_DECISION, HEADER_DETAIL, HEADER_PLAN, HEADER_REASON, HEADER_RESERVATION_ID,
+    HEADER_RETRY_AFTER, HEADER_SOURCE, long_string,
 };
 use crate::config::AmqpSettings;
 use crate::domain::decision::{DeadLetter, Decision, Forward};
@@ -44,6 +44,10 @@ pub fn outgoing(
         }
         Decision::DeadLetter(dead) => {
             dead_letter_headers(&mut headers, dead);
+            headers.insert(
+                HEADER_DECIDED_AT.into(),
+                long_string(&now.to_rfc3339_opts(SecondsFormat::Millis, true)),
+            );
             (
                 settings.dead_letter_exchange.clone(),
                 dead.reason.as_str().to_owned(),

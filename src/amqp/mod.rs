@@ -39,6 +39,8 @@ pub const HEADER_DAILY_REMAINING: &str = "x-sendgate-daily-remaining";
 pub const HEADER_REASON: &str = "x-sendgate-reason";
 pub const HEADER_DETAIL: &str = "x-sendgate-detail";
 pub const HEADER_RETRY_AFTER: &str = "x-sendgate-retry-after";
+/// On a dead letter: when sendgate refused it (RFC 3339, milliseconds).
+pub const HEADER_DECIDED_AT: &str = "x-sendgate-decided-at";
 /// On a dead letter: what was refused, `job` or `report`. Redrive moves
 /// only jobs.
 pub const HEADER_SOURCE: &str = "x-sendgate-source";

@@ -7,10 +7,12 @@
 //! the outcomes queue) are listed but never sent to the send queue, where
 //! they would parse as jobs.
 //!
-//! Messages are taken with `basic.get` and held unacknowledged. A matching
+//! Messages are taken with `basic.get` and left unacknowledged. A matching
 //! one is published to the send queue, and acked from the dead-letter queue
 //! only after the broker confirmed that publish. The others are never acked:
 //! closing the channel returns them to the dead-letter queue, in their order.
+//! Each one is described as it is read and then dropped: the command's
+//! memory does not grow with the queue.
 
 use lapin::options::{
     BasicAckOptions, BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions,
@@ -21,7 +23,9 @@ use lapin::types::{AMQPValue, FieldTable, ShortString};
 use super::message::{carried_headers, carried_properties};
 use lapin::{BasicProperties, Confirmation};
 
-use crate::amqp::{self, HEADER_DETAIL, HEADER_REASON, HEADER_SOURCE, header_text};
+use crate::amqp::{
+    self, HEADER_DECIDED_AT, HEADER_DETAIL, HEADER_REASON, HEADER_SOURCE, header_text,
+};
 use crate::config::AmqpSettings;
 use crate::domain::plan::Reason;
 
@@ -43,6 +47,9 @@ pub struct DeadLetterInfo {
     pub account_id: Option<String>,
     pub idempotency_key: Option<String>,
     pub detail: Option<String>,
+    /// When it was dead-lettered (RFC 3339): sendgate's
+    /// `x-sendgate-decided-at`, or the broker's `x-death` time.
+    pub dead_lettered_at: Option<String>,
 }
 
 impl Filter {
@@ -67,16 +74,32 @@ fn is_report(delivery: &lapin::message::Delivery, reason: &str, outcomes_queue: 
         || died_in(properties).as_deref() == Some(outcomes_queue)
 }
 
-/// The queue a broker-dead-lettered message first died in.
-fn died_in(properties: &BasicProperties) -> Option<String> {
+/// The broker's record of a message's first death (`x-death`).
+fn first_death(properties: &BasicProperties) -> Option<&FieldTable> {
     let deaths = properties.headers().as_ref()?.inner().get("x-death")?;
     let AMQPValue::FieldArray(deaths) = deaths else {
         return None;
     };
-    let AMQPValue::FieldTable(first) = deaths.as_slice().first()? else {
-        return None;
-    };
-    match first.inner().get("queue")? {
+    match deaths.as_slice().first()? {
+        AMQPValue::FieldTable(first) => Some(first),
+        _ => None,
+    }
+}
+
+/// When the broker dead-lettered a message, from `x-death`.
+fn death_time(properties: &BasicProperties) -> Option<String> {
+    match first_death(properties)?.inner().get("time")? {
+        AMQPValue::Timestamp(secs) => {
+            let at = chrono::DateTime::from_timestamp(i64::try_from(*secs).ok()?, 0)?;
+            Some(at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true))
+        }
+        _ => None,
+    }
+}
+
+/// The queue a broker-dead-lettered message first died in.
+fn died_in(properties: &BasicProperties) -> Option<String> {
+    match first_death(properties)?.inner().get("queue")? {
         AMQPValue::LongString(queue) => {
             Some(String::from_utf8_lossy(queue.as_bytes()).into_owned())
         }
@@ -112,6 +135,8 @@ fn describe(delivery: &lapin::message::Delivery, outcomes_queue: &str) -> DeadLe
                 .map(|id| id.to_string())
         }),
         detail: header_text(&delivery.properties, HEADER_DETAIL),
+        dead_lettered_at: header_text(&delivery.properties, HEADER_DECIDED_AT)
+            .or_else(|| death_time(&delivery.properties)),
     }
 }
 
@@ -128,16 +153,18 @@ fn as_sent(properties: &BasicProperties) -> BasicProperties {
 }
 
 /// Lists (`move_them` false) or moves the dead letters matching `filter`,
-/// at most `limit`; returns the ones listed or moved.
+/// at most `limit`, handing each to `each` as it goes; returns how many.
 ///
 /// # Errors
-/// The broker is unreachable, or refused a publish (nothing is acked then).
+/// The broker is unreachable, refused a publish (nothing is acked then), or
+/// `each` failed.
 pub async fn run(
     settings: &AmqpSettings,
     filter: &Filter,
     limit: usize,
     move_them: bool,
-) -> anyhow::Result<Vec<DeadLetterInfo>> {
+    mut each: impl FnMut(&DeadLetterInfo) -> anyhow::Result<()>,
+) -> anyhow::Result<usize> {
     let connection = amqp::connect(settings, "sendgate dead-letters").await?;
     let channel = connection.create_channel().await?;
     amqp::declare_topology(&channel, settings).await?;
@@ -156,10 +183,9 @@ pub async fn run(
         .await?
         .message_count();
 
-    let mut held = Vec::new();
-    let mut chosen = Vec::new();
+    let mut chosen = 0;
     for _ in 0..waiting {
-        if chosen.len() >= limit {
+        if chosen >= limit {
             break;
         }
         let Some(message) = channel
@@ -174,7 +200,7 @@ pub async fn run(
         let delivery = message.delivery;
         let info = describe(&delivery, &settings.outcomes_queue);
         if !filter.matches(&info) {
-            held.push(delivery);
+            // Left unacked: it goes back when the channel closes.
             continue;
         }
         if move_them {
@@ -199,13 +225,11 @@ pub async fn run(
                 );
             }
             delivery.ack(BasicAckOptions::default()).await?;
-        } else {
-            held.push(delivery);
         }
-        chosen.push(info);
+        each(&info)?;
+        chosen += 1;
     }
     // Everything not moved goes back when the channel closes.
-    drop(held);
     channel.close(200, "done".into()).await?;
     connection.close(200, "done".into()).await?;
     Ok(chosen)

@@ -72,7 +72,55 @@ pub struct JobStatus {
     pub last_refusal: Option<RefusalStatus>,
 }
 
+/// A charge waiting for its delivery report.
+#[derive(Debug, Clone, Serialize)]
+pub struct Hold {
+    pub idempotency_key: String,
+    pub reservation_id: Uuid,
+    pub plan: String,
+    pub charge: String,
+    pub charged_at: DateTime<Utc>,
+}
+
 impl Store {
+    /// An account's held charges (forwarded, no delivery report yet),
+    /// oldest first, at most `limit`. Holds are bounded by the hold time,
+    /// so this reads the held-reservations index, not the account's history.
+    ///
+    /// # Errors
+    /// [`StoreError::UnknownAccount`].
+    pub async fn holds(&self, account: &AccountId, limit: i64) -> Result<Vec<Hold>, StoreError> {
+        let exists: bool =
+            sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM accounts WHERE id = $1)")
+                .bind(account.as_str())
+                .fetch_one(&self.pool)
+                .await?;
+        if !exists {
+            return Err(StoreError::UnknownAccount(account.to_string()));
+        }
+        let rows = sqlx::query(
+            "SELECT idempotency_key, id, plan, charge, created_at FROM reservations
+             WHERE state = 'held' AND account_id = $1 ORDER BY created_at LIMIT $2",
+        )
+        .bind(account.as_str())
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?;
+        let holds = rows
+            .iter()
+            .map(|row| -> Result<Hold, sqlx::Error> {
+                Ok(Hold {
+                    idempotency_key: row.try_get("idempotency_key")?,
+                    reservation_id: row.try_get("id")?,
+                    plan: row.try_get("plan")?,
+                    charge: row.try_get("charge")?,
+                    charged_at: row.try_get("created_at")?,
+                })
+            })
+            .collect::<Result<_, _>>()?;
+        Ok(holds)
+    }
+
     /// Records the latest refusal of each key (the last one of a key that
     /// appears twice).
     ///

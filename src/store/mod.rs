@@ -39,7 +39,7 @@ pub use accounts::{AccountSummary, Created};
 pub use adjust::{Adjusted, Adjustment};
 pub use decide::Recorded;
 pub use error::StoreError;
-pub use jobs::{ChargeStatus, JobStatus, Refusal, RefusalStatus};
+pub use jobs::{ChargeStatus, Hold, JobStatus, Refusal, RefusalStatus};
 pub use marks::ConfirmedForward;
 pub use rows::LedgerEntry;
 

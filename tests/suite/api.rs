@@ -714,6 +714,20 @@ async fn job_status_tells_charged_refused_and_unknown_keys_apart() {
     let out = cli(&env, &["accounts", "job", "jo", "c/2"]);
     assert!(String::from_utf8_lossy(&out.stdout).contains("refused     out_of_credits"));
 
+    // Both charges wait for their delivery reports.
+    let out = cli(&env, &["accounts", "holds", "jo", "--json"]);
+    assert!(out.status.success(), "{out:?}");
+    let holds: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let keys: Vec<&str> = holds["holds"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|h| h["idempotency_key"].as_str().unwrap())
+        .collect();
+    assert_eq!(keys, ["c/1", "c/2"]);
+    let out = cli(&env, &["accounts", "holds", "nobody"]);
+    assert_eq!(out.status.code(), Some(67), "{out:?}");
+
     // Retention removes refusals; charges stay.
     assert_eq!(store.purge_refusals(Duration::ZERO, 1000).await.unwrap(), 2);
     let (_, after) = status("/v1/accounts/jo/jobs/c%2F2".to_owned()).await;

@@ -225,6 +225,16 @@ async fn redrive_moves_refused_jobs_and_never_refused_reports() {
     );
     let listed: serde_json::Value = serde_json::from_slice(&listed.stdout).unwrap();
     assert_eq!(listed["listed"], 3, "{listed}");
+    // Each says what it was, whose, and when it was dead-lettered.
+    for dead in listed["dead_letters"].as_array().unwrap() {
+        assert!(dead["reason"].is_string(), "{dead}");
+        assert_eq!(dead["account_id"], "rex", "{dead}");
+        let at = dead["dead_lettered_at"].as_str().unwrap_or_default();
+        assert!(
+            chrono::DateTime::parse_from_rfc3339(at).is_ok(),
+            "dead-lettered at {at:?}: {dead}"
+        );
+    }
     let dry = cli(
         &env,
         &[
