@@ -171,6 +171,24 @@ enum AccountsCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Usage on any plan: sends charged, released and refused by reason,
+    /// per day or hour in the account's time zone, or per campaign.
+    Usage {
+        #[arg(value_parser = parse_account_id)]
+        id: AccountId,
+        /// Start (RFC 3339); default: a week before --to (a day by hour).
+        #[arg(long, value_parser = parse_instant)]
+        from: Option<chrono::DateTime<chrono::Utc>>,
+        /// End, exclusive (RFC 3339); default: now.
+        #[arg(long, value_parser = parse_instant)]
+        to: Option<chrono::DateTime<chrono::Utc>>,
+        /// Buckets of a day or an hour, or totals per campaign.
+        #[arg(long, value_enum, default_value_t = By::Day)]
+        by: By,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
     /// List the account's held charges: forwarded, awaiting a delivery
     /// report (or the hold time), oldest first.
     Holds {
@@ -202,6 +220,20 @@ enum AccountsCommand {
         #[arg(long)]
         json: bool,
     },
+}
+
+/// How `accounts usage` groups.
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum By {
+    Hour,
+    Day,
+    Campaign,
+}
+
+fn parse_instant(value: &str) -> Result<chrono::DateTime<chrono::Utc>, String> {
+    chrono::DateTime::parse_from_rfc3339(value)
+        .map(|t| t.with_timezone(&chrono::Utc))
+        .map_err(|err| format!("not an RFC 3339 date-time ({err}), e.g. 2026-11-30T00:00:00Z"))
 }
 
 /// One of the plans, listed in `--help` and in the error for any other.
@@ -537,6 +569,70 @@ async fn accounts(command: AccountsCommand, settings: &Settings) -> anyhow::Resu
                     out,
                     "{id}: {:+} credits ({}), balance {}",
                     adjusted.entry.delta, reason, adjusted.balance
+                )?;
+            }
+        }
+        AccountsCommand::Usage {
+            id,
+            from,
+            to,
+            by,
+            json,
+        } => {
+            let grouping = match by {
+                By::Hour => sendgate::store::Grouping::Hour,
+                By::Day => sendgate::store::Grouping::Day,
+                By::Campaign => sendgate::store::Grouping::Campaign,
+            };
+            let (from, to) =
+                sendgate::http::api::usage_range(from, to, grouping, SystemClock.now());
+            let report = store.usage(&id, from, to, grouping).await?;
+            if json {
+                serde_json::to_writer_pretty(&mut out, &report)?;
+                writeln!(out)?;
+            } else {
+                writeln!(
+                    out,
+                    "{id} ({}), {} to {}",
+                    report.timezone,
+                    report.from.to_rfc3339(),
+                    report.to.to_rfc3339()
+                )?;
+                writeln!(
+                    out,
+                    "{:<26}  {:>8}  {:>8}  refused",
+                    "bucket", "charged", "released"
+                )?;
+                let refused = |r: &sendgate::store::UsageRow| {
+                    r.refused
+                        .iter()
+                        .map(|(reason, n)| format!("{reason} {n}"))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                };
+                for row in &report.rows {
+                    let label = match (&row.start, &row.campaign_id) {
+                        (Some(start), _) => start.clone(),
+                        (None, Some(c)) if c.is_empty() => "(no campaign)".to_owned(),
+                        (None, Some(c)) => c.clone(),
+                        (None, None) => String::new(),
+                    };
+                    writeln!(
+                        out,
+                        "{label:<26}  {:>8}  {:>8}  {}",
+                        row.charged,
+                        row.released,
+                        refused(row)
+                    )?;
+                }
+                let t = &report.totals;
+                writeln!(
+                    out,
+                    "{:<26}  {:>8}  {:>8}  {}",
+                    "total",
+                    t.charged,
+                    t.released,
+                    refused(t)
                 )?;
             }
         }

@@ -26,7 +26,8 @@ use crate::domain::ids::AccountId;
 use crate::domain::plan::{Plan, UnknownPlan, next_day_start, parse_timezone};
 use crate::health::Health;
 use crate::store::{
-    AccountSummary, Adjustment, Created, JobStatus, LedgerEntry, Store, StoreError,
+    AccountSummary, Adjustment, Created, Grouping, JobStatus, LedgerEntry, Store, StoreError,
+    UsageReport,
 };
 
 #[derive(Clone)]
@@ -54,6 +55,7 @@ pub fn router(store: Store, clock: Arc<dyn Clock>, health: Arc<Health>, tokens: 
         .route("/v1/accounts/{id}/capacity", get(capacity))
         .route("/v1/accounts/{id}/adjustments", post(adjust))
         .route("/v1/accounts/{id}/jobs/{key}", get(job))
+        .route("/v1/accounts/{id}/usage", get(usage))
         .with_state(ApiState { store, clock })
         .merge(admin)
         .layer(axum::middleware::from_fn_with_state(tokens, require_token))
@@ -531,6 +533,103 @@ pub(super) async fn adjust(
         credit_balance: adjusted.balance,
     };
     Ok((status, Json(view)).into_response())
+}
+
+/// The range and grouping of a usage report. Parsed by hand, so a bad
+/// value gets an error that names it.
+#[derive(IntoParams)]
+#[into_params(parameter_in = Query)]
+#[allow(dead_code)]
+pub(super) struct UsageQuery {
+    /// Start of the range (RFC 3339); default: `to` less 7 days (24 hours
+    /// by hour). A range longer than a year (a month by hour) starts that
+    /// much before `to`.
+    #[param(format = DateTime)]
+    from: Option<String>,
+    /// End of the range, exclusive (RFC 3339); default: now.
+    #[param(format = DateTime)]
+    to: Option<String>,
+    /// `hour` or `day` buckets in the account's time zone, or totals per
+    /// `campaign`; default `day`.
+    #[param(inline, value_type = Option<UsageGranularity>)]
+    granularity: Option<String>,
+}
+
+/// How a usage report is grouped.
+#[derive(ToSchema)]
+#[schema(rename_all = "lowercase")]
+#[allow(dead_code)]
+pub(super) enum UsageGranularity {
+    Hour,
+    Day,
+    Campaign,
+}
+
+/// Usage of an account on any plan: sends charged, released and refused
+/// by reason, per hour or day in the account's time zone, or per campaign.
+///
+/// Counted by the same statements that charge, release and refuse, so a
+/// figure is as fresh as the last decided batch. Refused jobs of an account
+/// that does not exist are counted under that id too.
+#[utoipa::path(get, path = "/v1/accounts/{id}/usage", operation_id = "getUsage", tag = "accounts",
+    params(AccountIdParam, UsageQuery),
+    responses(
+        (status = 200, description = "The account's usage over the range", body = UsageReport),
+        (status = 400, response = BadRequest),
+        (status = 401, response = Unauthorized),
+        (status = 404, response = NotFound),
+        (status = 503, response = Unavailable),
+    ))]
+pub(super) async fn usage(
+    State(state): State<ApiState>,
+    id: Result<Path<String>, PathRejection>,
+    Query(query): Query<HashMap<String, String>>,
+) -> Result<Json<UsageReport>, ApiError> {
+    if let Some(unknown) = query
+        .keys()
+        .find(|k| !["from", "to", "granularity"].contains(&k.as_str()))
+    {
+        return Err(bad_request(format!("unknown query parameter `{unknown}`")));
+    }
+    let grouping = match query.get("granularity").map(String::as_str) {
+        None | Some("day") => Grouping::Day,
+        Some("hour") => Grouping::Hour,
+        Some("campaign") => Grouping::Campaign,
+        Some(_) => return Err(bad_request("`granularity` must be hour, day or campaign")),
+    };
+    let instant = |name: &str| -> Result<Option<DateTime<Utc>>, ApiError> {
+        query
+            .get(name)
+            .map(|v| {
+                DateTime::parse_from_rfc3339(v)
+                    .map(|t| t.with_timezone(&Utc))
+                    .map_err(|_| bad_request(format!("`{name}` must be an RFC 3339 date-time")))
+            })
+            .transpose()
+    };
+    let (to, from) = (instant("to")?, instant("from")?);
+    let (from, to) = usage_range(from, to, grouping, state.clock.now());
+    let id = checked_id(id)?;
+    Ok(Json(state.store.usage(&id, from, to, grouping).await?))
+}
+
+/// The range a usage report covers: `to` defaults to now, `from` to a week
+/// (a day by hour) before it, and no range is longer than
+/// [`crate::store::max_range`].
+pub fn usage_range(
+    from: Option<DateTime<Utc>>,
+    to: Option<DateTime<Utc>>,
+    grouping: Grouping,
+    now: DateTime<Utc>,
+) -> (DateTime<Utc>, DateTime<Utc>) {
+    let to = to.unwrap_or(now);
+    let default_span = match grouping {
+        Grouping::Hour => chrono::Duration::days(1),
+        Grouping::Day | Grouping::Campaign => chrono::Duration::days(7),
+    };
+    let earliest = to - crate::store::max_range(grouping);
+    let from = from.unwrap_or(to - default_span).max(earliest);
+    (from, to)
 }
 
 /// A job key in a path.

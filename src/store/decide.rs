@@ -13,7 +13,7 @@ use sqlx::{PgConnection, Row};
 use uuid::Uuid;
 
 use super::rows::{self, distinct_accounts, key_arrays};
-use super::{Query, Store, StoreError, bind_changes, sql};
+use super::{Query, Store, StoreError, bind_changes, sql, usage};
 use crate::domain::decision::{
     AccountState, Decision, Effects, NewReservation, PriorReservation, decide_batch,
 };
@@ -164,7 +164,10 @@ impl Store {
         }
         let batch = Uuid::now_v7();
         let insert = bind_reservations(sqlx::query(sql::RECORD_UNMETERED), &effects.reservations)
-            .bind(batch);
+            .bind(batch)
+            .bind(usage::bucket(now))
+            .bind(usage::shard())
+            .bind(usage::campaigns(jobs, &effects.reservations));
         match insert.execute(&mut *conn).await {
             Ok(_) => Ok(Unlocked::Done(Recorded {
                 decisions,
@@ -196,6 +199,9 @@ impl Store {
         if let Some(batch) = batch {
             let inserted: i64 = self
                 .record_metered(&effects, batch)
+                .bind(usage::bucket(now))
+                .bind(usage::shard())
+                .bind(usage::campaigns(jobs, &effects.reservations))
                 .fetch_one(&mut *tx)
                 .await?
                 .try_get(0)?;

@@ -11,13 +11,15 @@ use serde::Serialize;
 use sqlx::Row;
 use uuid::Uuid;
 
-use super::{Store, StoreError, sql};
+use super::{Store, StoreError, sql, usage};
 use crate::domain::ids::{AccountId, JobKey};
 
 /// A job the gate refused: its key, why, and the detail.
 #[derive(Debug, Clone)]
 pub struct Refusal {
     pub key: JobKey,
+    /// The job's `campaign_id`, for usage by campaign.
+    pub campaign_id: Option<String>,
     pub reason: &'static str,
     pub detail: String,
 }
@@ -122,11 +124,15 @@ impl Store {
     }
 
     /// Records the latest refusal of each key (the last one of a key that
-    /// appears twice).
+    /// appears twice), and counts every refusal in the usage at `now`.
     ///
     /// # Errors
     /// [`StoreError::is_transient`] when it should be retried.
-    pub async fn record_refusals(&self, refusals: &[Refusal]) -> Result<(), StoreError> {
+    pub async fn record_refusals(
+        &self,
+        refusals: &[Refusal],
+        now: DateTime<Utc>,
+    ) -> Result<(), StoreError> {
         if refusals.is_empty() {
             return Ok(());
         }
@@ -154,6 +160,22 @@ impl Store {
                     .map(|r| r.detail.replace('\0', ""))
                     .collect::<Vec<_>>(),
             )
+            // Every refusal is counted, the repeated keys too.
+            .bind(usage::bucket(now))
+            .bind(usage::shard())
+            .bind(
+                refusals
+                    .iter()
+                    .map(|r| r.key.account_id.as_str())
+                    .collect::<Vec<_>>(),
+            )
+            .bind(
+                refusals
+                    .iter()
+                    .map(|r| r.campaign_id.as_deref().unwrap_or(""))
+                    .collect::<Vec<_>>(),
+            )
+            .bind(refusals.iter().map(|r| r.reason).collect::<Vec<_>>())
             .execute(&self.pool)
             .await?;
         Ok(())

@@ -25,6 +25,7 @@ mod primary;
 mod rows;
 mod settle;
 mod sql;
+mod usage;
 
 use std::collections::HashSet;
 use std::str::FromStr;
@@ -42,6 +43,7 @@ pub use error::StoreError;
 pub use jobs::{ChargeStatus, Hold, JobStatus, Refusal, RefusalStatus};
 pub use marks::ConfirmedForward;
 pub use rows::LedgerEntry;
+pub use usage::{Grouping, UsageReport, UsageRow, max_range};
 
 use crate::config::DatabaseSettings;
 use crate::domain::decision::{BalanceChange, UsageChange};

@@ -7,7 +7,7 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 
 use super::rows::{self, distinct_accounts, key_arrays};
-use super::{Query, Store, StoreError, bind_changes, sql};
+use super::{Query, Store, StoreError, bind_changes, sql, usage};
 use crate::domain::settle::{Report, SettleEffects, Settled, settle_batch};
 
 impl Store {
@@ -56,7 +56,11 @@ impl Store {
         }
         let (results, effects) = settle_batch(reports, &reservations, &accounts, &usage, now);
         if !effects.settled.is_empty() {
-            settle_write(&effects).execute(&mut *tx).await?;
+            settle_write(&effects)
+                .bind(usage::bucket(now))
+                .bind(usage::shard())
+                .execute(&mut *tx)
+                .await?;
         }
         tx.commit().await?;
         Ok(results)

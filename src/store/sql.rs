@@ -111,11 +111,19 @@ pub const LOCK_ALL: &str = "
     ) a";
 
 /// A batch's new charges ($1-$8, see `bind_reservations`) under forward
-/// batch $9, without a transaction: scale accounts only. A key another
-/// worker charged in between fails the whole statement on the primary key.
+/// batch $9, counted in the usage of bucket $10 (shard $11, campaigns $12),
+/// without a transaction: scale accounts only. A key another worker charged
+/// in between fails the whole statement on the primary key, usage and all.
 pub const RECORD_UNMETERED: &str = "
     WITH forward_batch AS (
         INSERT INTO forward_batches (id) VALUES ($9)
+    ), usage_counted AS (
+        INSERT INTO usage_counts (account_id, bucket, campaign_id, kind, shard, n)
+        SELECT account_id, $10, campaign_id, 'charged', $11, count(*)
+        FROM unnest($2::text[], $12::text[]) AS u(account_id, campaign_id)
+        GROUP BY 1, 3, 4
+        ON CONFLICT (account_id, bucket, campaign_id, kind, shard)
+        DO UPDATE SET n = usage_counts.n + EXCLUDED.n
     )
     INSERT INTO reservations
         (id, account_id, idempotency_key, payload_sha256, plan, charge, usage_day,
@@ -124,12 +132,21 @@ pub const RECORD_UNMETERED: &str = "
                                    $5::text[], $6::text[], $7::date[], $8::int8[])";
 
 /// Everything a locked batch writes, in one statement: reservations ($1-$8)
-/// under forward batch $19, ledger rows ($9-$12), balances ($13, $14) and
-/// Pro usage ($15-$17, limit $18). Returns how many reservations were
-/// written: fewer than asked means another worker won a race for a key.
+/// under forward batch $19, ledger rows ($9-$12), balances ($13, $14), Pro
+/// usage ($15-$17, limit $18) and the usage counts of bucket $20 (shard
+/// $21, campaigns $22). Returns how many reservations were written: fewer
+/// than asked means another worker won a race for a key (and the
+/// transaction is rolled back).
 pub const RECORD_METERED: &str = "
     WITH forward_batch AS (
         INSERT INTO forward_batches (id) VALUES ($19)
+    ), usage_counted AS (
+        INSERT INTO usage_counts (account_id, bucket, campaign_id, kind, shard, n)
+        SELECT account_id, $20, campaign_id, 'charged', $21, count(*)
+        FROM unnest($2::text[], $22::text[]) AS u(account_id, campaign_id)
+        GROUP BY 1, 3, 4
+        ON CONFLICT (account_id, bucket, campaign_id, kind, shard)
+        DO UPDATE SET n = usage_counts.n + EXCLUDED.n
     ), new_reservations AS (
         INSERT INTO reservations
             (id, account_id, idempotency_key, payload_sha256, plan, charge, usage_day,
@@ -177,9 +194,18 @@ pub const HELD_READ: &str = "
     FOR UPDATE OF r";
 
 /// Everything settling writes, in one statement: new states ($1-$4),
-/// release ledger rows ($5-$8), balances ($9, $10) and Pro usage ($11-$13).
+/// release ledger rows ($5-$8), balances ($9, $10), Pro usage ($11-$13) and
+/// the releases counted in the usage of bucket $14 (shard $15).
 pub const SETTLE_WRITE: &str = "
-    WITH settled AS (
+    WITH usage_counted AS (
+        INSERT INTO usage_counts (account_id, bucket, campaign_id, kind, shard, n)
+        SELECT account_id, $14, '', 'released', $15, count(*)
+        FROM unnest($1::text[], $3::text[]) AS s(account_id, state)
+        WHERE state = 'released'
+        GROUP BY 1
+        ON CONFLICT (account_id, bucket, campaign_id, kind, shard)
+        DO UPDATE SET n = usage_counts.n + EXCLUDED.n
+    ), settled AS (
         UPDATE reservations r
         SET state = s.state, settled_at = now(), settle_detail = s.detail
         FROM unnest($1::text[], $2::text[], $3::text[], $4::text[])
@@ -240,13 +266,23 @@ pub const RUNTIME_GRANTS: &str = "
             GRANT SELECT, INSERT ON credit_ledger TO sendgate_app;
             -- Job status: the latest refusal per key, removed by retention.
             GRANT SELECT, INSERT, UPDATE, DELETE ON refusals TO sendgate_app;
+            GRANT SELECT, INSERT, UPDATE ON usage_counts TO sendgate_app;
             GRANT SELECT ON _sqlx_migrations TO sendgate_app;
         END IF;
     END $$";
 
 /// The latest refusal of each key ($1 accounts, $2 keys, $3 reasons, $4
-/// details; one row per key).
+/// details; one row per key), and every refusal counted in the usage of
+/// bucket $5 (shard $6; $7 accounts, $8 campaigns, $9 reasons).
 pub const RECORD_REFUSALS: &str = "
+    WITH usage_counted AS (
+        INSERT INTO usage_counts (account_id, bucket, campaign_id, kind, shard, n)
+        SELECT account_id, $5, campaign_id, reason, $6, count(*)
+        FROM unnest($7::text[], $8::text[], $9::text[]) AS u(account_id, campaign_id, reason)
+        GROUP BY 1, 3, 4
+        ON CONFLICT (account_id, bucket, campaign_id, kind, shard)
+        DO UPDATE SET n = usage_counts.n + EXCLUDED.n
+    )
     INSERT INTO refusals (account_id, idempotency_key, reason, detail)
     SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[])
     ON CONFLICT (account_id, idempotency_key) DO UPDATE

@@ -63,6 +63,8 @@ struct Slot {
     received: Received,
     /// What the job is charged under, when it parsed.
     key: Option<JobKey>,
+    /// Its `campaign_id`, for usage by campaign.
+    campaign: Option<String>,
     decision: Decision,
     /// The message carrying the decision; none for a duplicate.
     outgoing: Option<Outgoing>,
@@ -292,12 +294,20 @@ impl JobsWorker {
             .into_iter()
             .zip(parsed)
             .map(|(received, parsed)| {
-                let (key, decision) = match parsed {
-                    Ok(job) => (
-                        Some(job.into_key()),
-                        decisions.next().unwrap_or(Decision::Duplicate),
+                let (key, campaign, decision) = match parsed {
+                    Ok(mut job) => {
+                        let campaign = job.campaign_id.take();
+                        (
+                            Some(job.into_key()),
+                            campaign,
+                            decisions.next().unwrap_or(Decision::Duplicate),
+                        )
+                    }
+                    Err(invalid) => (
+                        None,
+                        None,
+                        Decision::dead_letter(Reason::InvalidJob, invalid.0),
                     ),
-                    Err(invalid) => (None, Decision::dead_letter(Reason::InvalidJob, invalid.0)),
                 };
                 let message_id = key
                     .as_ref()
@@ -314,6 +324,7 @@ impl JobsWorker {
                 Slot {
                     received,
                     key,
+                    campaign,
                     decision,
                     outgoing,
                 }
@@ -343,6 +354,7 @@ impl JobsWorker {
                 };
                 Some(Refusal {
                     key: key.clone(),
+                    campaign_id: slot.campaign.clone(),
                     reason: refused.reason.as_str(),
                     detail: refused.detail.clone(),
                 })
@@ -352,7 +364,9 @@ impl JobsWorker {
             return;
         }
         let shared = &self.shared;
-        let recorded = shared.with_database("refusals", || shared.store.record_refusals(&refusals));
+        let now = shared.clock.now();
+        let recorded =
+            shared.with_database("refusals", || shared.store.record_refusals(&refusals, now));
         if let Err(err) = recorded.await {
             warn!(worker = self.id, error = %err, "cannot record refusals for job status");
         }

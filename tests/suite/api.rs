@@ -738,3 +738,124 @@ async fn job_status_tells_charged_refused_and_unknown_keys_apart() {
 
     finish(env, gate).await;
 }
+
+/// Usage on every plan: charges, releases and refusals by reason, per day
+/// in the account's zone and per campaign, the CLI agreeing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn usage_counts_every_plan_per_day_and_per_campaign() {
+    let mut env = TestEnv::new();
+    env.set("SENDGATE__API__TOKEN", TOKEN);
+    env.set("SENDGATE__PLANS__FREE__SIGNUP_CREDITS", "1");
+    let gate = env.start_gate(Arc::new(SystemClock)).await;
+    let (http, t) = (gate.http, Some(TOKEN));
+    let broker = env.broker().await;
+    put_account(http, "sc", r#"{"plan":"scale","timezone":"Europe/Berlin"}"#).await;
+    put_account(http, "fr", r#"{"plan":"free"}"#).await;
+    let publish = |account: &'static str, key: &'static str, campaign: Option<&'static str>| {
+        let mut job = serde_json::json!({"account_id": account, "idempotency_key": key});
+        if let Some(c) = campaign {
+            job["campaign_id"] = c.into();
+        }
+        let (broker, queue) = (&broker, env.send_queue());
+        async move {
+            broker
+                .publish(&queue, job.to_string().as_bytes(), Some(key))
+                .await;
+        }
+    };
+    publish("sc", "s-1", Some("spring")).await;
+    publish("sc", "s-2", Some("spring")).await;
+    publish("sc", "s-3", Some("autumn")).await;
+    publish("sc", "s-4", None).await;
+    publish("fr", "f-1", Some("spring")).await;
+    let forwards = broker.take(&env.delivery_queue(), 5, WAIT).await;
+    publish("fr", "f-2", Some("spring")).await;
+    broker.take(&env.dead_queue(), 1, WAIT).await;
+    // The free send fails: released.
+    let free = forwards
+        .iter()
+        .find(|f| f.properties.message_id().as_ref().unwrap().as_str() == "f-1")
+        .unwrap();
+    let report = serde_json::json!({
+        "account_id": "fr", "idempotency_key": "f-1",
+        "reservation_id": header(free, "x-sendgate-reservation-id").unwrap(),
+        "outcome": "failed", "detail": "test",
+    });
+    broker
+        .publish(&env.outcomes_queue(), report.to_string().as_bytes(), None)
+        .await;
+    let store = env.store().await;
+    eventually(WAIT, || async {
+        reservation_state(&store, "fr", "f-1").await == "released"
+    })
+    .await;
+
+    let usage = |path: &'static str| async move {
+        let (code, body) = http_request(http, "GET", path, t, None).await;
+        assert_eq!(code, 200, "{path}: {body}");
+        json(&body)
+    };
+    let scale = usage("/v1/accounts/sc/usage").await;
+    assert_eq!(scale["timezone"], "Europe/Berlin");
+    assert_eq!(scale["granularity"], "day");
+    assert_eq!(scale["totals"]["charged"], 4, "{scale}");
+    let days = scale["rows"].as_array().unwrap();
+    assert!(!days.is_empty() && days.len() <= 2, "{scale}");
+    // A day starts at local midnight, with the zone's offset.
+    let start = days[0]["start"].as_str().unwrap();
+    assert!(start.ends_with("T00:00:00+01:00"), "{start}");
+    let by_campaign = usage("/v1/accounts/sc/usage?granularity=campaign").await;
+    let campaigns: Vec<(String, i64)> = by_campaign["rows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            (
+                r["campaign_id"].as_str().unwrap().to_owned(),
+                r["charged"].as_i64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        campaigns,
+        [
+            (String::new(), 1),
+            ("autumn".to_owned(), 1),
+            ("spring".to_owned(), 2)
+        ]
+    );
+    let free = usage("/v1/accounts/fr/usage?granularity=hour").await;
+    assert_eq!(free["totals"]["charged"], 1, "{free}");
+    assert_eq!(free["totals"]["released"], 1, "{free}");
+    assert_eq!(free["totals"]["refused"]["out_of_credits"], 1, "{free}");
+    // A range with nothing in it, and bad input named.
+    let empty =
+        usage("/v1/accounts/fr/usage?from=2020-01-01T00:00:00Z&to=2020-01-02T00:00:00Z").await;
+    assert_eq!(empty["rows"].as_array().unwrap().len(), 0);
+    let (code, body) = http_request(
+        http,
+        "GET",
+        "/v1/accounts/fr/usage?granularity=week",
+        t,
+        None,
+    )
+    .await;
+    assert_eq!(code, 400);
+    assert!(body.contains("granularity"), "{body}");
+    let (code, _) = http_request(http, "GET", "/v1/accounts/nobody/usage", t, None).await;
+    assert_eq!(code, 404);
+
+    // The CLI twin.
+    let out = cli(&env, &["accounts", "usage", "fr", "--json"]);
+    assert!(out.status.success(), "{out:?}");
+    let shown: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(shown["totals"], free["totals"]);
+    let out = cli(&env, &["accounts", "usage", "sc", "--by", "campaign"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("spring") && text.contains("(no campaign)"),
+        "{text}"
+    );
+
+    finish(env, gate).await;
+}

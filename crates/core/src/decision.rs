@@ -379,6 +379,7 @@ mod tests {
             account_id: key.account_id,
             idempotency_key: key.idempotency_key,
             payload_sha256: [payload; 32],
+            campaign_id: None,
         }
     }
 

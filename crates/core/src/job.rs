@@ -15,7 +15,14 @@ pub struct Job {
     pub idempotency_key: IdempotencyKey,
     /// SHA-256 of the body bytes: "same payload" means the same bytes.
     pub payload_sha256: [u8; 32],
+    /// The body's `campaign_id`, when it is a string of 1 to 128 printable
+    /// characters: usage can be grouped by it. Never judged: any other
+    /// value (or none) is simply no campaign.
+    pub campaign_id: Option<String>,
 }
+
+/// The longest `campaign_id` usage is grouped by, in characters.
+pub const MAX_CAMPAIGN_CHARS: usize = 128;
 
 /// Why a job is `invalid_job`; the message is the dead letter's detail.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -105,10 +112,21 @@ impl Job {
         };
         let idempotency_key = IdempotencyKey::parse(key).map_err(|e| InvalidJob(e.0))?;
 
+        let campaign_id = match fields.get("campaign_id") {
+            Some(serde_json::Value::String(c))
+                if !c.is_empty()
+                    && c.chars().count() <= MAX_CAMPAIGN_CHARS
+                    && !c.chars().any(char::is_control) =>
+            {
+                Some(c.clone())
+            }
+            _ => None,
+        };
         Ok(Job {
             account_id,
             idempotency_key,
             payload_sha256: Sha256::digest(body).into(),
+            campaign_id,
         })
     }
 

@@ -1,0 +1,231 @@
+//! Usage counts: what the gate charged, released and refused, per account,
+//! 15-minute UTC bucket, campaign and kind, written by the same statements
+//! that make the changes (`usage_counts`), and read back per hour or day in
+//! the account's time zone. Reads touch only the buckets asked for, so
+//! their cost does not grow with history.
+
+use std::collections::{BTreeMap, HashMap};
+
+use chrono::{DateTime, Duration, NaiveDateTime, TimeZone, Utc};
+use serde::Serialize;
+use sqlx::Row;
+
+use super::rows;
+use super::{Store, StoreError};
+use crate::domain::decision::NewReservation;
+use crate::domain::ids::AccountId;
+use crate::domain::job::Job;
+
+/// Bucket width, in seconds: every time zone's offset is a multiple of it.
+const BUCKET_SECS: i64 = 15 * 60;
+/// Shards per counter.
+const SHARDS: u8 = 8;
+
+/// The bucket `now` falls in.
+pub(super) fn bucket(now: DateTime<Utc>) -> DateTime<Utc> {
+    let secs = now.timestamp();
+    DateTime::from_timestamp(secs - secs.rem_euclid(BUCKET_SECS), 0).unwrap_or(now)
+}
+
+/// A shard for one statement's counts, spread so concurrent batches of one
+/// account rarely update the same row.
+pub(super) fn shard() -> i16 {
+    i16::from(uuid::Uuid::new_v4().as_bytes()[0] % SHARDS)
+}
+
+/// The campaign of each new reservation ('' for none), from its job.
+pub(super) fn campaigns(jobs: &[Job], reservations: &[NewReservation]) -> Vec<String> {
+    let by_key: HashMap<(&str, &str), &str> = jobs
+        .iter()
+        .map(|j| {
+            (
+                (j.account_id.as_str(), j.idempotency_key.as_str()),
+                j.campaign_id.as_deref().unwrap_or(""),
+            )
+        })
+        .collect();
+    reservations
+        .iter()
+        .map(|r| {
+            by_key
+                .get(&(r.account_id.as_str(), r.idempotency_key.as_str()))
+                .copied()
+                .unwrap_or("")
+                .to_owned()
+        })
+        .collect()
+}
+
+/// How usage is grouped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Grouping {
+    /// Per local hour.
+    Hour,
+    /// Per local day.
+    Day,
+    /// Per campaign, over the whole range.
+    Campaign,
+}
+
+/// One bucket (or campaign) of usage.
+#[derive(Debug, Clone, Default, Serialize, utoipa::ToSchema)]
+pub struct UsageRow {
+    /// Where the bucket starts, in the account's time zone (RFC 3339 with
+    /// its offset); null when grouped by campaign.
+    #[schema(required = true)]
+    pub start: Option<String>,
+    /// The campaign (`campaign_id` of the jobs; "" for jobs without one);
+    /// null unless grouped by campaign.
+    #[schema(required = true)]
+    pub campaign_id: Option<String>,
+    /// Sends charged (a credit, a daily slot, or unmetered).
+    pub charged: i64,
+    /// Charges given back because the delivery failed (counted when
+    /// released; releases carry no campaign).
+    pub released: i64,
+    /// Jobs refused, by dead-letter reason (a deferred Pro job counts under
+    /// `daily_limit_reached` each time it is refused).
+    #[schema(example = json!({"out_of_credits": 1}))]
+    pub refused: BTreeMap<String, i64>,
+}
+
+/// An account's usage over a range.
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+pub struct UsageReport {
+    #[schema(example = "acme")]
+    pub account_id: String,
+    #[schema(example = "Europe/Berlin")]
+    pub timezone: String,
+    /// hour, day or campaign.
+    #[schema(example = "day")]
+    pub granularity: String,
+    /// The range, inclusive start and exclusive end (RFC 3339, UTC).
+    pub from: DateTime<Utc>,
+    pub to: DateTime<Utc>,
+    /// Buckets with any usage, oldest first (or campaigns, by name).
+    pub rows: Vec<UsageRow>,
+    pub totals: UsageRow,
+}
+
+impl Store {
+    /// An account's usage from `from` to `to`, grouped as asked.
+    ///
+    /// # Errors
+    /// [`StoreError::UnknownAccount`].
+    pub async fn usage(
+        &self,
+        account: &AccountId,
+        from: DateTime<Utc>,
+        to: DateTime<Utc>,
+        grouping: Grouping,
+    ) -> Result<UsageReport, StoreError> {
+        let timezone: String = sqlx::query_scalar("SELECT timezone FROM accounts WHERE id = $1")
+            .bind(account.as_str())
+            .fetch_optional(&self.pool)
+            .await?
+            .ok_or_else(|| StoreError::UnknownAccount(account.to_string()))?;
+        let tz = rows::timezone(&timezone);
+        let unit = match grouping {
+            Grouping::Hour => "hour",
+            Grouping::Day | Grouping::Campaign => "day",
+        };
+        // Buckets summed per local hour or day (the zone's wall clock), or
+        // per campaign; the primary key serves the account and range.
+        let fetched = sqlx::query(
+            "SELECT CASE WHEN $5 THEN NULL
+                         ELSE date_trunc($4, bucket AT TIME ZONE $6) END AS local_start,
+                    CASE WHEN $5 THEN campaign_id END AS campaign_id,
+                    kind, sum(n)::int8 AS n
+             FROM usage_counts
+             WHERE account_id = $1 AND bucket >= $2 AND bucket < $3
+             GROUP BY 1, 2, 3 ORDER BY 1, 2",
+        )
+        .bind(account.as_str())
+        .bind(from)
+        .bind(to)
+        .bind(unit)
+        .bind(grouping == Grouping::Campaign)
+        .bind(&timezone)
+        .fetch_all(&self.pool)
+        .await?;
+        let mut grouped: BTreeMap<(Option<NaiveDateTime>, Option<String>), UsageRow> =
+            BTreeMap::new();
+        let mut totals = UsageRow::default();
+        for row in &fetched {
+            let start: Option<NaiveDateTime> = row.try_get("local_start")?;
+            let campaign: Option<String> = row.try_get("campaign_id")?;
+            let kind: String = row.try_get("kind")?;
+            let n: i64 = row.try_get("n")?;
+            let entry = grouped
+                .entry((start, campaign.clone()))
+                .or_insert_with(|| UsageRow {
+                    start: start.map(|local| {
+                        // The first instant of that wall-clock time (a
+                        // repeated hour of a DST change: its earlier one).
+                        tz.from_local_datetime(&local)
+                            .earliest()
+                            .map_or_else(|| local.to_string(), |at| at.to_rfc3339())
+                    }),
+                    campaign_id: campaign,
+                    ..UsageRow::default()
+                });
+            for target in [&mut *entry, &mut totals] {
+                match kind.as_str() {
+                    "charged" => target.charged += n,
+                    "released" => target.released += n,
+                    reason => *target.refused.entry(reason.to_owned()).or_default() += n,
+                }
+            }
+        }
+        Ok(UsageReport {
+            account_id: account.to_string(),
+            timezone,
+            granularity: match grouping {
+                Grouping::Hour => "hour",
+                Grouping::Day => "day",
+                Grouping::Campaign => "campaign",
+            }
+            .to_owned(),
+            from,
+            to,
+            rows: grouped.into_values().collect(),
+            totals,
+        })
+    }
+}
+
+/// The widest range one report covers: a year of days, a month of hours.
+pub fn max_range(grouping: Grouping) -> Duration {
+    match grouping {
+        Grouping::Hour => Duration::days(31),
+        Grouping::Day | Grouping::Campaign => Duration::days(366),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn buckets_are_quarter_hours_that_every_time_zone_offset_divides() {
+        let at = |s: &str| {
+            DateTime::parse_from_rfc3339(s)
+                .expect("a time")
+                .with_timezone(&Utc)
+        };
+        assert_eq!(
+            bucket(at("2026-11-30T06:44:59Z")),
+            at("2026-11-30T06:30:00Z")
+        );
+        assert_eq!(
+            bucket(at("2026-11-30T06:45:00Z")),
+            at("2026-11-30T06:45:00Z")
+        );
+        // Kathmandu is UTC+05:45: its midnight is a bucket boundary.
+        assert_eq!(
+            bucket(at("2026-11-29T18:15:00Z")),
+            at("2026-11-29T18:15:00Z")
+        );
+        assert!((0..8).contains(&shard()));
+    }
+}
