@@ -171,6 +171,15 @@ enum AccountsCommand {
         #[arg(long)]
         json: bool,
     },
+    /// How many sends would pass right now, and when more become available
+    /// (what the scheduler asks before it enqueues).
+    Capacity {
+        #[arg(value_parser = parse_account_id)]
+        id: AccountId,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Usage on any plan: sends charged, released and refused by reason,
     /// per day or hour in the account's time zone, or per campaign.
     Usage {
@@ -570,6 +579,23 @@ async fn accounts(command: AccountsCommand, settings: &Settings) -> anyhow::Resu
                     "{id}: {:+} credits ({}), balance {}",
                     adjusted.entry.delta, reason, adjusted.balance
                 )?;
+            }
+        }
+        AccountsCommand::Capacity { id, json } => {
+            let now = SystemClock.now();
+            let summary = store.account_summary(&id, now, 0).await?;
+            let capacity = sendgate::http::api::capacity_of(&summary, now);
+            if json {
+                serde_json::to_writer_pretty(&mut out, &capacity)?;
+                writeln!(out)?;
+            } else {
+                match capacity.sends_available {
+                    None => writeln!(out, "{id}: unlimited")?,
+                    Some(n) => writeln!(out, "{id}: {n} send(s) would pass now")?,
+                }
+                if let Some(at) = capacity.next_available_at {
+                    writeln!(out, "  more from {}", at.to_rfc3339())?;
+                }
             }
         }
         AccountsCommand::Usage {

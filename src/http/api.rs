@@ -132,18 +132,20 @@ pub(super) struct AccountView {
 
 /// How many sends would pass right now.
 #[derive(Serialize, ToSchema)]
-pub(super) struct Capacity {
+pub struct Capacity {
     /// Sends that would pass right now; null when unlimited.
     #[schema(example = 17, required = true)]
-    sends_available: Option<i64>,
-    unlimited: bool,
+    pub sends_available: Option<i64>,
+    pub unlimited: bool,
     /// When more become available, if ever; null when some are available
     /// now or none will ever come (a free account's credits never refresh).
     #[schema(required = true)]
-    next_available_at: Option<DateTime<Utc>>,
+    pub next_available_at: Option<DateTime<Utc>>,
 }
 
-fn capacity_of(summary: &AccountSummary, now: DateTime<Utc>) -> Capacity {
+/// How many sends `summary`'s account could make at `now` (the API's
+/// `/capacity` and `accounts capacity`).
+pub fn capacity_of(summary: &AccountSummary, now: DateTime<Utc>) -> Capacity {
     let tz = parse_timezone(&summary.timezone).unwrap_or(chrono_tz::Tz::UTC);
     match summary.plan {
         Plan::Scale => Capacity {

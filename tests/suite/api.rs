@@ -857,5 +857,15 @@ async fn usage_counts_every_plan_per_day_and_per_campaign() {
         "{text}"
     );
 
+    // Capacity's CLI twin agrees with the API: the released credit is back.
+    let out = cli(&env, &["accounts", "capacity", "fr", "--json"]);
+    assert!(out.status.success(), "{out:?}");
+    let shown: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let api = usage("/v1/accounts/fr/capacity").await;
+    assert_eq!(shown, api);
+    assert_eq!(shown["sends_available"], 1);
+    let out = cli(&env, &["accounts", "capacity", "sc"]);
+    assert!(String::from_utf8_lossy(&out.stdout).contains("unlimited"));
+
     finish(env, gate).await;
 }
