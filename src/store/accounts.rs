@@ -199,15 +199,23 @@ impl Store {
         limit: i64,
         before: Option<i64>,
     ) -> Result<Vec<LedgerEntry>, StoreError> {
+        self.account_must_exist(id).await?;
+        self.ledger_rows(id, limit, before).await
+    }
+
+    /// # Errors
+    /// [`StoreError::UnknownAccount`] when there is no account `id`.
+    pub(super) async fn account_must_exist(&self, id: &AccountId) -> Result<(), StoreError> {
         let exists: bool =
             sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM accounts WHERE id = $1)")
                 .bind(id.as_str())
                 .fetch_one(&self.pool)
                 .await?;
-        if !exists {
-            return Err(StoreError::UnknownAccount(id.to_string()));
+        if exists {
+            Ok(())
+        } else {
+            Err(StoreError::UnknownAccount(id.to_string()))
         }
-        self.ledger_rows(id, limit, before).await
     }
 
     async fn ledger_rows(

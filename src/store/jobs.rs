@@ -92,14 +92,7 @@ impl Store {
     /// # Errors
     /// [`StoreError::UnknownAccount`].
     pub async fn holds(&self, account: &AccountId, limit: i64) -> Result<Vec<Hold>, StoreError> {
-        let exists: bool =
-            sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM accounts WHERE id = $1)")
-                .bind(account.as_str())
-                .fetch_one(&self.pool)
-                .await?;
-        if !exists {
-            return Err(StoreError::UnknownAccount(account.to_string()));
-        }
+        self.account_must_exist(account).await?;
         let rows = sqlx::query(
             "SELECT idempotency_key, id, plan, charge, created_at FROM reservations
              WHERE state = 'held' AND account_id = $1 ORDER BY created_at LIMIT $2",
@@ -241,14 +234,7 @@ impl Store {
         })
         .transpose()?;
         if charge.is_none() && last_refusal.is_none() {
-            let exists: bool =
-                sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM accounts WHERE id = $1)")
-                    .bind(account.as_str())
-                    .fetch_one(&self.pool)
-                    .await?;
-            if !exists {
-                return Err(StoreError::UnknownAccount(account.to_string()));
-            }
+            self.account_must_exist(account).await?;
         }
         // Whichever came last: a key refused, then charged on a later
         // attempt (or charged, released, then refused) shows its latest fate.

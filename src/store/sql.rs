@@ -110,26 +110,48 @@ pub const LOCK_ALL: &str = "
         WHERE id = k.id OFFSET 0 FOR UPDATE
     ) a";
 
+/// SQL text (a literal, for `concat!`): a CTE `usage_counted` adding the
+/// batch's new charges to `usage_counts` in bucket `$bucket`, shard
+/// `$shard`, one row per account and campaign (`$2`: the reservations'
+/// accounts; `$campaigns`: their campaigns, in the same order).
+macro_rules! count_charges {
+    ($bucket:literal, $shard:literal, $campaigns:literal) => {
+        concat!(
+            "usage_counted AS (
+        INSERT INTO usage_counts (account_id, bucket, campaign_id, kind, shard, n)
+        SELECT account_id, ",
+            $bucket,
+            ", campaign_id, 'charged', ",
+            $shard,
+            ", count(*)
+        FROM unnest($2::text[], ",
+            $campaigns,
+            "::text[]) AS u(account_id, campaign_id)
+        GROUP BY 1, 3, 4
+        ON CONFLICT (account_id, bucket, campaign_id, kind, shard)
+        DO UPDATE SET n = usage_counts.n + EXCLUDED.n
+    )"
+        )
+    };
+}
+
 /// A batch's new charges ($1-$8, see `bind_reservations`) under forward
 /// batch $9, counted in the usage of bucket $10 (shard $11, campaigns $12),
 /// without a transaction: scale accounts only. A key another worker charged
 /// in between fails the whole statement on the primary key, usage and all.
-pub const RECORD_UNMETERED: &str = "
+pub const RECORD_UNMETERED: &str = concat!(
+    "
     WITH forward_batch AS (
         INSERT INTO forward_batches (id) VALUES ($9)
-    ), usage_counted AS (
-        INSERT INTO usage_counts (account_id, bucket, campaign_id, kind, shard, n)
-        SELECT account_id, $10, campaign_id, 'charged', $11, count(*)
-        FROM unnest($2::text[], $12::text[]) AS u(account_id, campaign_id)
-        GROUP BY 1, 3, 4
-        ON CONFLICT (account_id, bucket, campaign_id, kind, shard)
-        DO UPDATE SET n = usage_counts.n + EXCLUDED.n
-    )
+    ), ",
+    count_charges!("$10", "$11", "$12"),
+    "
     INSERT INTO reservations
         (id, account_id, idempotency_key, payload_sha256, plan, charge, usage_day,
          remaining, batch_id)
     SELECT *, $9::uuid FROM unnest($1::uuid[], $2::text[], $3::text[], $4::bytea[],
-                                   $5::text[], $6::text[], $7::date[], $8::int8[])";
+                                   $5::text[], $6::text[], $7::date[], $8::int8[])"
+);
 
 /// Everything a locked batch writes, in one statement: reservations ($1-$8)
 /// under forward batch $19, ledger rows ($9-$12), balances ($13, $14), Pro
@@ -137,17 +159,13 @@ pub const RECORD_UNMETERED: &str = "
 /// $21, campaigns $22). Returns how many reservations were written: fewer
 /// than asked means another worker won a race for a key (and the
 /// transaction is rolled back).
-pub const RECORD_METERED: &str = "
+pub const RECORD_METERED: &str = concat!(
+    "
     WITH forward_batch AS (
         INSERT INTO forward_batches (id) VALUES ($19)
-    ), usage_counted AS (
-        INSERT INTO usage_counts (account_id, bucket, campaign_id, kind, shard, n)
-        SELECT account_id, $20, campaign_id, 'charged', $21, count(*)
-        FROM unnest($2::text[], $22::text[]) AS u(account_id, campaign_id)
-        GROUP BY 1, 3, 4
-        ON CONFLICT (account_id, bucket, campaign_id, kind, shard)
-        DO UPDATE SET n = usage_counts.n + EXCLUDED.n
-    ), new_reservations AS (
+    ), ",
+    count_charges!("$20", "$21", "$22"),
+    ", new_reservations AS (
         INSERT INTO reservations
             (id, account_id, idempotency_key, payload_sha256, plan, charge, usage_day,
              remaining, batch_id)
@@ -181,7 +199,8 @@ pub const RECORD_METERED: &str = "
         ON CONFLICT (account_id, day)
         DO UPDATE SET used = EXCLUDED.used, daily_limit = EXCLUDED.daily_limit
     )
-    SELECT count(*) FROM new_reservations";
+    SELECT count(*) FROM new_reservations"
+);
 
 /// The reservations named by reports ($1 accounts, $2 keys), locked, with
 /// the Pro usage of their day (columns of [`super::rows::held`]).
