@@ -110,8 +110,10 @@ impl App {
             shared.store.clone(),
             shared.settings.reservations.clone(),
             shared.settings.jobs.refusal_retention(),
+            shared.settings.events.retention(),
             stop.clone(),
         ));
+        let relay = tokio::spawn(worker::events::relay(shared.clone(), stop.clone()));
 
         stop.cancelled().await;
         shared.health.set_draining();
@@ -126,6 +128,7 @@ impl App {
                 "grace period ran out; unfinished jobs are left unacknowledged for redelivery");
             workers.shutdown().await;
         }
+        let _ = relay.await;
         shared.broker.close().await;
         let _ = sweeper.await;
         background.stop().await?;
@@ -207,7 +210,8 @@ impl Background {
 /// Creates and migrates the database (or, with `[database] migrate_on_start`
 /// off, checks that it is migrated), retrying while it is unreachable.
 async fn prepare_database(settings: &Settings, stop: &CancellationToken) -> anyhow::Result<Store> {
-    let store = Store::connect_lazy(&settings.database, limits(settings))?;
+    let store = Store::connect_lazy(&settings.database, limits(settings))?
+        .with_credit_thresholds(settings.events.thresholds());
     let url = settings.database.url.redacted();
     let (store_ref, database_url) = (&store, settings.database.url.expose());
     let migrate = settings.database.migrate_on_start;

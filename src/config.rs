@@ -64,6 +64,68 @@ pub struct Settings {
     pub log: LogSettings,
     pub reservations: ReservationSettings,
     pub api: ApiSettings,
+    pub events: EventSettings,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct EventSettings {
+    /// A free balance falling to or below each of these makes a
+    /// `credits.low` event. A list in a file; in the environment, numbers
+    /// separated by commas.
+    #[serde(deserialize_with = "list_or_commas")]
+    pub credits_low_thresholds: Vec<u32>,
+    /// How often the relay looks for events written by other processes.
+    pub relay_interval_ms: u64,
+    /// Days a published event is kept in the outbox.
+    pub retention_days: u64,
+}
+
+/// A list of numbers, or (from the environment, where every value is text)
+/// the same numbers separated by commas.
+fn list_or_commas<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Vec<u32>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Numbers {
+        List(Vec<u32>),
+        Text(String),
+    }
+    match Numbers::deserialize(deserializer)? {
+        Numbers::List(list) => Ok(list),
+        Numbers::Text(text) if text.trim().is_empty() => Ok(Vec::new()),
+        Numbers::Text(text) => text
+            .split(',')
+            .map(|n| {
+                n.trim().parse().map_err(|_| {
+                    serde::de::Error::custom(format!(
+                        "`{text}` is not a list of whole numbers separated by commas"
+                    ))
+                })
+            })
+            .collect(),
+    }
+}
+
+impl EventSettings {
+    pub fn relay_interval(&self) -> Duration {
+        Duration::from_millis(self.relay_interval_ms)
+    }
+
+    pub fn retention(&self) -> Duration {
+        Duration::from_secs(self.retention_days * 86_400)
+    }
+
+    /// The thresholds, highest first, each once.
+    pub fn thresholds(&self) -> Vec<i64> {
+        let mut thresholds: Vec<i64> = self
+            .credits_low_thresholds
+            .iter()
+            .map(|t| i64::from(*t))
+            .collect();
+        thresholds.sort_unstable_by(|a, b| b.cmp(a));
+        thresholds.dedup();
+        thresholds
+    }
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -302,6 +364,10 @@ pub struct AmqpSettings {
     pub reports_exchange: String,
     pub dead_letter_exchange: String,
     pub dead_letter_queue: String,
+    /// Threshold events: a topic exchange, and the queue bound to it (none
+    /// when empty).
+    pub events_exchange: String,
+    pub events_queue: String,
     pub prefetch: u16,
     pub delivery_limit: u32,
     pub heartbeat_secs: u16,
@@ -530,6 +596,13 @@ impl Settings {
         if self.jobs.max_body_bytes == 0 {
             return Err(invalid("jobs.max_body_bytes", "must be at least 1"));
         }
+        let thresholds = &self.events.credits_low_thresholds;
+        if thresholds.len() > 10 || thresholds.iter().any(|t| *t == 0 || *t > 1_000_000) {
+            return Err(invalid(
+                "events.credits_low_thresholds",
+                "must be at most 10 numbers from 1 to 1000000 (0 is credits.exhausted)",
+            ));
+        }
         if self.gate.batch_size == 0 || self.gate.batch_size > 10_000 {
             return Err(invalid("gate.batch_size", "must be between 1 and 10000"));
         }
@@ -556,7 +629,21 @@ impl Settings {
     fn validate_durations(&self) -> Result<(), ConfigError> {
         const MINUTE_MS: u64 = 60_000;
         const DAY_SECS: u64 = 86_400;
-        let bounds: [(&'static str, u64, u64, u64); 10] = [
+        let bounds: [(&'static str, u64, u64, u64); 12] = [
+            (
+                "events.relay_interval_ms",
+                self.events.relay_interval_ms,
+                10,
+                10 * MINUTE_MS,
+            ),
+            // At least two days: a day's `daily_limit.reached` is kept (and
+            // so not made again) until the day is over everywhere.
+            (
+                "events.retention_days",
+                self.events.retention_days,
+                2,
+                3_650,
+            ),
             ("gate.batch_wait_ms", self.gate.batch_wait_ms, 0, MINUTE_MS),
             (
                 "amqp.publish_timeout_ms",
@@ -678,10 +765,17 @@ impl Settings {
             ("amqp.dead_letter_queue", &self.amqp.dead_letter_queue),
             ("amqp.outcomes_queue", &self.amqp.outcomes_queue),
             ("amqp.deferred_queue", &self.amqp.deferred_queue),
+            ("amqp.events_exchange", &self.amqp.events_exchange),
         ] {
             if name.is_empty() || name.len() > 255 {
                 return Err(invalid(setting, "must be 1 to 255 bytes long"));
             }
+        }
+        if self.amqp.events_queue.len() > 255 {
+            return Err(invalid(
+                "amqp.events_queue",
+                "must be at most 255 bytes long",
+            ));
         }
         if self.amqp.send_queue == self.amqp.delivery_queue {
             return Err(invalid(
@@ -798,6 +892,27 @@ mod tests {
     fn an_unknown_setting_is_named() {
         let err = load(&[("SENDGATE__AMQP__PREFECTH", "1")]).expect_err("typo is refused");
         assert!(err.to_string().contains("prefecth"), "{err}");
+    }
+
+    #[test]
+    fn credit_thresholds_are_a_list_in_files_and_commas_in_the_environment() {
+        let settings = load(&[]).expect("defaults");
+        assert_eq!(settings.events.thresholds(), [5]);
+        let settings =
+            load(&[("SENDGATE__EVENTS__CREDITS_LOW_THRESHOLDS", "5, 10,5")]).expect("a list");
+        assert_eq!(settings.events.thresholds(), [10, 5]);
+        let none = load(&[("SENDGATE__EVENTS__CREDITS_LOW_THRESHOLDS", "")]).expect("none");
+        assert!(none.events.thresholds().is_empty());
+        for bad in ["ten", "0", "5,-1", "2000000"] {
+            let err =
+                load(&[("SENDGATE__EVENTS__CREDITS_LOW_THRESHOLDS", bad)]).expect_err("refused");
+            assert!(
+                err.to_string().contains("events.credits_low_thresholds"),
+                "{bad}: {err}"
+            );
+        }
+        let err = load(&[("SENDGATE__EVENTS__RETENTION_DAYS", "1")]).expect_err("refused");
+        assert!(err.to_string().contains("events.retention_days"), "{err}");
     }
 
     #[test]

@@ -8,6 +8,7 @@ use std::time::Duration;
 use metrics::{counter, gauge, histogram};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 
+use crate::domain::events::EventType;
 use crate::domain::plan::{Charge, Plan, Reason};
 
 pub const JOBS_RECEIVED: &str = "sendgate_jobs_received_total";
@@ -33,6 +34,11 @@ pub const PAUSED: &str = "sendgate_paused";
 pub const BUILD_INFO: &str = "sendgate_build_info";
 pub const API_REQUESTS: &str = "sendgate_api_requests_total";
 pub const DB_POOL_CONNECTIONS: &str = "sendgate_db_pool_connections";
+pub const EVENTS_WRITTEN: &str = "sendgate_events_written_total";
+pub const EVENTS_PUBLISHED: &str = "sendgate_events_published_total";
+pub const EVENTS_PENDING: &str = "sendgate_events_pending";
+pub const EVENTS_OLDEST_PENDING: &str = "sendgate_events_oldest_pending_seconds";
+pub const EVENTS_RELAY_FAILURES: &str = "sendgate_events_relay_failures_total";
 
 /// What kind of series a metric is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -242,6 +248,47 @@ pub const CATALOGUE: &[MetricDoc] = &[
         help: "Account API requests, by the name of the token presented and the response's status.",
     },
     MetricDoc {
+        name: EVENTS_WRITTEN,
+        kind: Kind::Counter,
+        labels: &[(
+            "type",
+            "credits.low, credits.exhausted, daily_limit.reached, plan.changed",
+        )],
+        unit: "events",
+        help: "Threshold events written to the outbox by this process, counted once their transaction committed.",
+    },
+    MetricDoc {
+        name: EVENTS_PUBLISHED,
+        kind: Kind::Counter,
+        labels: &[(
+            "type",
+            "credits.low, credits.exhausted, daily_limit.reached, plan.changed",
+        )],
+        unit: "events",
+        help: "Threshold events the broker confirmed on the events exchange, published by this process's relay.",
+    },
+    MetricDoc {
+        name: EVENTS_PENDING,
+        kind: Kind::Gauge,
+        labels: &[],
+        unit: "events",
+        help: "Events in the outbox not yet published (all processes), read by the relay each round.",
+    },
+    MetricDoc {
+        name: EVENTS_OLDEST_PENDING,
+        kind: Kind::Gauge,
+        labels: &[],
+        unit: "seconds",
+        help: "Age of the oldest unpublished event in the outbox; 0 when there is none.",
+    },
+    MetricDoc {
+        name: EVENTS_RELAY_FAILURES,
+        kind: Kind::Counter,
+        labels: &[],
+        unit: "rounds",
+        help: "Relay rounds that failed (broker or database unavailable, an event nacked or unroutable); their events are published again.",
+    },
+    MetricDoc {
         name: BUILD_INFO,
         kind: Kind::Gauge,
         labels: &[
@@ -374,6 +421,13 @@ fn describe() {
     for reason in Reason::ALL {
         counter!(JOBS_DEAD_LETTERED, "reason" => reason.as_str()).absolute(0);
     }
+    for kind in EventType::ALL {
+        counter!(EVENTS_WRITTEN, "type" => kind.as_str()).absolute(0);
+        counter!(EVENTS_PUBLISHED, "type" => kind.as_str()).absolute(0);
+    }
+    counter!(EVENTS_RELAY_FAILURES).absolute(0);
+    // Until the relay's first read of the outbox, a moment after start.
+    events_backlog(0, None);
 }
 
 pub fn jobs_received(n: usize) {
@@ -468,6 +522,23 @@ pub fn queue_messages(role: &'static str, messages: u32) {
 
 pub fn set_ready(ready: bool) {
     gauge!(READY).set(if ready { 1.0 } else { 0.0 });
+}
+
+pub fn event_written(kind: &str) {
+    counter!(EVENTS_WRITTEN, "type" => kind.to_owned()).increment(1);
+}
+
+pub fn event_published(kind: &str) {
+    counter!(EVENTS_PUBLISHED, "type" => kind.to_owned()).increment(1);
+}
+
+pub fn events_relay_failed() {
+    counter!(EVENTS_RELAY_FAILURES).increment(1);
+}
+
+pub fn events_backlog(pending: i64, oldest: Option<Duration>) {
+    gauge!(EVENTS_PENDING).set(pending as f64);
+    gauge!(EVENTS_OLDEST_PENDING).set(oldest.map_or(0.0, |d| d.as_secs_f64()));
 }
 
 pub fn set_paused(paused: bool) {

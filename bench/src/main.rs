@@ -100,6 +100,7 @@ struct Names {
     p_out: String,
     outcomes: String,
     deferred: String,
+    events: String,
 }
 
 struct Bench {
@@ -393,6 +394,8 @@ impl Bench {
             .env("SENDGATE__AMQP__DEAD_LETTER_QUEUE", &self.names.dead)
             .env("SENDGATE__AMQP__OUTCOMES_QUEUE", &self.names.outcomes)
             .env("SENDGATE__AMQP__DEFERRED_QUEUE", &self.names.deferred)
+            .env("SENDGATE__AMQP__EVENTS_EXCHANGE", &self.names.events)
+            .env("SENDGATE__AMQP__EVENTS_QUEUE", &self.names.events)
             .env("SENDGATE__AMQP__PREFETCH", self.args.prefetch.to_string())
             .env("SENDGATE__LOG__LEVEL", "warn")
             .env_remove("RUST_LOG")
@@ -779,6 +782,7 @@ async fn main() -> anyhow::Result<()> {
         p_out: format!("bench.{id}.p-out"),
         outcomes: format!("bench.{id}.outcomes"),
         deferred: format!("bench.{id}.deferred"),
+        events: format!("bench.{id}.events"),
     };
     Store::create_database_if_missing(&db_url).await?;
     let mut db_settings = settings.database.clone();
@@ -810,6 +814,8 @@ async fn main() -> anyhow::Result<()> {
         a.dead_letter_queue = bench.names.dead.clone();
         a.outcomes_queue = bench.names.outcomes.clone();
         a.deferred_queue = bench.names.deferred.clone();
+        a.events_exchange = bench.names.events.clone();
+        a.events_queue = bench.names.events.clone();
         a
     })
     .await?;
@@ -826,19 +832,22 @@ async fn main() -> anyhow::Result<()> {
         &bench.names.p_out,
         &bench.names.outcomes,
         &bench.names.deferred,
+        &bench.names.events,
     ] {
         let _ = bench
             .channel
             .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
             .await;
     }
-    let _ = bench
-        .channel
-        .exchange_delete(
-            bench.names.dead.as_str().into(),
-            lapin::options::ExchangeDeleteOptions::default(),
-        )
-        .await;
+    for exchange in [&bench.names.dead, &bench.names.events] {
+        let _ = bench
+            .channel
+            .exchange_delete(
+                exchange.as_str().into(),
+                lapin::options::ExchangeDeleteOptions::default(),
+            )
+            .await;
+    }
     bench.store.close().await;
     let _ = sqlx::Postgres::force_drop_database(&bench.db_url).await;
     result

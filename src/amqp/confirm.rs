@@ -97,12 +97,12 @@ pub async fn await_confirms(
             Confirmation::Ack(Some(returned)) | Confirmation::Nack(Some(returned)) => {
                 metrics::publish_failed();
                 warn!(routing_key = %returned.delivery.routing_key,
-                    reply = %returned.reply_text, "outcome returned unroutable");
+                    reply = %returned.reply_text, "message returned unroutable");
                 failed.push(i);
             }
             Confirmation::Nack(None) => {
                 metrics::publish_failed();
-                warn!("broker nacked an outcome");
+                warn!("broker nacked a message");
                 failed.push(i);
             }
         }

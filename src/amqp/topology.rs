@@ -49,6 +49,7 @@ pub async fn declare_topology(channel: &Channel, settings: &AmqpSettings) -> lap
         deferred_arguments(settings),
     )
     .await?;
+    declare_events(channel, settings).await?;
     declare_entrance(channel, &settings.jobs_exchange, &settings.send_queue).await?;
     declare_entrance(
         channel,
@@ -57,6 +58,35 @@ pub async fn declare_topology(channel: &Channel, settings: &AmqpSettings) -> lap
     )
     .await?;
     Ok(())
+}
+
+/// The events exchange (topic; routing key = event type) and, unless
+/// `events_queue` is empty, a quorum queue bound to it with `#`.
+async fn declare_events(channel: &Channel, settings: &AmqpSettings) -> lapin::Result<()> {
+    channel
+        .exchange_declare(
+            settings.events_exchange.as_str().into(),
+            ExchangeKind::Topic,
+            ExchangeDeclareOptions {
+                durable: true,
+                ..ExchangeDeclareOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await?;
+    if settings.events_queue.is_empty() {
+        return Ok(());
+    }
+    declare_quorum(channel, &settings.events_queue, quorum_arguments()).await?;
+    channel
+        .queue_bind(
+            settings.events_queue.as_str().into(),
+            settings.events_exchange.as_str().into(),
+            "#".into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
 }
 
 /// A durable fanout exchange bound to `queue`: a way in that a broker user

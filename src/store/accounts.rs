@@ -5,7 +5,8 @@ use chrono::{DateTime, Duration, NaiveDate, Utc};
 use sqlx::Row;
 
 use super::rows::{self, LedgerEntry};
-use super::{Store, StoreError};
+use super::{Store, StoreError, events};
+use crate::domain::events::{Event, EventData};
 use crate::domain::ids::AccountId;
 use crate::domain::plan::{Plan, local_day, next_day_start, parse_timezone};
 
@@ -95,21 +96,38 @@ impl Store {
     }
 
     /// Changes an account's plan; it applies from the next job on. Credits
-    /// are kept on record and never granted by a plan change.
+    /// are kept on record and never granted by a plan change. A change
+    /// writes a `plan.changed` event; setting the plan it has changes
+    /// nothing.
     ///
     /// # Errors
     /// [`StoreError::UnknownAccount`].
     pub async fn set_plan(&self, id: &AccountId, plan: Plan) -> Result<(), StoreError> {
-        let updated =
-            sqlx::query("UPDATE accounts SET plan = $2, updated_at = now() WHERE id = $1")
+        let mut tx = self.pool.begin().await?;
+        let before =
+            sqlx::query("SELECT plan, credit_balance FROM accounts WHERE id = $1 FOR UPDATE")
                 .bind(id.as_str())
-                .bind(plan.as_str())
-                .execute(&self.pool)
+                .fetch_optional(&mut *tx)
                 .await?
-                .rows_affected();
-        if updated == 0 {
-            return Err(StoreError::UnknownAccount(id.to_string()));
+                .ok_or_else(|| StoreError::UnknownAccount(id.to_string()))?;
+        let from = rows::plan(&before, "plan")?;
+        if from == plan {
+            return Ok(());
         }
+        sqlx::query("UPDATE accounts SET plan = $2, updated_at = now() WHERE id = $1")
+            .bind(id.as_str())
+            .bind(plan.as_str())
+            .execute(&mut *tx)
+            .await?;
+        let changed = EventData::PlanChanged {
+            from,
+            to: plan,
+            credit_balance: before.try_get("credit_balance")?,
+        };
+        let event = Event::new(uuid::Uuid::now_v7(), id, Utc::now(), changed);
+        let written = events::record(&mut tx, &[event]).await?;
+        tx.commit().await?;
+        self.events_committed(&written);
         Ok(())
     }
 

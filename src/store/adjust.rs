@@ -3,8 +3,11 @@
 //! per client-given key, never taking the balance below 0. Not a purchase
 //! path: a plan's credits come only from its rules.
 
+use sqlx::Row;
+
 use super::rows::{self, LedgerEntry};
-use super::{Store, StoreError};
+use super::{Store, StoreError, events};
+use crate::domain::events::credit_events;
 use crate::domain::ids::AccountId;
 
 /// The most credits one adjustment may add or take.
@@ -81,12 +84,14 @@ impl Store {
         adjustment: &Adjustment,
     ) -> Result<Adjusted, StoreError> {
         let mut tx = self.pool.begin().await?;
-        let balance: i64 =
-            sqlx::query_scalar("SELECT credit_balance FROM accounts WHERE id = $1 FOR UPDATE")
+        let account =
+            sqlx::query("SELECT plan, credit_balance FROM accounts WHERE id = $1 FOR UPDATE")
                 .bind(id.as_str())
                 .fetch_optional(&mut *tx)
                 .await?
                 .ok_or_else(|| StoreError::UnknownAccount(id.to_string()))?;
+        let plan = rows::plan(&account, "plan")?;
+        let balance: i64 = account.try_get("credit_balance")?;
         let earlier = sqlx::query(sqlx::AssertSqlSafe(format!(
             "SELECT {LEDGER_COLUMNS} FROM credit_ledger
              WHERE account_id = $1 AND idempotency_key = $2 AND kind = 'adjustment'"
@@ -139,7 +144,18 @@ impl Store {
             .bind(after)
             .execute(&mut *tx)
             .await?;
+        let crossings = credit_events(
+            id,
+            plan,
+            balance,
+            after,
+            &self.events.credits_low,
+            chrono::Utc::now(),
+            &mut uuid::Uuid::now_v7,
+        );
+        let written = events::record(&mut tx, &crossings).await?;
         tx.commit().await?;
+        self.events_committed(&written);
         Ok(Adjusted {
             entry: rows::ledger_entry(&row)?,
             balance: after,

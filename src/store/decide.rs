@@ -13,10 +13,11 @@ use sqlx::{PgConnection, Row};
 use uuid::Uuid;
 
 use super::rows::{self, distinct_accounts, key_arrays};
-use super::{Query, Store, StoreError, bind_changes, sql, usage};
+use super::{Query, Store, StoreError, bind_changes, events, sql, usage};
 use crate::domain::decision::{
     AccountState, Decision, Effects, NewReservation, PriorReservation, decide_batch,
 };
+use crate::domain::events::batch_events;
 use crate::domain::ids::{AccountId, JobKey};
 use crate::domain::job::Job;
 use crate::domain::plan::{Limits, Plan};
@@ -196,6 +197,7 @@ impl Store {
         self.remember_plans(&loaded.accounts);
         let (decisions, effects) = loaded.decide(jobs, self.limits, now);
         let batch = (!effects.is_empty()).then(Uuid::now_v7);
+        let mut written = Vec::new();
         if let Some(batch) = batch {
             let inserted: i64 = self
                 .record_metered(&effects, batch)
@@ -209,8 +211,21 @@ impl Store {
                 tx.rollback().await?;
                 return Ok(None);
             }
+            // Threshold events, in the same transaction: they exist exactly
+            // when the batch's charges do. Most batches have none, and then
+            // cost nothing.
+            let crossings = batch_events(
+                &loaded.accounts,
+                &effects,
+                self.limits,
+                &self.events.credits_low,
+                now,
+                Uuid::now_v7,
+            );
+            written = events::record(&mut tx, &crossings).await?;
         }
         tx.commit().await?;
+        self.events_committed(&written);
         Ok(Some(Recorded { decisions, batch }))
     }
 

@@ -6,7 +6,8 @@
 //! - [`decide`]: a batch of jobs decided and recorded (the hot path);
 //! - [`settle`]: delivery reports settled, expired holds committed;
 //! - [`marks`]: confirmed forwards recorded;
-//! - [`accounts`]: creating, changing and showing accounts.
+//! - [`accounts`]: creating, changing and showing accounts;
+//! - [`events`]: the outbox of threshold events, and its relay's reads.
 //!
 //! A batch of jobs is decided in one transaction: lock the batch's metered
 //! accounts in one order (so workers never deadlock), read their Pro usage
@@ -19,6 +20,7 @@ mod accounts;
 mod adjust;
 mod decide;
 mod error;
+mod events;
 mod jobs;
 mod marks;
 mod primary;
@@ -40,6 +42,7 @@ pub use accounts::{AccountSummary, Created};
 pub use adjust::{Adjusted, Adjustment};
 pub use decide::Recorded;
 pub use error::StoreError;
+pub use events::{Backlog, Claimed, EventRules, OutboxEvent};
 pub use jobs::{ChargeStatus, Hold, JobStatus, Refusal, RefusalStatus};
 pub use marks::ConfirmedForward;
 pub use rows::LedgerEntry;
@@ -103,6 +106,8 @@ pub struct Store {
     scale_hint: Arc<Mutex<HashSet<String>>>,
     /// With several hosts in `database.url`: which one is writable.
     primary: Option<Arc<primary::Primary>>,
+    /// Threshold events: the thresholds, and the relay's wake-up.
+    events: Arc<EventRules>,
 }
 
 /// What the marks pool sets on top of the main pool's options.
@@ -159,6 +164,7 @@ impl Store {
             limits,
             scale_hint: Arc::default(),
             primary,
+            events: Arc::default(),
         })
     }
 

@@ -274,8 +274,9 @@ pub const CONFIRM_FORWARDS: &str = "
 
 /// The runtime role's privileges, granted by every `sendgate migrate` (run
 /// as the owner) when the role exists: exactly the DML the gate needs. The
-/// ledger is append-only (no UPDATE, no DELETE), nothing but refusals past
-/// their retention may be deleted, and the role creates and alters nothing. See `deploy/postgres/roles.sql`.
+/// ledger is append-only (no UPDATE, no DELETE), nothing but refusals and
+/// published events past their retention may be deleted, and the role
+/// creates and alters nothing. See `deploy/postgres/roles.sql`.
 pub const RUNTIME_GRANTS: &str = "
     DO $$
     BEGIN
@@ -286,6 +287,8 @@ pub const RUNTIME_GRANTS: &str = "
             -- Job status: the latest refusal per key, removed by retention.
             GRANT SELECT, INSERT, UPDATE, DELETE ON refusals TO sendgate_app;
             GRANT SELECT, INSERT, UPDATE ON usage_counts TO sendgate_app;
+            -- The events outbox: published rows are removed by retention.
+            GRANT SELECT, INSERT, UPDATE, DELETE ON events TO sendgate_app;
             GRANT SELECT ON _sqlx_migrations TO sendgate_app;
         END IF;
     END $$";

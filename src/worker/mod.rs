@@ -5,13 +5,15 @@
 //! - [`batcher`]: when gathered jobs become a batch (pure);
 //! - [`marks`]: confirmed forwards recorded before the ack;
 //! - [`record`]: a decided job's log line and metrics, as one event;
-//! - [`sweep`]: holds that never got a report, committed.
+//! - [`sweep`]: holds that never got a report, committed;
+//! - [`events`]: the outbox's threshold events relayed to the broker.
 //!
 //! This module is the session loop both workers share: connect, consume,
 //! and reconnect with backoff whenever the session fails. A worker that
 //! loses its broker connection drops its batch (the broker redelivers it).
 
 pub mod batcher;
+pub mod events;
 pub mod jobs;
 pub mod marks;
 pub mod outcomes;

@@ -1,7 +1,8 @@
 //! Holds that got no delivery report within the hold time are committed,
 //! every sweep interval. Every process sweeps; `SKIP LOCKED` keeps them
 //! from doing the same rows twice. The same sweep removes refusals past
-//! `[jobs] refusal_retention_days`.
+//! `[jobs] refusal_retention_days`, and published events past `[events]
+//! retention_days`.
 
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
@@ -18,6 +19,7 @@ pub async fn sweep_expired_holds(
     store: Store,
     settings: ReservationSettings,
     refusal_retention: std::time::Duration,
+    event_retention: std::time::Duration,
     stop: CancellationToken,
 ) {
     let mut tick = tokio::time::interval(settings.sweep_interval());
@@ -52,6 +54,18 @@ pub async fn sweep_expired_holds(
                 Err(err) => {
                     metrics::db_error(err.kind());
                     warn!(error = %err, "cannot remove old refusals; trying again next interval");
+                    break;
+                }
+            }
+        }
+        // Published events past their retention, likewise.
+        loop {
+            match store.purge_events(event_retention, SWEEP_CHUNK).await {
+                Ok(n) if n < SWEEP_CHUNK as u64 => break,
+                Ok(_) => {}
+                Err(err) => {
+                    metrics::db_error(err.kind());
+                    warn!(error = %err, "cannot remove old events; trying again next interval");
                     break;
                 }
             }

@@ -113,6 +113,14 @@ impl TestEnv {
                 format!("t.{id}.jobs"),
             ),
             (
+                "SENDGATE__AMQP__EVENTS_EXCHANGE".to_owned(),
+                format!("t.{id}.events"),
+            ),
+            (
+                "SENDGATE__AMQP__EVENTS_QUEUE".to_owned(),
+                format!("t.{id}.events"),
+            ),
+            (
                 "SENDGATE__AMQP__REPORTS_EXCHANGE".to_owned(),
                 format!("t.{id}.reports"),
             ),
@@ -160,6 +168,9 @@ impl TestEnv {
     pub fn deferred_queue(&self) -> String {
         self.var("SENDGATE__AMQP__DEFERRED_QUEUE")
     }
+    pub fn events_queue(&self) -> String {
+        self.var("SENDGATE__AMQP__EVENTS_QUEUE")
+    }
 
     /// A migrated store on this test's database.
     pub async fn store(&self) -> Store {
@@ -167,8 +178,9 @@ impl TestEnv {
         Store::create_database_if_missing(&self.db_url)
             .await
             .unwrap();
-        let store =
-            Store::connect_lazy(&settings.database, sendgate::app::limits(&settings)).unwrap();
+        let store = Store::connect_lazy(&settings.database, sendgate::app::limits(&settings))
+            .unwrap()
+            .with_credit_thresholds(settings.events.thresholds());
         store.locate_primary().await;
         store.migrate().await.unwrap();
         store
@@ -200,6 +212,7 @@ impl TestEnv {
             self.dead_queue(),
             self.outcomes_queue(),
             self.deferred_queue(),
+            self.events_queue(),
         ] {
             let _ = broker
                 .channel
@@ -210,6 +223,7 @@ impl TestEnv {
             self.var("SENDGATE__AMQP__DEAD_LETTER_EXCHANGE"),
             self.var("SENDGATE__AMQP__JOBS_EXCHANGE"),
             self.var("SENDGATE__AMQP__REPORTS_EXCHANGE"),
+            self.var("SENDGATE__AMQP__EVENTS_EXCHANGE"),
         ] {
             let _ = broker
                 .channel

@@ -6,6 +6,7 @@
 mod api;
 mod binary;
 mod control;
+mod events;
 mod gate;
 mod hardening;
 #[path = "../harness/mod.rs"]

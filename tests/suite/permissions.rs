@@ -176,6 +176,8 @@ async fn the_shipped_broker_definitions_give_each_user_its_part_and_no_more() {
         ("DEFERRED_QUEUE", "sendgate.deferred"),
         ("JOBS_EXCHANGE", "sendgate.jobs"),
         ("REPORTS_EXCHANGE", "sendgate.reports"),
+        ("EVENTS_EXCHANGE", "sendgate.events"),
+        ("EVENTS_QUEUE", "sendgate.events"),
     ] {
         env.set(&format!("SENDGATE__AMQP__{setting}"), name);
     }

@@ -13,10 +13,12 @@
 //! - [`decision`]: a batch of jobs against its accounts' state: forward,
 //!   dead-letter, defer or drop as a duplicate, and what to write (SPEC §3).
 //! - [`settle`]: delivery reports against reservations: commit or release.
+//! - [`events`]: the threshold events a change of credits, usage or plan makes.
 
 #![forbid(unsafe_code)]
 
 pub mod decision;
+pub mod events;
 pub mod ids;
 pub mod job;
 pub mod plan;
