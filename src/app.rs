@@ -114,6 +114,10 @@ impl App {
             stop.clone(),
         ));
         let relay = tokio::spawn(worker::events::relay(shared.clone(), stop.clone()));
+        let rollup = tokio::spawn(worker::sweep::roll_up_usage(
+            shared.store.clone(),
+            stop.clone(),
+        ));
 
         stop.cancelled().await;
         shared.health.set_draining();
@@ -131,6 +135,7 @@ impl App {
         let _ = relay.await;
         shared.broker.close().await;
         let _ = sweeper.await;
+        let _ = rollup.await;
         background.stop().await?;
         shared.store.close().await;
         info!("stopped");

@@ -75,6 +75,18 @@ struct Args {
     /// Extra `SENDGATE__…=value` settings for the gate, repeatable.
     #[arg(long = "set", value_name = "KEY=VALUE", value_parser = parse_setting)]
     set: Vec<(String, String)>,
+    /// Length of every job's idempotency key (run and job number, padded).
+    #[arg(long, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(16..=255), default_value_t = 40)]
+    key_length: usize,
+    /// G again with this many sendgate processes on the same queue, for
+    /// each number given (`--processes 2,4`); invariants checked each run.
+    #[arg(long, value_delimiter = ',', value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=16))]
+    processes: Vec<usize>,
+    /// G again after adding this many reservations of history to the
+    /// database (generated with SQL: the G accounts' own, 40-character
+    /// keys), next to G on the database as the runs left it.
+    #[arg(long, default_value_t = 0)]
+    history: u64,
 }
 
 /// A `--set` argument: an environment variable sendgate reads, so a typo
@@ -147,6 +159,40 @@ struct Samples {
     cpu_latency_p: Vec<Cpu>,
     cpu_latency_g: Vec<Cpu>,
     latency_rate: f64,
+    /// Database growth and WAL per job of each G, H and H_m run.
+    storage_g: Vec<Storage>,
+    storage_h: Vec<Storage>,
+    storage_h_m: Vec<Storage>,
+    /// G with N processes: (N, rates).
+    g_processes: Vec<(usize, Vec<f64>)>,
+    /// G after the history was added, and how long adding it took.
+    g_history: Vec<f64>,
+    history_secs: f64,
+}
+
+/// Bytes written per job by a run: growth of every relation (heap, indexes,
+/// TOAST) and WAL.
+#[derive(Debug, Default, Clone, Copy, serde::Serialize)]
+struct Storage {
+    database: f64,
+    wal: f64,
+}
+
+impl Storage {
+    fn median(runs: &[Storage]) -> Self {
+        Self {
+            database: median(&runs.iter().map(|s| s.database).collect::<Vec<_>>()),
+            wal: median(&runs.iter().map(|s| s.wal).collect::<Vec<_>>()),
+        }
+    }
+}
+
+/// One gate run's figures.
+struct GateRun {
+    rate: f64,
+    rss: f64,
+    cpu: Cpu,
+    storage: Storage,
 }
 
 /// CPU time spent on a run, in ms per 1,000 jobs: by the broker, by
@@ -280,6 +326,17 @@ fn body(account: &str, key: &str, sent_ns: u128) -> Vec<u8> {
     .into_bytes()
 }
 
+/// Job `i`'s key in `run`, padded to `length` characters.
+fn job_key(run: &str, i: usize, length: usize) -> String {
+    let key = format!("{run}-{i}");
+    let pad = length.saturating_sub(key.len() + 1);
+    if pad == 0 {
+        key
+    } else {
+        format!("{run}-{}-{i}", "0".repeat(pad))
+    }
+}
+
 fn persistent() -> BasicProperties {
     BasicProperties::default()
         .with_delivery_mode(2)
@@ -291,6 +348,64 @@ fn account_id(id: &str) -> anyhow::Result<AccountId> {
 }
 
 impl Bench {
+    /// Bytes of every relation of the database's own tables, and the WAL
+    /// position.
+    async fn storage_now(&self) -> anyhow::Result<(i64, i64)> {
+        let row: (i64, i64) = sqlx::query_as(
+            "SELECT (SELECT sum(pg_total_relation_size(c.oid))::int8 FROM pg_class c
+                     JOIN pg_namespace n ON n.oid = c.relnamespace
+                     WHERE n.nspname = 'public' AND c.relkind IN ('r', 'p', 'm')),
+                    pg_wal_lsn_diff(pg_current_wal_lsn(), '0/0')::int8",
+        )
+        .fetch_one(self.store.pool())
+        .await?;
+        Ok(row)
+    }
+
+    /// Adds `rows` reservations of history for the accounts `prefix-0` ..
+    /// `prefix-{accounts - 1}`, settled long ago, with keys as long as the
+    /// runs' own; then VACUUM ANALYZE. Returns how long it took.
+    async fn add_history(&self, prefix: &str, rows: u64) -> anyhow::Result<f64> {
+        let started = Instant::now();
+        let chunk = 1_000_000u64;
+        let mut done = 0;
+        while done < rows {
+            let n = chunk.min(rows - done);
+            sqlx::query(
+                "INSERT INTO reservations
+                     (id, account_id, idempotency_key, payload_sha256, plan, charge, usage_day,
+                      remaining, forward_confirmed, created_at, confirmed_at, state, settled_at)
+                 SELECT gen_random_uuid(), $1 || '-' || (i % $2),
+                        'hist-' || lpad(i::text, $3 - 5, '0'),
+                        sha256(i::text::bytea),
+                        CASE WHEN i % $2 % 10 < 2 THEN 'free'
+                             WHEN i % $2 % 10 < 5 THEN 'pro' ELSE 'scale' END,
+                        CASE WHEN i % $2 % 10 < 2 THEN 'credit'
+                             WHEN i % $2 % 10 < 5 THEN 'daily_slot' ELSE 'unmetered' END,
+                        CASE WHEN i % $2 % 10 BETWEEN 2 AND 4
+                             THEN (now() - interval '1 day' - interval '1 second' * i / 100)::date END,
+                        NULL, true,
+                        now() - interval '1 day' - interval '1 second' * i / 100,
+                        now() - interval '1 day', 'committed',
+                        now() - interval '1 day'
+                 FROM generate_series($4::int8, $5::int8) AS i",
+            )
+            .bind(prefix)
+            .bind(self.args.accounts as i64)
+            .bind(self.args.key_length as i32)
+            .bind(done as i64 + 1)
+            .bind((done + n) as i64)
+            .execute(self.store.pool())
+            .await?;
+            done += n;
+            eprintln!("  history: {done} of {rows} reservations");
+        }
+        sqlx::raw_sql("VACUUM ANALYZE reservations")
+            .execute(self.store.pool())
+            .await?;
+        Ok(started.elapsed().as_secs_f64())
+    }
+
     async fn depth(&self, queue: &str) -> anyhow::Result<u32> {
         let q = self
             .channel
@@ -545,9 +660,9 @@ impl Bench {
         Ok((n as f64 / secs, Cpu::per_thousand(before, after, own, n)))
     }
 
-    /// G or H: preload, start sendgate, time, check, stop. Returns the rate,
-    /// sendgate's peak RSS in MiB and the CPU time spent.
-    async fn run_gate(&self, run: &str, mix: Mix) -> anyhow::Result<(f64, f64, Cpu)> {
+    /// G or H: preload, start sendgate (`processes` of them on the same
+    /// queue), time, check, stop.
+    async fn run_gate(&self, run: &str, mix: Mix, processes: usize) -> anyhow::Result<GateRun> {
         let n = self.args.jobs;
         let hot = |plan: Plan| async move {
             self.store
@@ -565,16 +680,19 @@ impl Bench {
             .map(|i| {
                 let (id, _) = &accounts[i % accounts.len()];
                 *per_account.entry(id.as_str()).or_default() += 1;
-                body(id, &format!("{run}-{i}"), 0)
+                body(id, &job_key(run, i, self.args.key_length), 0)
             })
             .collect();
         self.preload(&self.names.send, &bodies).await?;
 
-        let port = free_port()?;
+        let (bytes_before, wal_before) = self.storage_now().await?;
         let before = CpuTicks::now();
         // H_m: a daily limit above the run's jobs (the check below expects it).
         let daily_sends = (mix == Mix::HotPro).then_some(n + 1);
-        let mut child = self.spawn_sendgate(port, daily_sends)?;
+        let mut children = Vec::with_capacity(processes);
+        for _ in 0..processes {
+            children.push(self.spawn_sendgate(free_port()?, daily_sends)?);
+        }
         let timed = self
             .time_arrivals(
                 &[&self.names.delivery, &self.names.dead],
@@ -583,10 +701,21 @@ impl Bench {
             )
             .await;
         // sendgate's time includes its start-up, a few ms.
-        let cpu = Cpu::per_thousand(before, CpuTicks::now(), ticks_of(child.id()), n);
-        let rss = peak_rss_mib(child.id());
-        terminate(&mut child)?;
+        let ticks = children.iter().map(|c| ticks_of(c.id())).sum();
+        let cpu = Cpu::per_thousand(before, CpuTicks::now(), ticks, n);
+        let rss = children
+            .iter()
+            .map(|c| peak_rss_mib(c.id()))
+            .fold(0.0, f64::max);
+        for child in &mut children {
+            terminate(child)?;
+        }
         let secs = timed?;
+        let (bytes_after, wal_after) = self.storage_now().await?;
+        let storage = Storage {
+            database: (bytes_after - bytes_before) as f64 / n as f64,
+            wal: (wal_after - wal_before) as f64 / n as f64,
+        };
 
         // Correctness: charges per account and the queue totals match the plans.
         let limits = self.store.limits();
@@ -601,11 +730,15 @@ impl Bench {
             };
             expect_forwarded += allowed;
             expect_dead += jobs - allowed;
-            let charges: i64 =
-                sqlx::query_scalar("SELECT count(*) FROM reservations WHERE account_id = $1")
-                    .bind(id)
-                    .fetch_one(self.store.pool())
-                    .await?;
+            // This run's charges (not the history's).
+            let charges: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM reservations
+                 WHERE account_id = $1 AND idempotency_key LIKE $2 || '-%'",
+            )
+            .bind(id)
+            .bind(run)
+            .fetch_one(self.store.pool())
+            .await?;
             ensure!(
                 charges as usize == allowed,
                 "{id} ({plan}) was charged {charges} times, allowed {allowed}"
@@ -619,7 +752,12 @@ impl Bench {
         );
         self.purge(&self.names.delivery).await?;
         self.purge(&self.names.dead).await?;
-        Ok((n as f64 / secs, rss, cpu))
+        Ok(GateRun {
+            rate: n as f64 / secs,
+            rss,
+            cpu,
+            storage,
+        })
     }
 
     /// L: publish at `rate`/s for the configured time into `into`, measure
@@ -867,9 +1005,17 @@ async fn run_all(bench: &Bench) -> anyhow::Result<()> {
     );
     for round in 0..throughput_runs {
         let (p, cpu_p) = bench.run_p().await?;
-        let (g, rss_g, cpu_g) = bench.run_gate(&format!("g{round}"), Mix::Mixed).await?;
-        let (h, rss_h, cpu_h) = bench.run_gate(&format!("h{round}"), Mix::HotScale).await?;
-        let (h_m, rss_h_m, cpu_h_m) = bench.run_gate(&format!("m{round}"), Mix::HotPro).await?;
+        let g_run = bench.run_gate(&format!("g{round}"), Mix::Mixed, 1).await?;
+        let h_run = bench
+            .run_gate(&format!("h{round}"), Mix::HotScale, 1)
+            .await?;
+        let m_run = bench.run_gate(&format!("m{round}"), Mix::HotPro, 1).await?;
+        let (g, rss_g, cpu_g) = (g_run.rate, g_run.rss, g_run.cpu);
+        let (h, rss_h, cpu_h) = (h_run.rate, h_run.rss, h_run.cpu);
+        let (h_m, rss_h_m, cpu_h_m) = (m_run.rate, m_run.rss, m_run.cpu);
+        s.storage_g.push(g_run.storage);
+        s.storage_h.push(h_run.storage);
+        s.storage_h_m.push(m_run.storage);
         eprintln!(
             "  round {}: P {p:.0}/s  G {g:.0}/s  H {h:.0}/s  H_m {h_m:.0}/s  RSS {rss_g:.1}/{rss_h:.1}/{rss_h_m:.1} MiB",
             round + 1
@@ -886,6 +1032,30 @@ async fn run_all(bench: &Bench) -> anyhow::Result<()> {
         s.h.push(h);
         s.h_m.push(h_m);
         s.rss_mib.push(rss_g.max(rss_h).max(rss_h_m));
+        for &processes in &bench.args.processes {
+            let run = bench
+                .run_gate(&format!("g{round}x{processes}"), Mix::Mixed, processes)
+                .await?;
+            eprintln!("    G with {processes} processes: {:.0}/s", run.rate);
+            match s.g_processes.iter_mut().find(|(p, _)| *p == processes) {
+                Some((_, rates)) => rates.push(run.rate),
+                None => s.g_processes.push((processes, vec![run.rate])),
+            }
+        }
+    }
+    if bench.args.history > 0 && throughput_runs > 0 {
+        eprintln!("history: adding {} reservations", bench.args.history);
+        // The history belongs to the accounts of the runs that follow.
+        for round in 0..throughput_runs {
+            let prefix = format!("gh{round}");
+            let share = bench.args.history / throughput_runs as u64;
+            s.history_secs += bench.add_history(&prefix, share).await?;
+        }
+        for round in 0..throughput_runs {
+            let run = bench.run_gate(&format!("gh{round}"), Mix::Mixed, 1).await?;
+            eprintln!("  round {}: G with history {:.0}/s", round + 1, run.rate);
+            s.g_history.push(run.rate);
+        }
     }
     settle(bench).await;
     s.latency_rate = bench
@@ -1047,9 +1217,36 @@ async fn write_results(bench: &Bench, s: &Samples) -> anyhow::Result<()> {
         format!("| {run} | {:.0} | {postgres} | {:.0} |\n", cpu.broker, cpu.client)
     })
     .collect();
+    let (st_g, st_h, st_h_m) = (
+        Storage::median(&s.storage_g),
+        Storage::median(&s.storage_h),
+        Storage::median(&s.storage_h_m),
+    );
+    let mut extra = String::new();
+    for (processes, rates) in &s.g_processes {
+        let rate = median(rates);
+        extra.push_str(&format!(
+            "| G with {processes} sendgate processes on the queue (same machine) | {rate:.0} msg/s, G/P {:.2} | — |\n",
+            rate / p
+        ));
+    }
+    if !s.g_history.is_empty() {
+        let gh = median(&s.g_history);
+        extra.push_str(&format!(
+            "| G after {} reservations of history were added (in {:.0} s) | {gh:.0} msg/s, G/P {:.2}, {:.2} × G | ≥ 0.9 × G |\n",
+            bench.args.history,
+            s.history_secs,
+            gh / p,
+            gh / g
+        ));
+    }
+    let storage_rows: String = [("G", st_g), ("H (scale)", st_h), ("H_m (pro)", st_h_m)]
+        .iter()
+        .map(|(run, st)| format!("| {run} | {:.0} | {:.0} |\n", st.database, st.wal))
+        .collect();
     let when = chrono::Utc::now().format("%Y-%m-%d %H:%M UTC").to_string();
     let table = format!(
-        "Measured {when} on {machine}; {jobs} jobs per run, {accounts} accounts (G), prefetch {prefetch}; medians of {runs} throughput runs and of {latency_runs} latency runs of {latency_secs} s.\n\n\
+        "Measured {when} on {machine}; {jobs} jobs per run, {accounts} accounts (G), {key_length}-character keys, prefetch {prefetch}; medians of {runs} throughput runs and of {latency_runs} latency runs of {latency_secs} s.\n\n\
 | figure | result | target |\n|---|---|---|\n\
 | P: pass-through | {p:.0} msg/s | — |\n\
 | G: sendgate, 1,000 accounts, mixed plans | {g:.0} msg/s | — |\n\
@@ -1061,13 +1258,18 @@ async fn write_results(bench: &Bench, s: &Samples) -> anyhow::Result<()> {
 | latency at {rate:.0} msg/s, P p50 / p99 | {pl50:.2} / {pl99:.2} ms | — |\n\
 | latency at {rate:.0} msg/s, G p50 / p99 | {gl50:.2} / {gl99:.2} ms | — |\n\
 | p99 latency, G minus P | {lat_diff:.2} ms | ≤ 10 ms |\n\
-| peak RSS of sendgate | {rss:.1} MiB | ≤ 64 MiB |\n\n\
+| peak RSS of sendgate | {rss:.1} MiB | ≤ 64 MiB |\n\
+{extra}\n\
+Bytes written per job, medians (database: growth of every table, index and TOAST relation; WAL: write-ahead log), before any retention:\n\n\
+| run | database | WAL |\n|---|---|---|\n\
+{storage_rows}\n\
 CPU time per 1,000 jobs, medians, in ms, summed over the machine's cores:\n\n\
 | run | broker | Postgres | client (P: the pass-through; G, H, H_m: sendgate) |\n|---|---|---|---|\n\
 {cpu_rows}",
         machine = machine,
         jobs = bench.args.jobs,
         accounts = bench.args.accounts,
+        key_length = bench.args.key_length,
         prefetch = bench.args.prefetch,
         runs = bench.args.runs,
         latency_runs = bench.args.latency_runs,
@@ -1090,6 +1292,8 @@ CPU time per 1,000 jobs, medians, in ms, summed over the machine's cores:\n\n\
         "machine": machine,
         "jobs": bench.args.jobs,
         "accounts": bench.args.accounts,
+        "key_length": bench.args.key_length,
+        "history": bench.args.history,
         "prefetch": bench.args.prefetch,
         "runs": bench.args.runs,
         "latency_runs": bench.args.latency_runs,
@@ -1098,6 +1302,7 @@ CPU time per 1,000 jobs, medians, in ms, summed over the machine's cores:\n\n\
         "medians": {"p": p, "g": g, "h": h, "h_m": h_m, "g_over_p": g / p, "h_over_p": h / p,
                     "h_m_over_p": h_m / p,
                     "latency_p99_diff_ms": lat_diff, "peak_rss_mib": rss,
+                    "bytes_per_job": {"g": st_g, "h": st_h, "h_m": st_h_m},
                     "cpu_ms_per_1000_jobs": {"p": cpu_p, "g": cpu_g, "h": cpu_h, "h_m": cpu_h_m,
                                              "p_latency": cpu_lp, "g_latency": cpu_l}},
     });

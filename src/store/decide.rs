@@ -12,6 +12,7 @@ use sqlx::postgres::PgRow;
 use sqlx::{PgConnection, Row};
 use uuid::Uuid;
 
+use super::jobs::{bind_refusals, refusals_of};
 use super::rows::{self, distinct_accounts, key_arrays};
 use super::{Query, Store, StoreError, bind_changes, events, sql, usage};
 use crate::domain::decision::{
@@ -60,8 +61,9 @@ impl Loaded {
 }
 
 impl Store {
-    /// Decides and records a batch of valid jobs in one transaction; the
-    /// decisions come back in the jobs' order.
+    /// Decides and records a batch of valid jobs in one transaction, its
+    /// refusals (for job status and usage) included; the decisions come
+    /// back in the jobs' order.
     ///
     /// # Errors
     /// [`StoreError::is_transient`] when the batch should be retried;
@@ -157,7 +159,16 @@ impl Store {
         if !(effects.ledger.is_empty() && effects.balances.is_empty() && effects.usage.is_empty()) {
             return Ok(Unlocked::NeedsLock);
         }
+        let refusals = refusals_of(jobs, &decisions);
         if effects.is_empty() {
+            if !refusals.is_empty() {
+                bind_refusals(
+                    sqlx::query(sql::RECORD_REFUSALS).bind(usage::bucket(now)),
+                    &refusals,
+                )
+                .execute(&mut *conn)
+                .await?;
+            }
             return Ok(Unlocked::Done(Recorded {
                 decisions,
                 batch: None,
@@ -167,8 +178,8 @@ impl Store {
         let insert = bind_reservations(sqlx::query(sql::RECORD_UNMETERED), &effects.reservations)
             .bind(batch)
             .bind(usage::bucket(now))
-            .bind(usage::shard())
             .bind(usage::campaigns(jobs, &effects.reservations));
+        let insert = bind_refusals(insert, &refusals);
         match insert.execute(&mut *conn).await {
             Ok(_) => Ok(Unlocked::Done(Recorded {
                 decisions,
@@ -196,14 +207,23 @@ impl Store {
         read_prior(&mut tx, jobs, &mut loaded).await?;
         self.remember_plans(&loaded.accounts);
         let (decisions, effects) = loaded.decide(jobs, self.limits, now);
+        let refusals = refusals_of(jobs, &decisions);
         let batch = (!effects.is_empty()).then(Uuid::now_v7);
         let mut written = Vec::new();
+        if batch.is_none() && !refusals.is_empty() {
+            bind_refusals(
+                sqlx::query(sql::RECORD_REFUSALS).bind(usage::bucket(now)),
+                &refusals,
+            )
+            .execute(&mut *tx)
+            .await?;
+        }
         if let Some(batch) = batch {
-            let inserted: i64 = self
+            let record = self
                 .record_metered(&effects, batch)
                 .bind(usage::bucket(now))
-                .bind(usage::shard())
-                .bind(usage::campaigns(jobs, &effects.reservations))
+                .bind(usage::campaigns(jobs, &effects.reservations));
+            let inserted: i64 = bind_refusals(record, &refusals)
                 .fetch_one(&mut *tx)
                 .await?
                 .try_get(0)?;

@@ -11,8 +11,10 @@ use serde::Serialize;
 use sqlx::Row;
 use uuid::Uuid;
 
-use super::{Store, StoreError, sql, usage};
+use super::{Query, Store, StoreError, sql, usage};
+use crate::domain::decision::Decision;
 use crate::domain::ids::{AccountId, JobKey};
+use crate::domain::job::Job;
 
 /// A job the gate refused: its key, why, and the detail.
 #[derive(Debug, Clone)]
@@ -129,48 +131,12 @@ impl Store {
         if refusals.is_empty() {
             return Ok(());
         }
-        // One row per key: a statement may not update a row twice.
-        let mut latest: HashMap<&JobKey, &Refusal> = HashMap::new();
-        for refusal in refusals {
-            latest.insert(&refusal.key, refusal);
-        }
-        let rows: Vec<&Refusal> = latest.into_values().collect();
-        sqlx::query(sql::RECORD_REFUSALS)
-            .bind(
-                rows.iter()
-                    .map(|r| r.key.account_id.as_str())
-                    .collect::<Vec<_>>(),
-            )
-            .bind(
-                rows.iter()
-                    .map(|r| r.key.idempotency_key.as_str())
-                    .collect::<Vec<_>>(),
-            )
-            .bind(rows.iter().map(|r| r.reason).collect::<Vec<_>>())
-            // Postgres text cannot hold NUL.
-            .bind(
-                rows.iter()
-                    .map(|r| r.detail.replace('\0', ""))
-                    .collect::<Vec<_>>(),
-            )
-            // Every refusal is counted, the repeated keys too.
-            .bind(usage::bucket(now))
-            .bind(usage::shard())
-            .bind(
-                refusals
-                    .iter()
-                    .map(|r| r.key.account_id.as_str())
-                    .collect::<Vec<_>>(),
-            )
-            .bind(
-                refusals
-                    .iter()
-                    .map(|r| r.campaign_id.as_deref().unwrap_or(""))
-                    .collect::<Vec<_>>(),
-            )
-            .bind(refusals.iter().map(|r| r.reason).collect::<Vec<_>>())
-            .execute(&self.pool)
-            .await?;
+        bind_refusals(
+            sqlx::query(sql::RECORD_REFUSALS).bind(usage::bucket(now)),
+            refusals,
+        )
+        .execute(&self.pool)
+        .await?;
         Ok(())
     }
 
@@ -252,4 +218,67 @@ impl Store {
             last_refusal,
         })
     }
+}
+
+/// Binds a batch's refusals as seven parallel arrays (see
+/// `record_refusals!` in [`sql`]): the latest of each key (accounts, keys,
+/// reasons, details; a statement may not update a row twice), then every
+/// refusal, repeated keys too, for the usage counts (accounts, campaigns,
+/// reasons).
+pub(super) fn bind_refusals<'q>(query: Query<'q>, refusals: &'q [Refusal]) -> Query<'q> {
+    let mut latest: HashMap<&JobKey, &'q Refusal> = HashMap::new();
+    for refusal in refusals {
+        latest.insert(&refusal.key, refusal);
+    }
+    let rows: Vec<&Refusal> = latest.into_values().collect();
+    query
+        .bind(
+            rows.iter()
+                .map(|r| r.key.account_id.as_str())
+                .collect::<Vec<_>>(),
+        )
+        .bind(
+            rows.iter()
+                .map(|r| r.key.idempotency_key.as_str())
+                .collect::<Vec<_>>(),
+        )
+        .bind(rows.iter().map(|r| r.reason).collect::<Vec<_>>())
+        // Postgres text cannot hold NUL.
+        .bind(
+            rows.iter()
+                .map(|r| r.detail.replace('\0', ""))
+                .collect::<Vec<_>>(),
+        )
+        .bind(
+            refusals
+                .iter()
+                .map(|r| r.key.account_id.as_str())
+                .collect::<Vec<_>>(),
+        )
+        .bind(
+            refusals
+                .iter()
+                .map(|r| r.campaign_id.as_deref().unwrap_or(""))
+                .collect::<Vec<_>>(),
+        )
+        .bind(refusals.iter().map(|r| r.reason).collect::<Vec<_>>())
+}
+
+/// The refusals among a batch's decisions (in the jobs' order), for job
+/// status and usage.
+pub(super) fn refusals_of(jobs: &[Job], decisions: &[Decision]) -> Vec<Refusal> {
+    jobs.iter()
+        .zip(decisions)
+        .filter_map(|(job, decision)| {
+            let (Decision::DeadLetter(refused) | Decision::Defer(refused)) = decision else {
+                return None;
+            };
+            Some(Refusal {
+                key: job.key(),
+                campaign_id: job.campaign_id.clone(),
+                reason: refused.reason.as_str(),
+                detail: refused.detail.clone(),
+            })
+        })
+        .collect()
 }

@@ -58,7 +58,6 @@ impl Store {
         if !effects.settled.is_empty() {
             settle_write(&effects)
                 .bind(usage::bucket(now))
-                .bind(usage::shard())
                 .execute(&mut *tx)
                 .await?;
         }

@@ -110,33 +110,71 @@ pub const LOCK_ALL: &str = "
         WHERE id = k.id OFFSET 0 FOR UPDATE
     ) a";
 
-/// SQL text (a literal, for `concat!`): a CTE `usage_counted` adding the
-/// batch's new charges to `usage_counts` in bucket `$bucket`, shard
-/// `$shard`, one row per account and campaign (`$2`: the reservations'
-/// accounts; `$campaigns`: their campaigns, in the same order).
+/// SQL text (a literal, for `concat!`): a CTE `usage_counted` appending
+/// the batch's new charges to `usage_pending` in bucket `$bucket`, one
+/// entry per charge (`$2`: the reservations' accounts; `$campaigns`: their
+/// campaigns, in the same order): one row however many accounts the batch
+/// has. The rollup counts them into `usage_counts` ([`ROLL_UP_USAGE`]).
 macro_rules! count_charges {
-    ($bucket:literal, $shard:literal, $campaigns:literal) => {
+    ($bucket:literal, $campaigns:literal) => {
         concat!(
             "usage_counted AS (
-        INSERT INTO usage_counts (account_id, bucket, campaign_id, kind, shard, n)
-        SELECT account_id, ",
+        INSERT INTO usage_pending (bucket, kind, account_ids, campaign_ids)
+        SELECT ",
             $bucket,
-            ", campaign_id, 'charged', ",
-            $shard,
-            ", count(*)
-        FROM unnest($2::text[], ",
+            ", 'charged', $2::text[], ",
             $campaigns,
-            "::text[]) AS u(account_id, campaign_id)
-        GROUP BY 1, 3, 4
-        ON CONFLICT (account_id, bucket, campaign_id, kind, shard)
-        DO UPDATE SET n = usage_counts.n + EXCLUDED.n
+            "::text[]
+        WHERE cardinality($2::text[]) > 0
+    )"
+        )
+    };
+}
+
+/// SQL text (a literal, for `concat!`): CTEs recording a batch's refusals
+/// for job status, the latest of each key (`$a` accounts, `$k` keys, `$r`
+/// reasons, `$d` details; one row per key), and counting every refusal in
+/// the usage of bucket `$bucket` (`$ca` accounts, `$cc` campaigns, `$cr`
+/// reasons). With empty arrays they write nothing.
+macro_rules! record_refusals {
+    ($a:literal, $k:literal, $r:literal, $d:literal, $bucket:literal,
+     $ca:literal, $cc:literal, $cr:literal) => {
+        concat!(
+            "refusals_recorded AS (
+        INSERT INTO refusals (account_id, idempotency_key, reason, detail)
+        SELECT * FROM unnest(",
+            $a,
+            "::text[], ",
+            $k,
+            "::text[], ",
+            $r,
+            "::text[], ",
+            $d,
+            "::text[])
+        ON CONFLICT (account_id, idempotency_key) DO UPDATE
+        SET reason = EXCLUDED.reason, detail = EXCLUDED.detail, refused_at = now()
+    ), refusals_counted AS (
+        INSERT INTO usage_pending (bucket, account_ids, campaign_ids, kinds)
+        SELECT ",
+            $bucket,
+            ", ",
+            $ca,
+            "::text[], ",
+            $cc,
+            "::text[], ",
+            $cr,
+            "::text[]
+        WHERE cardinality(",
+            $ca,
+            "::text[]) > 0
     )"
         )
     };
 }
 
 /// A batch's new charges ($1-$8, see `bind_reservations`) under forward
-/// batch $9, counted in the usage of bucket $10 (shard $11, campaigns $12),
+/// batch $9, counted in the usage of bucket $10 (campaigns $11), and its
+/// refusals ($12-$18, see [`record_refusals`]),
 /// without a transaction: scale accounts only. A key another worker charged
 /// in between fails the whole statement on the primary key, usage and all.
 pub const RECORD_UNMETERED: &str = concat!(
@@ -144,7 +182,9 @@ pub const RECORD_UNMETERED: &str = concat!(
     WITH forward_batch AS (
         INSERT INTO forward_batches (id) VALUES ($9)
     ), ",
-    count_charges!("$10", "$11", "$12"),
+    count_charges!("$10", "$11"),
+    ", ",
+    record_refusals!("$12", "$13", "$14", "$15", "$10", "$16", "$17", "$18"),
     "
     INSERT INTO reservations
         (id, account_id, idempotency_key, payload_sha256, plan, charge, usage_day,
@@ -155,8 +195,9 @@ pub const RECORD_UNMETERED: &str = concat!(
 
 /// Everything a locked batch writes, in one statement: reservations ($1-$8)
 /// under forward batch $19, ledger rows ($9-$12), balances ($13, $14), Pro
-/// usage ($15-$17, limit $18) and the usage counts of bucket $20 (shard
-/// $21, campaigns $22). Returns how many reservations were written: fewer
+/// usage ($15-$17, limit $18), the usage counts of bucket $20
+/// (campaigns $21) and the batch's refusals ($22-$28, see
+/// [`record_refusals`]). Returns how many reservations were written: fewer
 /// than asked means another worker won a race for a key (and the
 /// transaction is rolled back).
 pub const RECORD_METERED: &str = concat!(
@@ -164,7 +205,9 @@ pub const RECORD_METERED: &str = concat!(
     WITH forward_batch AS (
         INSERT INTO forward_batches (id) VALUES ($19)
     ), ",
-    count_charges!("$20", "$21", "$22"),
+    count_charges!("$20", "$21"),
+    ", ",
+    record_refusals!("$22", "$23", "$24", "$25", "$20", "$26", "$27", "$28"),
     ", new_reservations AS (
         INSERT INTO reservations
             (id, account_id, idempotency_key, payload_sha256, plan, charge, usage_day,
@@ -214,16 +257,14 @@ pub const HELD_READ: &str = "
 
 /// Everything settling writes, in one statement: new states ($1-$4),
 /// release ledger rows ($5-$8), balances ($9, $10), Pro usage ($11-$13) and
-/// the releases counted in the usage of bucket $14 (shard $15).
+/// the releases counted in the usage of bucket $14 (under no campaign).
 pub const SETTLE_WRITE: &str = "
     WITH usage_counted AS (
-        INSERT INTO usage_counts (account_id, bucket, campaign_id, kind, shard, n)
-        SELECT account_id, $14, '', 'released', $15, count(*)
+        INSERT INTO usage_pending (bucket, kind, account_ids, campaign_ids)
+        SELECT $14, 'released', array_agg(account_id), array_agg(''::text)
         FROM unnest($1::text[], $3::text[]) AS s(account_id, state)
         WHERE state = 'released'
-        GROUP BY 1
-        ON CONFLICT (account_id, bucket, campaign_id, kind, shard)
-        DO UPDATE SET n = usage_counts.n + EXCLUDED.n
+        HAVING count(*) > 0
     ), settled AS (
         UPDATE reservations r
         SET state = s.state, settled_at = now(), settle_detail = s.detail
@@ -275,7 +316,8 @@ pub const CONFIRM_FORWARDS: &str = "
 /// The runtime role's privileges, granted by every `sendgate migrate` (run
 /// as the owner) when the role exists: exactly the DML the gate needs. The
 /// ledger is append-only (no UPDATE, no DELETE), nothing but refusals and
-/// published events past their retention may be deleted, and the role
+/// published events past their retention (and usage rows the rollup moves)
+/// may be deleted, and the role
 /// creates and alters nothing. See `deploy/postgres/roles.sql`.
 pub const RUNTIME_GRANTS: &str = "
     DO $$
@@ -287,28 +329,48 @@ pub const RUNTIME_GRANTS: &str = "
             -- Job status: the latest refusal per key, removed by retention.
             GRANT SELECT, INSERT, UPDATE, DELETE ON refusals TO sendgate_app;
             GRANT SELECT, INSERT, UPDATE ON usage_counts TO sendgate_app;
+            -- Usage not rolled up yet: the rollup moves (deletes) it.
+            GRANT SELECT, INSERT, DELETE ON usage_pending TO sendgate_app;
             -- The events outbox: published rows are removed by retention.
             GRANT SELECT, INSERT, UPDATE, DELETE ON events TO sendgate_app;
             GRANT SELECT ON _sqlx_migrations TO sendgate_app;
         END IF;
     END $$";
 
-/// The latest refusal of each key ($1 accounts, $2 keys, $3 reasons, $4
-/// details; one row per key), and every refusal counted in the usage of
-/// bucket $5 (shard $6; $7 accounts, $8 campaigns, $9 reasons).
-pub const RECORD_REFUSALS: &str = "
-    WITH usage_counted AS (
+/// A batch's refusals alone (bucket $1, then $2-$8, see
+/// [`record_refusals`]), for a batch that charged nothing.
+pub const RECORD_REFUSALS: &str = concat!(
+    "WITH ",
+    record_refusals!("$2", "$3", "$4", "$5", "$1", "$6", "$7", "$8"),
+    " SELECT 1"
+);
+
+/// Moves up to $1 rows of `usage_pending`, oldest first, into
+/// `usage_counts`, counted per account, bucket, campaign and kind; returns
+/// how many rows it moved. One statement, so a reader sees each entry
+/// either pending or counted, never both or neither. Run by one process at
+/// a time ([`USAGE_ROLLUP_LOCK`]).
+pub const ROLL_UP_USAGE: &str = "
+    WITH moved AS (
+        DELETE FROM usage_pending WHERE id IN (
+            SELECT id FROM usage_pending ORDER BY id LIMIT $1)
+        RETURNING bucket, kind, account_ids, campaign_ids, kinds
+    ), counted AS (
         INSERT INTO usage_counts (account_id, bucket, campaign_id, kind, shard, n)
-        SELECT account_id, $5, campaign_id, reason, $6, count(*)
-        FROM unnest($7::text[], $8::text[], $9::text[]) AS u(account_id, campaign_id, reason)
-        GROUP BY 1, 3, 4
+        SELECT u.account_id, m.bucket, u.campaign_id, coalesce(m.kind, u.kind), 0, count(*)
+        FROM moved m
+        CROSS JOIN LATERAL unnest(m.account_ids, m.campaign_ids, coalesce(m.kinds, '{}'))
+            AS u(account_id, campaign_id, kind)
+        GROUP BY 1, 2, 3, 4
         ON CONFLICT (account_id, bucket, campaign_id, kind, shard)
         DO UPDATE SET n = usage_counts.n + EXCLUDED.n
     )
-    INSERT INTO refusals (account_id, idempotency_key, reason, detail)
-    SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[])
-    ON CONFLICT (account_id, idempotency_key) DO UPDATE
-    SET reason = EXCLUDED.reason, detail = EXCLUDED.detail, refused_at = now()";
+    SELECT count(*) FROM moved";
+
+/// Taken (for the transaction) by the process that rolls usage up; the
+/// others skip their turn rather than wait.
+pub const USAGE_ROLLUP_LOCK: &str =
+    "SELECT pg_try_advisory_xact_lock(hashtextextended('sendgate.usage_rollup', 0))";
 
 /// Removes refusals older than $1, at most $2 at a time, oldest first.
 pub const PURGE_REFUSALS: &str = "

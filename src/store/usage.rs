@@ -1,8 +1,14 @@
 //! Usage counts: what the gate charged, released and refused, per account,
-//! 15-minute UTC bucket, campaign and kind, written by the same statements
-//! that make the changes (`usage_counts`), and read back per hour or day in
-//! the account's time zone. Reads touch only the buckets asked for, so
-//! their cost does not grow with history.
+//! 15-minute UTC bucket, campaign and kind, and read back per hour or day in
+//! the account's time zone.
+//!
+//! The statements that make the changes append them to `usage_pending`
+//! (one row per statement, the entries as arrays: one insert however many
+//! accounts a batch touches), and a rollup moves them into `usage_counts`
+//! every second, one process at a time. Reads add what is still pending, in
+//! one snapshot, so they are exact as of the last committed batch. They
+//! touch only the buckets asked for (and the last seconds' pending rows),
+//! so their cost does not grow with history.
 
 use std::collections::{BTreeMap, HashMap};
 
@@ -11,26 +17,18 @@ use serde::Serialize;
 use sqlx::Row;
 
 use super::rows;
-use super::{Store, StoreError};
+use super::{Store, StoreError, sql};
 use crate::domain::decision::NewReservation;
 use crate::domain::ids::AccountId;
 use crate::domain::job::Job;
 
 /// Bucket width, in seconds: every time zone's offset is a multiple of it.
 const BUCKET_SECS: i64 = 15 * 60;
-/// Shards per counter.
-const SHARDS: u8 = 8;
 
 /// The bucket `now` falls in.
 pub(super) fn bucket(now: DateTime<Utc>) -> DateTime<Utc> {
     let secs = now.timestamp();
     DateTime::from_timestamp(secs - secs.rem_euclid(BUCKET_SECS), 0).unwrap_or(now)
-}
-
-/// A shard for one statement's counts, spread so concurrent batches of one
-/// account rarely update the same row.
-pub(super) fn shard() -> i16 {
-    i16::from(uuid::Uuid::new_v4().as_bytes()[0] % SHARDS)
 }
 
 /// The campaign of each new reservation ('' for none), from its job.
@@ -130,14 +128,24 @@ impl Store {
             Grouping::Day | Grouping::Campaign => "day",
         };
         // Buckets summed per local hour or day (the zone's wall clock), or
-        // per campaign; the primary key serves the account and range.
+        // per campaign; the primary key serves the account and range. The
+        // entries not rolled up yet are added from the same snapshot.
         let fetched = sqlx::query(
             "SELECT CASE WHEN $5 THEN NULL
                          ELSE date_trunc($4, bucket AT TIME ZONE $6) END AS local_start,
                     CASE WHEN $5 THEN campaign_id END AS campaign_id,
                     kind, sum(n)::int8 AS n
-             FROM usage_counts
-             WHERE account_id = $1 AND bucket >= $2 AND bucket < $3
+             FROM (
+                 SELECT bucket, campaign_id, kind, n FROM usage_counts
+                 WHERE account_id = $1 AND bucket >= $2 AND bucket < $3
+                 UNION ALL
+                 SELECT p.bucket, u.campaign_id, coalesce(p.kind, u.kind), 1
+                 FROM usage_pending p
+                 CROSS JOIN LATERAL unnest(p.account_ids, p.campaign_ids,
+                                           coalesce(p.kinds, '{}'))
+                      AS u(account_id, campaign_id, kind)
+                 WHERE p.bucket >= $2 AND p.bucket < $3 AND u.account_id = $1
+             ) c
              GROUP BY 1, 2, 3 ORDER BY 1, 2",
         )
         .bind(account.as_str())
@@ -194,6 +202,39 @@ impl Store {
     }
 }
 
+impl Store {
+    /// Moves pending usage into the counts, [`ROLLUP_CHUNK`] rows a
+    /// statement, until none is left; returns how many rows it moved. Does
+    /// nothing while another process is at it.
+    ///
+    /// # Errors
+    /// [`StoreError::is_transient`] when it should be retried.
+    pub async fn roll_up_usage(&self) -> Result<u64, StoreError> {
+        let mut moved = 0;
+        loop {
+            let mut tx = self.pool.begin().await?;
+            let ours: bool = sqlx::query_scalar(sql::USAGE_ROLLUP_LOCK)
+                .fetch_one(&mut *tx)
+                .await?;
+            if !ours {
+                return Ok(moved);
+            }
+            let n: i64 = sqlx::query_scalar(sql::ROLL_UP_USAGE)
+                .bind(ROLLUP_CHUNK)
+                .fetch_one(&mut *tx)
+                .await?;
+            tx.commit().await?;
+            moved += u64::try_from(n).unwrap_or(0);
+            if n < ROLLUP_CHUNK {
+                return Ok(moved);
+            }
+        }
+    }
+}
+
+/// Pending rows (statements) one rollup statement moves at most.
+const ROLLUP_CHUNK: i64 = 500;
+
 /// The widest range one report covers: a year of days, a month of hours.
 pub fn max_range(grouping: Grouping) -> Duration {
     match grouping {
@@ -226,6 +267,5 @@ mod tests {
             bucket(at("2026-11-29T18:15:00Z")),
             at("2026-11-29T18:15:00Z")
         );
-        assert!((0..8).contains(&shard()));
     }
 }

@@ -63,8 +63,6 @@ struct Slot {
     received: Received,
     /// What the job is charged under, when it parsed.
     key: Option<JobKey>,
-    /// Its `campaign_id`, for usage by campaign.
-    campaign: Option<String>,
     decision: Decision,
     /// The message carrying the decision; none for a duplicate.
     outgoing: Option<Outgoing>,
@@ -281,33 +279,39 @@ impl JobsWorker {
         .await;
         metrics::batch_decided(jobs.len(), started.elapsed());
         let now = shared.clock.now();
-        let mut decisions = decisions.into_iter().map(|decided| {
-            decided.unwrap_or_else(|err| {
+        // The store records the refusals it decides; the jobs the database
+        // refused are recorded here, on their own.
+        let mut refused_by_database = Vec::new();
+        let mut decisions = decisions.into_iter().map(|decided| match decided {
+            Ok(decision) => (decision, false),
+            Err(err) => {
                 error!(worker = self.id, error = %err, "the database refused a job; dead-lettering it");
-                Decision::dead_letter(
+                let decision = Decision::dead_letter(
                     Reason::InvalidJob,
                     format!("the database refused this job: {err}"),
-                )
-            })
+                );
+                (decision, true)
+            }
         });
         let slots: Vec<Slot> = batch
             .into_iter()
             .zip(parsed)
             .map(|(received, parsed)| {
-                let (key, campaign, decision) = match parsed {
-                    Ok(mut job) => {
-                        let campaign = job.campaign_id.take();
-                        (
-                            Some(job.into_key()),
-                            campaign,
-                            decisions.next().unwrap_or(Decision::Duplicate),
-                        )
+                let (key, decision) = match parsed {
+                    Ok(job) => {
+                        let (decision, by_database) =
+                            decisions.next().unwrap_or((Decision::Duplicate, false));
+                        if let (true, Decision::DeadLetter(refused)) = (by_database, &decision) {
+                            refused_by_database.push(Refusal {
+                                key: job.key(),
+                                campaign_id: job.campaign_id.clone(),
+                                reason: refused.reason.as_str(),
+                                detail: refused.detail.clone(),
+                            });
+                        }
+                        (Some(job.into_key()), decision)
                     }
-                    Err(invalid) => (
-                        None,
-                        None,
-                        Decision::dead_letter(Reason::InvalidJob, invalid.0),
-                    ),
+                    Err(invalid) => (None, Decision::dead_letter(Reason::InvalidJob, invalid.0)),
                 };
                 let message_id = key
                     .as_ref()
@@ -324,13 +328,12 @@ impl JobsWorker {
                 Slot {
                     received,
                     key,
-                    campaign,
                     decision,
                     outgoing,
                 }
             })
             .collect();
-        self.record_refusals(&slots).await;
+        self.record_refusals(&refused_by_database).await;
         DecidedBatch {
             slots,
             decide_time: started.elapsed(),
@@ -339,34 +342,19 @@ impl JobsWorker {
         }
     }
 
-    /// Records the batch's refusals for job status, before the batch is
-    /// published and acked (a crash in between refuses and records them
-    /// again). Holds the batch while the database is unavailable; any other
-    /// failure only costs the status its latest refusal.
-    async fn record_refusals(&self, slots: &[Slot]) {
-        let refusals: Vec<Refusal> = slots
-            .iter()
-            .filter_map(|slot| {
-                let key = slot.key.as_ref()?;
-                let (Decision::DeadLetter(refused) | Decision::Defer(refused)) = &slot.decision
-                else {
-                    return None;
-                };
-                Some(Refusal {
-                    key: key.clone(),
-                    campaign_id: slot.campaign.clone(),
-                    reason: refused.reason.as_str(),
-                    detail: refused.detail.clone(),
-                })
-            })
-            .collect();
+    /// Records the refusals of jobs the database refused (the store
+    /// records those it decides itself), before the batch is published and
+    /// acked (a crash in between refuses and records them again). Holds the
+    /// batch while the database is unavailable; any other failure only
+    /// costs the status its latest refusal.
+    async fn record_refusals(&self, refusals: &[Refusal]) {
         if refusals.is_empty() {
             return;
         }
         let shared = &self.shared;
         let now = shared.clock.now();
         let recorded =
-            shared.with_database("refusals", || shared.store.record_refusals(&refusals, now));
+            shared.with_database("refusals", || shared.store.record_refusals(refusals, now));
         if let Err(err) = recorded.await {
             warn!(worker = self.id, error = %err, "cannot record refusals for job status");
         }

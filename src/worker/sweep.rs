@@ -72,3 +72,27 @@ pub async fn sweep_expired_holds(
         }
     }
 }
+
+/// How often pending usage is rolled up into the counts.
+const USAGE_ROLLUP_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Rolls pending usage up every second until `stop` (and once more at
+/// stop, so a process that is the last to go leaves little behind). Every
+/// process runs it; one at a time does the work.
+pub async fn roll_up_usage(store: Store, stop: CancellationToken) {
+    let mut tick = tokio::time::interval(USAGE_ROLLUP_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        let stopping = tokio::select! {
+            () = stop.cancelled() => true,
+            _ = tick.tick() => false,
+        };
+        if let Err(err) = store.roll_up_usage().await {
+            metrics::db_error(err.kind());
+            warn!(error = %err, "cannot roll usage up; trying again in a second");
+        }
+        if stopping {
+            return;
+        }
+    }
+}
