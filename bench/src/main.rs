@@ -9,6 +9,11 @@
 //! - **H**: G with every job on one hot scale account;
 //! - **H_m**: G with every job on one hot pro account whose daily limit is
 //!   raised above the run's jobs: every job takes the account's lock;
+//! - **F**: G over 100 free accounts, most jobs refused once their credits
+//!   are spent;
+//! - bytes per job written to the database and its WAL, per gate run;
+//! - with `--processes`, G with several `sendgate run` processes; with
+//!   `--history`, G on a database holding a large history;
 //! - **L**: latency from publish to arrival downstream, at a steady rate of
 //!   about a quarter of P, for P and G;
 //! - peak RSS of the sendgate process.
@@ -75,8 +80,10 @@ struct Args {
     /// Extra `SENDGATE__…=value` settings for the gate, repeatable.
     #[arg(long = "set", value_name = "KEY=VALUE", value_parser = parse_setting)]
     set: Vec<(String, String)>,
-    /// Length of every job's idempotency key (run and job number, padded).
-    #[arg(long, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(16..=255), default_value_t = 40)]
+    /// Length of every job's idempotency key (run and job number, padded;
+    /// never shorter than those: 1 gives the short keys of runs before
+    /// 2026-11-30).
+    #[arg(long, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=255), default_value_t = 40)]
     key_length: usize,
     /// G again with this many sendgate processes on the same queue, for
     /// each number given (`--processes 2,4`); invariants checked each run.
@@ -135,6 +142,9 @@ enum Mix {
     /// H_m: one pro account whose daily limit is raised above the run's
     /// jobs, so every job is charged through the locking (metered) path.
     HotPro,
+    /// F: 100 free accounts, so most jobs are refused once their signup
+    /// credits are spent (with 30,000 jobs: 2,000 pass, 28,000 refused).
+    FreeHeavy,
 }
 
 #[derive(Debug, Default, Clone, serde::Serialize)]
@@ -143,6 +153,7 @@ struct Samples {
     g: Vec<f64>,
     h: Vec<f64>,
     h_m: Vec<f64>,
+    f: Vec<f64>,
     lat_p_p50: Vec<f64>,
     lat_p_p99: Vec<f64>,
     lat_g_p50: Vec<f64>,
@@ -326,6 +337,9 @@ fn body(account: &str, key: &str, sent_ns: u128) -> Vec<u8> {
     .into_bytes()
 }
 
+/// Accounts of the free-heavy mix (F).
+const FREE_HEAVY_ACCOUNTS: usize = 100;
+
 /// Job `i`'s key in `run`, padded to `length` characters.
 fn job_key(run: &str, i: usize, length: usize) -> String {
     let key = format!("{run}-{i}");
@@ -369,6 +383,12 @@ impl Bench {
         let started = Instant::now();
         let chunk = 1_000_000u64;
         let mut done = 0;
+        // One connection with no statement timeout: a chunk and the vacuum
+        // take longer than the gate's statements may.
+        let mut conn = self.store.pool().acquire().await?;
+        sqlx::query("SET statement_timeout = 0")
+            .execute(&mut *conn)
+            .await?;
         while done < rows {
             let n = chunk.min(rows - done);
             sqlx::query(
@@ -395,13 +415,16 @@ impl Bench {
             .bind(self.args.key_length as i32)
             .bind(done as i64 + 1)
             .bind((done + n) as i64)
-            .execute(self.store.pool())
+            .execute(&mut *conn)
             .await?;
             done += n;
             eprintln!("  history: {done} of {rows} reservations");
         }
         sqlx::raw_sql("VACUUM ANALYZE reservations")
-            .execute(self.store.pool())
+            .execute(&mut *conn)
+            .await?;
+        sqlx::query("RESET statement_timeout")
+            .execute(&mut *conn)
             .await?;
         Ok(started.elapsed().as_secs_f64())
     }
@@ -674,6 +697,17 @@ impl Bench {
             Mix::Mixed => self.create_accounts(run, self.args.accounts).await?,
             Mix::HotScale => hot(Plan::Scale).await?,
             Mix::HotPro => hot(Plan::Pro).await?,
+            Mix::FreeHeavy => {
+                let mut free = Vec::with_capacity(FREE_HEAVY_ACCOUNTS);
+                for i in 0..FREE_HEAVY_ACCOUNTS {
+                    let id = format!("{run}-{i}");
+                    self.store
+                        .create_account(&account_id(&id)?, Plan::Free, "UTC")
+                        .await?;
+                    free.push((id, Plan::Free));
+                }
+                free
+            }
         };
         let mut per_account: HashMap<&str, usize> = HashMap::new();
         let bodies: Vec<Vec<u8>> = (0..n)
@@ -1010,6 +1044,10 @@ async fn run_all(bench: &Bench) -> anyhow::Result<()> {
             .run_gate(&format!("h{round}"), Mix::HotScale, 1)
             .await?;
         let m_run = bench.run_gate(&format!("m{round}"), Mix::HotPro, 1).await?;
+        let f_run = bench
+            .run_gate(&format!("f{round}"), Mix::FreeHeavy, 1)
+            .await?;
+        s.f.push(f_run.rate);
         let (g, rss_g, cpu_g) = (g_run.rate, g_run.rss, g_run.cpu);
         let (h, rss_h, cpu_h) = (h_run.rate, h_run.rss, h_run.cpu);
         let (h_m, rss_h_m, cpu_h_m) = (m_run.rate, m_run.rss, m_run.cpu);
@@ -1017,8 +1055,9 @@ async fn run_all(bench: &Bench) -> anyhow::Result<()> {
         s.storage_h.push(h_run.storage);
         s.storage_h_m.push(m_run.storage);
         eprintln!(
-            "  round {}: P {p:.0}/s  G {g:.0}/s  H {h:.0}/s  H_m {h_m:.0}/s  RSS {rss_g:.1}/{rss_h:.1}/{rss_h_m:.1} MiB",
-            round + 1
+            "  round {}: P {p:.0}/s  G {g:.0}/s  H {h:.0}/s  H_m {h_m:.0}/s  F {:.0}/s  RSS {rss_g:.1}/{rss_h:.1}/{rss_h_m:.1} MiB",
+            round + 1,
+            f_run.rate
         );
         eprintln!(
             "    CPU ms per 1k jobs, broker/Postgres/client: P {cpu_p}  G {cpu_g}  H {cpu_h}  H_m {cpu_h_m}"
@@ -1222,7 +1261,11 @@ async fn write_results(bench: &Bench, s: &Samples) -> anyhow::Result<()> {
         Storage::median(&s.storage_h),
         Storage::median(&s.storage_h_m),
     );
-    let mut extra = String::new();
+    let f = median(&s.f);
+    let mut extra = format!(
+        "| F: sendgate, 100 free accounts, most jobs refused once credits run out | {f:.0} msg/s, F/P {:.2} | — |\n",
+        f / p
+    );
     for (processes, rates) in &s.g_processes {
         let rate = median(rates);
         extra.push_str(&format!(
@@ -1299,7 +1342,7 @@ CPU time per 1,000 jobs, medians, in ms, summed over the machine's cores:\n\n\
         "latency_runs": bench.args.latency_runs,
         "latency_secs": bench.args.latency_secs,
         "samples": s,
-        "medians": {"p": p, "g": g, "h": h, "h_m": h_m, "g_over_p": g / p, "h_over_p": h / p,
+        "medians": {"p": p, "g": g, "h": h, "h_m": h_m, "f": f, "g_over_p": g / p, "h_over_p": h / p,
                     "h_m_over_p": h_m / p,
                     "latency_p99_diff_ms": lat_diff, "peak_rss_mib": rss,
                     "bytes_per_job": {"g": st_g, "h": st_h, "h_m": st_h_m},
