@@ -14,27 +14,15 @@ use crate::config::AmqpSettings;
 /// The channel failed, or an existing queue has other arguments (the broker
 /// then closes the channel with PRECONDITION_FAILED).
 pub async fn declare_topology(channel: &Channel, settings: &AmqpSettings) -> lapin::Result<()> {
-    channel
-        .exchange_declare(
-            settings.dead_letter_exchange.as_str().into(),
-            ExchangeKind::Topic,
-            ExchangeDeclareOptions {
-                durable: true,
-                ..ExchangeDeclareOptions::default()
-            },
-            FieldTable::default(),
-        )
-        .await?;
+    // Dead letters: a topic exchange (routing key = reason) and its queue.
     declare_quorum(channel, &settings.dead_letter_queue, quorum_arguments()).await?;
-    channel
-        .queue_bind(
-            settings.dead_letter_queue.as_str().into(),
-            settings.dead_letter_exchange.as_str().into(),
-            "#".into(),
-            QueueBindOptions::default(),
-            FieldTable::default(),
-        )
-        .await?;
+    declare_exchange(
+        channel,
+        &settings.dead_letter_exchange,
+        ExchangeKind::Topic,
+        Some((&settings.dead_letter_queue, "#")),
+    )
+    .await?;
     declare_quorum(channel, &settings.delivery_queue, quorum_arguments()).await?;
     declare_quorum(
         channel,
@@ -49,7 +37,19 @@ pub async fn declare_topology(channel: &Channel, settings: &AmqpSettings) -> lap
         deferred_arguments(settings),
     )
     .await?;
-    declare_events(channel, settings).await?;
+    // Threshold events: a topic exchange (routing key = type) and, unless
+    // `events_queue` is empty, a queue keeping them for the product.
+    let events_queue = Some(settings.events_queue.as_str()).filter(|q| !q.is_empty());
+    if let Some(queue) = events_queue {
+        declare_quorum(channel, queue, quorum_arguments()).await?;
+    }
+    declare_exchange(
+        channel,
+        &settings.events_exchange,
+        ExchangeKind::Topic,
+        events_queue.map(|q| (q, "#")),
+    )
+    .await?;
     declare_entrance(channel, &settings.jobs_exchange, &settings.send_queue).await?;
     declare_entrance(
         channel,
@@ -60,13 +60,18 @@ pub async fn declare_topology(channel: &Channel, settings: &AmqpSettings) -> lap
     Ok(())
 }
 
-/// The events exchange (topic; routing key = event type) and, unless
-/// `events_queue` is empty, a quorum queue bound to it with `#`.
-async fn declare_events(channel: &Channel, settings: &AmqpSettings) -> lapin::Result<()> {
+/// A durable exchange and, when `bound` names one, that (declared) queue
+/// bound to it with the routing key.
+async fn declare_exchange(
+    channel: &Channel,
+    exchange: &str,
+    kind: ExchangeKind,
+    bound: Option<(&str, &str)>,
+) -> lapin::Result<()> {
     channel
         .exchange_declare(
-            settings.events_exchange.as_str().into(),
-            ExchangeKind::Topic,
+            exchange.into(),
+            kind,
             ExchangeDeclareOptions {
                 durable: true,
                 ..ExchangeDeclareOptions::default()
@@ -74,15 +79,14 @@ async fn declare_events(channel: &Channel, settings: &AmqpSettings) -> lapin::Re
             FieldTable::default(),
         )
         .await?;
-    if settings.events_queue.is_empty() {
+    let Some((queue, key)) = bound else {
         return Ok(());
-    }
-    declare_quorum(channel, &settings.events_queue, quorum_arguments()).await?;
+    };
     channel
         .queue_bind(
-            settings.events_queue.as_str().into(),
-            settings.events_exchange.as_str().into(),
-            "#".into(),
+            queue.into(),
+            exchange.into(),
+            key.into(),
             QueueBindOptions::default(),
             FieldTable::default(),
         )
@@ -93,26 +97,7 @@ async fn declare_events(channel: &Channel, settings: &AmqpSettings) -> lapin::Re
 /// can be given write permission on without the default exchange (which
 /// reaches every queue).
 async fn declare_entrance(channel: &Channel, exchange: &str, queue: &str) -> lapin::Result<()> {
-    channel
-        .exchange_declare(
-            exchange.into(),
-            ExchangeKind::Fanout,
-            ExchangeDeclareOptions {
-                durable: true,
-                ..ExchangeDeclareOptions::default()
-            },
-            FieldTable::default(),
-        )
-        .await?;
-    channel
-        .queue_bind(
-            queue.into(),
-            exchange.into(),
-            "".into(),
-            QueueBindOptions::default(),
-            FieldTable::default(),
-        )
-        .await
+    declare_exchange(channel, exchange, ExchangeKind::Fanout, Some((queue, ""))).await
 }
 
 /// A durable quorum queue.

@@ -12,7 +12,7 @@ use sqlx::postgres::PgRow;
 use sqlx::{PgConnection, Row};
 use uuid::Uuid;
 
-use super::jobs::{bind_refusals, refusals_of};
+use super::jobs::{bind_refusals, record_refusals_on, refusals_of};
 use super::rows::{self, distinct_accounts, key_arrays};
 use super::{Query, Store, StoreError, bind_changes, events, sql, usage};
 use crate::domain::decision::{
@@ -161,14 +161,7 @@ impl Store {
         }
         let refusals = refusals_of(jobs, &decisions);
         if effects.is_empty() {
-            if !refusals.is_empty() {
-                bind_refusals(
-                    sqlx::query(sql::RECORD_REFUSALS).bind(usage::bucket(now)),
-                    &refusals,
-                )
-                .execute(&mut *conn)
-                .await?;
-            }
+            record_refusals_on(&mut conn, &refusals, now).await?;
             return Ok(Unlocked::Done(Recorded {
                 decisions,
                 batch: None,
@@ -210,13 +203,8 @@ impl Store {
         let refusals = refusals_of(jobs, &decisions);
         let batch = (!effects.is_empty()).then(Uuid::now_v7);
         let mut written = Vec::new();
-        if batch.is_none() && !refusals.is_empty() {
-            bind_refusals(
-                sqlx::query(sql::RECORD_REFUSALS).bind(usage::bucket(now)),
-                &refusals,
-            )
-            .execute(&mut *tx)
-            .await?;
+        if batch.is_none() {
+            record_refusals_on(&mut tx, &refusals, now).await?;
         }
         if let Some(batch) = batch {
             let record = self

@@ -128,16 +128,8 @@ impl Store {
         refusals: &[Refusal],
         now: DateTime<Utc>,
     ) -> Result<(), StoreError> {
-        if refusals.is_empty() {
-            return Ok(());
-        }
-        bind_refusals(
-            sqlx::query(sql::RECORD_REFUSALS).bind(usage::bucket(now)),
-            refusals,
-        )
-        .execute(&self.pool)
-        .await?;
-        Ok(())
+        let mut conn = self.pool.acquire().await?;
+        record_refusals_on(&mut conn, refusals, now).await
     }
 
     /// Removes refusals older than `retention`, at most `limit`.
@@ -218,6 +210,25 @@ impl Store {
             last_refusal,
         })
     }
+}
+
+/// [`sql::RECORD_REFUSALS`] on `conn` (in the caller's transaction, if
+/// any); nothing when there are none.
+pub(super) async fn record_refusals_on(
+    conn: &mut sqlx::PgConnection,
+    refusals: &[Refusal],
+    now: DateTime<Utc>,
+) -> Result<(), StoreError> {
+    if refusals.is_empty() {
+        return Ok(());
+    }
+    bind_refusals(
+        sqlx::query(sql::RECORD_REFUSALS).bind(usage::bucket(now)),
+        refusals,
+    )
+    .execute(conn)
+    .await?;
+    Ok(())
 }
 
 /// Binds a batch's refusals as seven parallel arrays (see

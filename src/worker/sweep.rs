@@ -9,7 +9,7 @@ use tracing::{info, warn};
 
 use crate::config::ReservationSettings;
 use crate::metrics;
-use crate::store::Store;
+use crate::store::{Store, StoreError};
 
 /// Rows one statement commits at most.
 const SWEEP_CHUNK: i64 = 1000;
@@ -46,28 +46,33 @@ pub async fn sweep_expired_holds(
                 }
             }
         }
-        // Refusals past their retention, a chunk at a time.
-        loop {
-            match store.purge_refusals(refusal_retention, SWEEP_CHUNK).await {
-                Ok(n) if n < SWEEP_CHUNK as u64 => break,
-                Ok(_) => {}
-                Err(err) => {
-                    metrics::db_error(err.kind());
-                    warn!(error = %err, "cannot remove old refusals; trying again next interval");
-                    break;
-                }
-            }
-        }
-        // Published events past their retention, likewise.
-        loop {
-            match store.purge_events(event_retention, SWEEP_CHUNK).await {
-                Ok(n) if n < SWEEP_CHUNK as u64 => break,
-                Ok(_) => {}
-                Err(err) => {
-                    metrics::db_error(err.kind());
-                    warn!(error = %err, "cannot remove old events; trying again next interval");
-                    break;
-                }
+        // Refusals and published events past their retention, a chunk at
+        // a time.
+        purge("refusals", || {
+            store.purge_refusals(refusal_retention, SWEEP_CHUNK)
+        })
+        .await;
+        purge("events", || {
+            store.purge_events(event_retention, SWEEP_CHUNK)
+        })
+        .await;
+    }
+}
+
+/// Calls `chunk` (which removes up to [`SWEEP_CHUNK`] rows of `what`) until
+/// it removes fewer; a failure waits for the next interval.
+async fn purge<F>(what: &str, mut chunk: impl FnMut() -> F)
+where
+    F: Future<Output = Result<u64, StoreError>>,
+{
+    loop {
+        match chunk().await {
+            Ok(n) if n < SWEEP_CHUNK as u64 => return,
+            Ok(_) => {}
+            Err(err) => {
+                metrics::db_error(err.kind());
+                warn!(error = %err, what, "cannot remove old rows; trying again next interval");
+                return;
             }
         }
     }

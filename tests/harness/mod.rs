@@ -534,6 +534,35 @@ async fn try_http_request(
 }
 
 impl Broker {
+    /// A delivery worker's report on `forward` (`delivered` or `failed`).
+    pub async fn report(&self, env: &TestEnv, forward: &Delivery, outcome: &str) {
+        let job: serde_json::Value = serde_json::from_slice(&forward.data).unwrap();
+        let reservation = header(forward, "x-sendgate-reservation-id").unwrap();
+        let (account, key) = (
+            job["account_id"].as_str().unwrap(),
+            job["idempotency_key"].as_str().unwrap(),
+        );
+        self.report_raw(env, account, key, &reservation, outcome)
+            .await;
+    }
+
+    /// A report on `account`'s `key` and `reservation`, as given.
+    pub async fn report_raw(
+        &self,
+        env: &TestEnv,
+        account: &str,
+        key: &str,
+        reservation: &str,
+        outcome: &str,
+    ) {
+        let body = serde_json::json!({
+            "account_id": account, "idempotency_key": key, "reservation_id": reservation,
+            "outcome": outcome, "detail": "test",
+        });
+        self.publish(&env.outcomes_queue(), body.to_string().as_bytes(), None)
+            .await;
+    }
+
     /// Messages ready in `queue` (0 when it does not exist).
     pub async fn depth_of(&self, queue: &str) -> u32 {
         self.declared(queue).await.map_or(0, |q| q.message_count())

@@ -776,14 +776,7 @@ async fn usage_counts_every_plan_per_day_and_per_campaign() {
         .iter()
         .find(|f| f.properties.message_id().as_ref().unwrap().as_str() == "f-1")
         .unwrap();
-    let report = serde_json::json!({
-        "account_id": "fr", "idempotency_key": "f-1",
-        "reservation_id": header(free, "x-sendgate-reservation-id").unwrap(),
-        "outcome": "failed", "detail": "test",
-    });
-    broker
-        .publish(&env.outcomes_queue(), report.to_string().as_bytes(), None)
-        .await;
+    broker.report(&env, free, "failed").await;
     let store = env.store().await;
     eventually(WAIT, || async {
         reservation_state(&store, "fr", "f-1").await == "released"

@@ -87,15 +87,7 @@ async fn pausing_stops_taking_jobs_until_resumed_while_reports_still_settle() {
     assert_eq!(metric_value(&metrics, "sendgate_paused"), Some(1.0));
 
     // Delivery reports are still applied: the failed delivery refunds.
-    let job: serde_json::Value = serde_json::from_slice(&forward[0].data).unwrap();
-    let report = serde_json::json!({
-        "account_id": "ops", "idempotency_key": job["idempotency_key"],
-        "reservation_id": header(&forward[0], "x-sendgate-reservation-id").unwrap(),
-        "outcome": "failed", "detail": "test",
-    });
-    broker
-        .publish(&env.outcomes_queue(), report.to_string().as_bytes(), None)
-        .await;
+    broker.report(&env, &forward[0], "failed").await;
     eventually(WAIT, || async {
         reservation_state(&store, "ops", "before").await == "released"
     })

@@ -123,16 +123,7 @@ async fn a_free_account_running_out_makes_each_crossing_one_event() {
 
     // A failed delivery gives a credit back (0 -> 1) and the next job
     // spends it (1 -> 0): a new crossing of 0, and only of 0.
-    let forward = &forwards[0];
-    let job = body(forward);
-    let report = serde_json::json!({
-        "account_id": "fay", "idempotency_key": job["idempotency_key"],
-        "reservation_id": header(forward, "x-sendgate-reservation-id").unwrap(),
-        "outcome": "failed", "detail": "test",
-    });
-    broker
-        .publish(&env.outcomes_queue(), report.to_string().as_bytes(), None)
-        .await;
+    broker.report(&env, &forwards[0], "failed").await;
     eventually(WAIT, || async {
         balance_and_ledger(&store, "fay").await.0 == 1
     })
@@ -188,14 +179,7 @@ async fn a_pro_day_reaches_its_limit_once_and_plan_changes_are_told() {
     // A slot given back and used again the same day reaches the limit a
     // second time, but the day's event was made already.
     let forward = &forwards[0];
-    let report = serde_json::json!({
-        "account_id": "pia", "idempotency_key": body(forward)["idempotency_key"],
-        "reservation_id": header(forward, "x-sendgate-reservation-id").unwrap(),
-        "outcome": "failed", "detail": "test",
-    });
-    broker
-        .publish(&env.outcomes_queue(), report.to_string().as_bytes(), None)
-        .await;
+    broker.report(&env, forward, "failed").await;
     eventually(WAIT, || async {
         reservation_state(
             &store,

@@ -12,34 +12,6 @@ use sendgate::clock::SystemClock;
 use sendgate::domain::plan::Plan;
 use sendgate::store::Store;
 
-/// A delivery worker's report on `forward`.
-async fn report(broker: &Broker, env: &TestEnv, forward: &Delivery, outcome: &str) {
-    let job: serde_json::Value = serde_json::from_slice(&forward.data).unwrap();
-    let reservation = header(forward, "x-sendgate-reservation-id").unwrap();
-    let (account, key) = (
-        job["account_id"].as_str().unwrap(),
-        job["idempotency_key"].as_str().unwrap(),
-    );
-    report_raw(broker, env, account, key, &reservation, outcome).await;
-}
-
-async fn report_raw(
-    broker: &Broker,
-    env: &TestEnv,
-    account: &str,
-    key: &str,
-    reservation: &str,
-    outcome: &str,
-) {
-    let body = serde_json::json!({
-        "account_id": account, "idempotency_key": key, "reservation_id": reservation,
-        "outcome": outcome, "detail": "test",
-    });
-    broker
-        .publish(&env.outcomes_queue(), body.to_string().as_bytes(), None)
-        .await;
-}
-
 /// The forward of `key` among `forwards`.
 fn forward_of<'a>(forwards: &'a [Delivery], key: &str) -> &'a Delivery {
     forwards
@@ -74,8 +46,8 @@ async fn a_failed_delivery_gives_a_free_credit_back_and_a_delivered_one_keeps_it
     assert_eq!(balance_and_ledger(&store, "fay").await, (0, 0));
     assert_eq!(reservation_state(&store, "fay", "one").await, "held");
 
-    report(&broker, &env, one, "failed").await;
-    report(&broker, &env, two, "delivered").await;
+    broker.report(&env, one, "failed").await;
+    broker.report(&env, two, "delivered").await;
     eventually(WAIT, || async {
         reservation_state(&store, "fay", "one").await == "released"
             && reservation_state(&store, "fay", "two").await == "committed"
@@ -86,12 +58,14 @@ async fn a_failed_delivery_gives_a_free_credit_back_and_a_delivered_one_keeps_it
     assert_eq!(ledger.last().unwrap(), &("release".to_owned(), 1, 1));
 
     // Duplicate and late outcomes change nothing.
-    report(&broker, &env, one, "failed").await;
-    report(&broker, &env, one, "delivered").await;
-    report(&broker, &env, two, "failed").await;
+    broker.report(&env, one, "failed").await;
+    broker.report(&env, one, "delivered").await;
+    broker.report(&env, two, "failed").await;
     // Outcomes for no reservation, and malformed ones, are dead-lettered.
     let rid = header(one, "x-sendgate-reservation-id").unwrap();
-    report_raw(&broker, &env, "fay", "never-sent", &rid, "failed").await;
+    broker
+        .report_raw(&env, "fay", "never-sent", &rid, "failed")
+        .await;
     broker
         .publish(&env.outcomes_queue(), b"{\"outcome\":\"failed\"}", None)
         .await;
@@ -136,7 +110,7 @@ async fn a_failed_pro_delivery_gives_its_daily_slot_back() {
     let dead = broker.take(&env.dead_queue(), 1, WAIT).await;
     assert_eq!(dead[0].routing_key.as_str(), "daily_limit_reached");
 
-    report(&broker, &env, &a[0], "failed").await;
+    broker.report(&env, &a[0], "failed").await;
     eventually(WAIT, || async {
         reservation_state(&store, "pat", "a").await == "released"
     })
@@ -165,7 +139,7 @@ async fn a_stale_failed_report_never_refunds_the_charge_made_after_it() {
     // The send fails and its credit comes back.
     let job = broker.publish_job(&env.send_queue(), "gil", "k").await;
     let first = broker.take(&env.delivery_queue(), 1, WAIT).await;
-    report(&broker, &env, &first[0], "failed").await;
+    broker.report(&env, &first[0], "failed").await;
     eventually(WAIT, || async {
         reservation_state(&store, "gil", "k").await == "released"
     })
@@ -183,8 +157,8 @@ async fn a_stale_failed_report_never_refunds_the_charge_made_after_it() {
 
     // The first report comes again (a delivery worker's retry): stale. The
     // report on the second forward, behind it, shows it was handled.
-    report(&broker, &env, &first[0], "failed").await;
-    report(&broker, &env, &second[0], "delivered").await;
+    broker.report(&env, &first[0], "failed").await;
+    broker.report(&env, &second[0], "delivered").await;
     eventually(WAIT, || async {
         reservation_state(&store, "gil", "k").await == "committed"
     })
