@@ -106,6 +106,7 @@ impl App {
             },
             stop.clone(),
         ));
+        crate::metrics::set_dedup_window(shared.settings.reservations.dedup_window());
         let sweeper = tokio::spawn(worker::sweep::sweep_expired_holds(
             shared.store.clone(),
             shared.settings.reservations.clone(),

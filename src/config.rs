@@ -323,6 +323,8 @@ impl Serialize for Token {
 pub struct ReservationSettings {
     pub hold_secs: u64,
     pub sweep_interval_secs: u64,
+    /// How long a Pro or Scale charge at least is remembered (0: forever).
+    pub dedup_window_secs: u64,
 }
 
 impl ReservationSettings {
@@ -332,6 +334,12 @@ impl ReservationSettings {
 
     pub fn sweep_interval(&self) -> Duration {
         Duration::from_secs(self.sweep_interval_secs.max(1))
+    }
+
+    /// The deduplication window of Pro and Scale charges; `None` keeps
+    /// every charge forever.
+    pub fn dedup_window(&self) -> Option<Duration> {
+        (self.dedup_window_secs > 0).then(|| Duration::from_secs(self.dedup_window_secs))
     }
 }
 
@@ -592,6 +600,21 @@ impl Settings {
         self.validate_connections()?;
         self.validate_amqp()?;
         self.validate_durations()?;
+        let r = &self.reservations;
+        if r.dedup_window_secs > 0
+            && r.dedup_window_secs < r.hold_secs.saturating_add(r.sweep_interval_secs)
+        {
+            // A charge still held (or not yet committed by a sweep) must
+            // never be removed.
+            return Err(invalid(
+                "reservations.dedup_window_secs",
+                format!(
+                    "must be 0 (keep every charge) or at least reservations.hold_secs + \
+                     reservations.sweep_interval_secs ({} s)",
+                    r.hold_secs.saturating_add(r.sweep_interval_secs)
+                ),
+            ));
+        }
         self.api.validate()?;
         if self.jobs.max_body_bytes == 0 {
             return Err(invalid("jobs.max_body_bytes", "must be at least 1"));
@@ -629,7 +652,7 @@ impl Settings {
     fn validate_durations(&self) -> Result<(), ConfigError> {
         const MINUTE_MS: u64 = 60_000;
         const DAY_SECS: u64 = 86_400;
-        let bounds: [(&'static str, u64, u64, u64); 12] = [
+        let bounds: [(&'static str, u64, u64, u64); 13] = [
             (
                 "events.relay_interval_ms",
                 self.events.relay_interval_ms,
@@ -692,6 +715,12 @@ impl Settings {
                 self.reservations.sweep_interval_secs,
                 1,
                 DAY_SECS,
+            ),
+            (
+                "reservations.dedup_window_secs",
+                self.reservations.dedup_window_secs,
+                0,
+                100 * 365 * DAY_SECS,
             ),
             (
                 "shutdown.grace_period_secs",
@@ -913,6 +942,23 @@ mod tests {
         }
         let err = load(&[("SENDGATE__EVENTS__RETENTION_DAYS", "1")]).expect_err("refused");
         assert!(err.to_string().contains("events.retention_days"), "{err}");
+    }
+
+    #[test]
+    fn the_dedup_window_outlasts_a_hold_or_is_off() {
+        let settings = load(&[]).expect("defaults");
+        assert_eq!(
+            settings.reservations.dedup_window(),
+            Some(Duration::from_secs(7 * 86_400))
+        );
+        let off = load(&[("SENDGATE__RESERVATIONS__DEDUP_WINDOW_SECS", "0")]).expect("off");
+        assert_eq!(off.reservations.dedup_window(), None);
+        let err = load(&[("SENDGATE__RESERVATIONS__DEDUP_WINDOW_SECS", "86400")])
+            .expect_err("shorter than a hold and a sweep");
+        assert!(
+            err.to_string().contains("reservations.dedup_window_secs"),
+            "{err}"
+        );
     }
 
     #[test]

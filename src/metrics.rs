@@ -39,6 +39,9 @@ pub const EVENTS_PUBLISHED: &str = "sendgate_events_published_total";
 pub const EVENTS_PENDING: &str = "sendgate_events_pending";
 pub const EVENTS_OLDEST_PENDING: &str = "sendgate_events_oldest_pending_seconds";
 pub const EVENTS_RELAY_FAILURES: &str = "sendgate_events_relay_failures_total";
+pub const DEDUP_WINDOW: &str = "sendgate_dedup_window_seconds";
+pub const SLOT_AGE: &str = "sendgate_reservation_slot_age_seconds";
+pub const SLOTS_EMPTIED: &str = "sendgate_reservation_slots_emptied_total";
 
 /// What kind of series a metric is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -212,6 +215,27 @@ pub const CATALOGUE: &[MetricDoc] = &[
         labels: &[],
         unit: "reservations",
         help: "Held reservations committed by the sweep because no outcome came within the hold time.",
+    },
+    MetricDoc {
+        name: DEDUP_WINDOW,
+        kind: Kind::Gauge,
+        labels: &[],
+        unit: "seconds",
+        help: "[reservations] dedup_window_secs: Pro and Scale charges are remembered at least this long; 0 keeps them forever.",
+    },
+    MetricDoc {
+        name: SLOT_AGE,
+        kind: Kind::Gauge,
+        labels: &[],
+        unit: "seconds",
+        help: "How long the current reservation slot has been current; retention empties the other slot and switches once this reaches the dedup window.",
+    },
+    MetricDoc {
+        name: SLOTS_EMPTIED,
+        kind: Kind::Counter,
+        labels: &[],
+        unit: "slots",
+        help: "Reservation slots emptied by retention (by this process): their Pro and Scale charges, all older than the dedup window, were removed.",
     },
     MetricDoc {
         name: READY,
@@ -402,6 +426,7 @@ fn describe() {
     counter!(DB_PRIMARY_CHANGES).absolute(0);
     counter!(PUBLISH_FAILURES).absolute(0);
     counter!(HOLDS_EXPIRED).absolute(0);
+    counter!(SLOTS_EMPTIED).absolute(0);
     counter!(OUTCOMES_STALE).absolute(0);
     counter!(API_REQUESTS, "token" => "none", "status" => "401").absolute(0);
     for result in [
@@ -513,6 +538,19 @@ pub fn outcome(result: &'static str) {
 
 pub fn holds_expired(n: u64) {
     counter!(HOLDS_EXPIRED).increment(n);
+}
+
+/// The dedup window in force (`None`: charges are kept forever).
+pub fn set_dedup_window(window: Option<Duration>) {
+    gauge!(DEDUP_WINDOW).set(window.map_or(0.0, |w| w.as_secs_f64()));
+}
+
+pub fn slot_age(age: Duration) {
+    gauge!(SLOT_AGE).set(age.as_secs_f64());
+}
+
+pub fn slot_emptied() {
+    counter!(SLOTS_EMPTIED).increment(1);
 }
 
 /// A queue's depth; `role` is `send`, `delivery` or `dead_letter`.

@@ -179,6 +179,9 @@ struct Samples {
     /// G after the history was added, and how long adding it took.
     g_history: Vec<f64>,
     history_secs: f64,
+    /// Retention emptying the old slot after the history runs: rows,
+    /// bytes freed, WAL bytes, seconds.
+    removal: Option<(i64, i64, i64, f64)>,
 }
 
 /// Bytes written per job by a run: growth of every relation (heap, indexes,
@@ -376,6 +379,34 @@ impl Bench {
         Ok(row)
     }
 
+    /// Retention's removal, measured: makes the ring's current slot look a
+    /// window old and empties the other one, as the sweep does (the same
+    /// function). Returns (rows removed, bytes freed, WAL bytes written,
+    /// seconds taken).
+    async fn empty_old_slot(&self) -> anyhow::Result<(i64, i64, i64, f64)> {
+        let pool = self.store.pool();
+        let other: i16 = sqlx::query_scalar("SELECT 3 - current FROM reservation_ring")
+            .fetch_one(pool)
+            .await?;
+        let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM reservations WHERE slot = $1")
+            .bind(other)
+            .fetch_one(pool)
+            .await?;
+        sqlx::query("UPDATE reservation_ring SET since = now() - interval '8 days'")
+            .execute(pool)
+            .await?;
+        let (db_before, wal_before) = self.storage_now().await?;
+        let started = Instant::now();
+        let emptied: Option<i16> =
+            sqlx::query_scalar("SELECT rotate_reservation_ring(interval '7 days')")
+                .fetch_one(pool)
+                .await?;
+        let secs = started.elapsed().as_secs_f64();
+        ensure!(emptied == Some(other), "slot {other} was not emptied");
+        let (db_after, wal_after) = self.storage_now().await?;
+        Ok((rows, db_before - db_after, wal_after - wal_before, secs))
+    }
+
     /// Adds `rows` reservations of history for the accounts `prefix-0` ..
     /// `prefix-{accounts - 1}`, settled long ago, with keys as long as the
     /// runs' own; then VACUUM ANALYZE. Returns how long it took.
@@ -394,7 +425,8 @@ impl Bench {
             sqlx::query(
                 "INSERT INTO reservations
                      (id, account_id, idempotency_key, payload_sha256, plan, charge, usage_day,
-                      remaining, forward_confirmed, created_at, confirmed_at, state, settled_at)
+                      remaining, forward_confirmed, created_at, confirmed_at, state, settled_at,
+                      slot)
                  SELECT gen_random_uuid(), $1 || '-' || (i % $2),
                         'hist-' || lpad(i::text, $3 - 5, '0'),
                         sha256(i::text::bytea),
@@ -407,7 +439,11 @@ impl Bench {
                         NULL, true,
                         now() - interval '1 day' - interval '1 second' * i / 100,
                         now() - interval '1 day', 'committed',
-                        now() - interval '1 day'
+                        now() - interval '1 day',
+                        -- As retention keeps them: Free charges in the
+                        -- kept slot, the others over both ring slots
+                        -- (the window before and the current one).
+                        CASE WHEN i % $2 % 10 < 2 THEN 0 ELSE 1 + i % 2 END
                  FROM generate_series($4::int8, $5::int8) AS i",
             )
             .bind(prefix)
@@ -1095,6 +1131,8 @@ async fn run_all(bench: &Bench) -> anyhow::Result<()> {
             eprintln!("  round {}: G with history {:.0}/s", round + 1, run.rate);
             s.g_history.push(run.rate);
         }
+        s.removal = Some(bench.empty_old_slot().await?);
+        eprintln!("  retention: {:?}", s.removal);
     }
     settle(bench).await;
     s.latency_rate = bench
@@ -1281,6 +1319,13 @@ async fn write_results(bench: &Bench, s: &Samples) -> anyhow::Result<()> {
             s.history_secs,
             gh / p,
             gh / g
+        ));
+    }
+    if let Some((rows, freed, wal, secs)) = s.removal {
+        extra.push_str(&format!(
+            "| Retention: the old ring slot emptied ({rows} Pro and Scale charges) | {:.0} ms, {:.0} MB freed, {wal} bytes of WAL | — |\n",
+            secs * 1000.0,
+            freed as f64 / 1e6
         ));
     }
     let storage_rows: String = [("G", st_g), ("H (scale)", st_h), ("H_m (pro)", st_h_m)]

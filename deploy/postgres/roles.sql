@@ -7,8 +7,10 @@
 --   as it (and re-grants the runtime role's privileges every time).
 -- sendgate_app runs `sendgate run` with `[database] migrate_on_start =
 --   false`: SELECT, INSERT and UPDATE on the tables the gate writes, SELECT
---   and INSERT on the append-only credit ledger, DELETE on refusals and
---   published events past their retention, nothing else. It cannot create, alter or drop
+--   and INSERT on the append-only credit ledger, DELETE on refusals,
+--   published events and confirmed forward batches past their retention,
+--   EXECUTE on the two retention functions (rotate_reservation_ring,
+--   remove_released_reservations), nothing else. It cannot create, alter or drop
 --   anything, nor update or delete a ledger row.
 -- Idempotent: run it again to change nothing.
 

@@ -207,6 +207,7 @@ impl Store {
             record_refusals_on(&mut tx, &refusals, now).await?;
         }
         if let Some(batch) = batch {
+            remove_released(&mut tx, &effects.reservations, &loaded.prior).await?;
             let record = self
                 .record_metered(&effects, batch)
                 .bind(usage::bucket(now))
@@ -328,6 +329,30 @@ async fn read_prior(
             .prior
             .insert(rows::job_key(row)?, rows::prior_reservation(row)?);
     }
+    Ok(())
+}
+
+/// Takes out the released rows of keys charged afresh ([`sql::REMOVE_RELEASED`]),
+/// when the batch has any: a charge only follows an earlier reservation of
+/// its key when that one was released.
+async fn remove_released(
+    conn: &mut PgConnection,
+    charges: &[NewReservation],
+    prior: &HashMap<JobKey, PriorReservation>,
+) -> Result<(), StoreError> {
+    let (accounts, keys): (Vec<&str>, Vec<&str>) = charges
+        .iter()
+        .filter(|r| prior.contains_key(&JobKey::new(&r.account_id, &r.idempotency_key)))
+        .map(|r| (r.account_id.as_str(), r.idempotency_key.as_str()))
+        .unzip();
+    if accounts.is_empty() {
+        return Ok(());
+    }
+    sqlx::query(sql::REMOVE_RELEASED)
+        .bind(&accounts)
+        .bind(&keys)
+        .execute(&mut *conn)
+        .await?;
     Ok(())
 }
 

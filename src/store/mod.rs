@@ -24,6 +24,7 @@ mod events;
 mod jobs;
 mod marks;
 mod primary;
+mod retention;
 mod rows;
 mod settle;
 mod sql;

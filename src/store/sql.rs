@@ -19,7 +19,10 @@ pub const BEGIN_PLANNED: &str = "BEGIN; SET LOCAL plan_cache_mode = force_custom
 /// SQL text (a literal, for `concat!`): the earlier reservations of a
 /// batch's keys (`$accounts`, `$keys`: two parallel text arrays), as
 /// `kind = 'reservation'` rows in the column order of
-/// [`super::rows::prior_reservation`]. Each key is probed on its own.
+/// [`super::rows::prior_reservation`]. Each key is probed on its own, in
+/// every slot (see `slot_of_new!`). A forward is confirmed by its own row,
+/// or by its batch's; a batch row is removed only once confirmed
+/// ([`PURGE_FORWARD_BATCHES`]), so a missing one counts as confirmed.
 macro_rules! reservation_lookup {
     ($accounts:literal, $keys:literal) => {
         concat!(
@@ -34,7 +37,8 @@ macro_rules! reservation_lookup {
                   AS k(account_id, idempotency_key)
              CROSS JOIN LATERAL (
                  SELECT r.id, r.payload_sha256, r.plan, r.charge, r.remaining,
-                        r.forward_confirmed OR b.confirmed_at IS NOT NULL AS forward_confirmed,
+                        r.forward_confirmed OR b.confirmed_at IS NOT NULL
+                            OR (r.batch_id IS NOT NULL AND b.id IS NULL) AS forward_confirmed,
                         r.state
                  FROM reservations r LEFT JOIN forward_batches b ON b.id = r.batch_id
                  WHERE r.account_id = k.account_id AND r.idempotency_key = k.idempotency_key
@@ -172,6 +176,22 @@ macro_rules! record_refusals {
     };
 }
 
+/// SQL text (a literal, for `concat!`): the slot a new reservation of
+/// plan `$plan` is written to. Free charges are kept forever (slot 0); the
+/// others go to the ring's current slot, which retention empties whole
+/// once it has been out of use for the deduplication window
+/// ([`ROTATE_READ`]). Read in the statement's own snapshot, so a statement
+/// never writes to a slot emptied after it began.
+macro_rules! slot_of_new {
+    ($plan:literal) => {
+        concat!(
+            "CASE WHEN ",
+            $plan,
+            " = 'free' THEN 0::int2 ELSE (SELECT current FROM reservation_ring) END"
+        )
+    };
+}
+
 /// A batch's new charges ($1-$8, see `bind_reservations`) under forward
 /// batch $9, counted in the usage of bucket $10 (campaigns $11), and its
 /// refusals ($12-$18, see [`record_refusals`]),
@@ -188,10 +208,24 @@ pub const RECORD_UNMETERED: &str = concat!(
     "
     INSERT INTO reservations
         (id, account_id, idempotency_key, payload_sha256, plan, charge, usage_day,
-         remaining, batch_id)
-    SELECT *, $9::uuid FROM unnest($1::uuid[], $2::text[], $3::text[], $4::bytea[],
-                                   $5::text[], $6::text[], $7::date[], $8::int8[])"
+         remaining, batch_id, slot)
+    SELECT n.*, $9::uuid, ",
+    slot_of_new!("n.plan"),
+    "
+    FROM unnest($1::uuid[], $2::text[], $3::text[], $4::bytea[],
+                $5::text[], $6::text[], $7::date[], $8::int8[])
+         AS n(id, account_id, idempotency_key, payload_sha256, plan, charge, usage_day,
+              remaining)"
 );
+
+/// Takes out the released reservations of keys ($1 accounts, $2 keys)
+/// about to be charged afresh, before the charge is written: the new charge
+/// may belong in another slot than the old one (a key released in an
+/// earlier slot, or under another plan), and a key has one row. In the
+/// locked batch's transaction, so the insert that follows sees them gone.
+/// A function run as the schema's owner: the runtime role deletes no
+/// reservation itself.
+pub const REMOVE_RELEASED: &str = "SELECT remove_released_reservations($1, $2)";
 
 /// Everything a locked batch writes, in one statement: reservations ($1-$8)
 /// under forward batch $19, ledger rows ($9-$12), balances ($13, $14), Pro
@@ -211,12 +245,18 @@ pub const RECORD_METERED: &str = concat!(
     ", new_reservations AS (
         INSERT INTO reservations
             (id, account_id, idempotency_key, payload_sha256, plan, charge, usage_day,
-             remaining, batch_id)
-        SELECT *, $19::uuid FROM unnest($1::uuid[], $2::text[], $3::text[], $4::bytea[],
-                             $5::text[], $6::text[], $7::date[], $8::int8[])
-        -- A released reservation is charged afresh; any other
-        -- existing row means another worker won the race.
-        ON CONFLICT (account_id, idempotency_key) DO UPDATE SET
+             remaining, batch_id, slot)
+        SELECT n.*, $19::uuid, ",
+    slot_of_new!("n.plan"),
+    "
+        FROM unnest($1::uuid[], $2::text[], $3::text[], $4::bytea[],
+                    $5::text[], $6::text[], $7::date[], $8::int8[])
+             AS n(id, account_id, idempotency_key, payload_sha256, plan, charge,
+                  usage_day, remaining)
+        -- A released reservation is charged afresh (one in another slot was
+        -- removed first: REMOVE_RELEASED); any other existing row means
+        -- another worker won the race.
+        ON CONFLICT (account_id, idempotency_key, slot) DO UPDATE SET
             id = EXCLUDED.id, payload_sha256 = EXCLUDED.payload_sha256,
             plan = EXCLUDED.plan, charge = EXCLUDED.charge,
             usage_day = EXCLUDED.usage_day, remaining = EXCLUDED.remaining,
@@ -292,12 +332,12 @@ pub const SETTLE_WRITE: &str = "
 pub const EXPIRE_HOLDS: &str = "
     UPDATE reservations r SET state = 'committed', settled_at = now(),
            settle_detail = 'no outcome within the hold time'
-    FROM (SELECT account_id, idempotency_key FROM reservations
+    FROM (SELECT account_id, idempotency_key, slot FROM reservations
           WHERE state = 'held' AND created_at < now() - $1::interval
           ORDER BY created_at LIMIT $2
           FOR UPDATE SKIP LOCKED) old
     WHERE r.account_id = old.account_id AND r.idempotency_key = old.idempotency_key
-      AND r.state = 'held'";
+      AND r.slot = old.slot AND r.state = 'held'";
 
 /// Confirmed forwards: whole batches by id ($1, one row each), and forwards
 /// of earlier charges by key and reservation ($2, $3, $4). A mark names the
@@ -326,6 +366,14 @@ pub const RUNTIME_GRANTS: &str = "
             GRANT SELECT, INSERT, UPDATE
                 ON accounts, reservations, daily_usage, forward_batches TO sendgate_app;
             GRANT SELECT, INSERT ON credit_ledger TO sendgate_app;
+            -- Retention: the ring's slots are emptied in turn and released
+            -- reservations charged afresh are taken out, only through two
+            -- functions run as the owner; confirmed forward batches are
+            -- removed.
+            GRANT SELECT ON reservation_ring TO sendgate_app;
+            GRANT EXECUTE ON FUNCTION rotate_reservation_ring(interval),
+                remove_released_reservations(text[], text[]) TO sendgate_app;
+            GRANT DELETE ON forward_batches TO sendgate_app;
             -- Job status: the latest refusal per key, removed by retention.
             GRANT SELECT, INSERT, UPDATE, DELETE ON refusals TO sendgate_app;
             GRANT SELECT, INSERT, UPDATE ON usage_counts TO sendgate_app;
@@ -378,3 +426,18 @@ pub const PURGE_REFUSALS: &str = "
         SELECT account_id, idempotency_key FROM refusals
         WHERE refused_at < now() - $1::interval
         ORDER BY refused_at LIMIT $2)";
+
+/// Empties the retention ring's other slot and makes it current, when the
+/// current one has been current for the deduplication window ($1);
+/// returns the slot emptied, or NULL. A function run as the schema's owner
+/// (see its migration): the runtime role truncates nothing itself.
+pub const ROTATE_RING: &str = "SELECT rotate_reservation_ring($1::interval)";
+
+/// Removes confirmed forward batches with ids below $1 (UUIDv7, so: older
+/// than a time), at most $2, oldest first. A reservation whose batch row is
+/// gone counts as confirmed ([`PRIOR_READ`]).
+pub const PURGE_FORWARD_BATCHES: &str = "
+    DELETE FROM forward_batches WHERE id IN (
+        SELECT id FROM forward_batches
+        WHERE id < $1 AND confirmed_at IS NOT NULL
+        ORDER BY id LIMIT $2)";

@@ -1,8 +1,11 @@
 //! Holds that got no delivery report within the hold time are committed,
 //! every sweep interval. Every process sweeps; `SKIP LOCKED` keeps them
-//! from doing the same rows twice. The same sweep removes refusals past
-//! `[jobs] refusal_retention_days`, and published events past `[events]
-//! retention_days`.
+//! from doing the same rows twice. The same sweep applies retention: it
+//! empties the reservation ring's old slot once the current one has been
+//! current for `[reservations] dedup_window_secs` (one process does it, the
+//! ring's row is locked), and removes confirmed forward batches, refusals
+//! past `[jobs] refusal_retention_days` and published events past
+//! `[events] retention_days`.
 
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
@@ -13,6 +16,11 @@ use crate::store::{Store, StoreError};
 
 /// Rows one statement commits at most.
 const SWEEP_CHUNK: i64 = 1000;
+
+/// Confirmed forward batches are removed after this long. Nothing needs
+/// them once confirmed (a reservation whose batch row is gone counts as
+/// confirmed); the delay only spares rows a confirm just wrote.
+const FORWARD_BATCH_AGE: std::time::Duration = std::time::Duration::from_secs(600);
 
 /// Sweeps until `stop`.
 pub async fn sweep_expired_holds(
@@ -46,8 +54,15 @@ pub async fn sweep_expired_holds(
                 }
             }
         }
-        // Refusals and published events past their retention, a chunk at
-        // a time.
+        if let Some(window) = settings.dedup_window() {
+            rotate(&store, window).await;
+        }
+        // Forward batches, refusals and published events past their
+        // retention, a chunk at a time.
+        purge("forward batches", || {
+            store.purge_forward_batches(FORWARD_BATCH_AGE, SWEEP_CHUNK)
+        })
+        .await;
         purge("refusals", || {
             store.purge_refusals(refusal_retention, SWEEP_CHUNK)
         })
@@ -56,6 +71,30 @@ pub async fn sweep_expired_holds(
             store.purge_events(event_retention, SWEEP_CHUNK)
         })
         .await;
+    }
+}
+
+/// Empties the ring's old slot when it is due, and reports the current
+/// slot's age.
+async fn rotate(store: &Store, window: std::time::Duration) {
+    match store.rotate_reservations(window).await {
+        Ok(Some(slot)) => {
+            metrics::slot_emptied();
+            info!(
+                slot,
+                window_secs = window.as_secs(),
+                "retention: emptied the reservation slot whose charges are all older than the dedup window; it is current now"
+            );
+        }
+        Ok(None) => {}
+        Err(err) => {
+            metrics::db_error(err.kind());
+            warn!(error = %err, "cannot empty the old reservation slot; trying again next interval");
+        }
+    }
+    match store.ring_slot_age().await {
+        Ok(age) => metrics::slot_age(age),
+        Err(err) => metrics::db_error(err.kind()),
     }
 }
 

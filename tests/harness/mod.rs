@@ -593,6 +593,7 @@ impl Broker {
 pub async fn forward_confirmed(store: &Store, account: &str, key: &str) -> bool {
     sqlx::query_scalar(
         "SELECT r.forward_confirmed OR b.confirmed_at IS NOT NULL
+                OR (r.batch_id IS NOT NULL AND b.id IS NULL)
          FROM reservations r LEFT JOIN forward_batches b ON b.id = r.batch_id
          WHERE r.account_id = $1 AND r.idempotency_key = $2",
     )

@@ -14,6 +14,7 @@ mod harness;
 mod lifecycle;
 mod operability;
 mod permissions;
+mod retention;
 mod roles;
 mod store;
 mod tls;

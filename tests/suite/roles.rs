@@ -106,6 +106,9 @@ async fn the_gate_runs_as_the_runtime_role_which_can_change_nothing_but_its_rows
         "UPDATE credit_ledger SET delta = 0",
         "DELETE FROM credit_ledger",
         "DELETE FROM reservations",
+        "TRUNCATE reservations_ring_1",
+        "TRUNCATE reservations_kept",
+        "UPDATE reservation_ring SET since = now() - interval '1 year'",
         "DELETE FROM accounts",
         "CREATE DATABASE intruder",
     ] {

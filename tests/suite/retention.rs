@@ -1,0 +1,227 @@
+//! Retention of charges: Pro and Scale charges are forgotten after the
+//! dedup window (a slot emptied whole), Free charges never, usage counts
+//! survive, and a key released in one slot and charged in another keeps
+//! one row. Real RabbitMQ and Postgres.
+
+#![allow(clippy::unwrap_used)]
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::Utc;
+use sendgate::clock::SystemClock;
+use sendgate::domain::plan::Plan;
+use sendgate::store::{Grouping, Store};
+
+use crate::harness::*;
+
+const WAIT: Duration = Duration::from_secs(30);
+
+/// The ring's current slot.
+async fn current_slot(store: &Store) -> i16 {
+    sqlx::query_scalar("SELECT current FROM reservation_ring")
+        .fetch_one(store.pool())
+        .await
+        .unwrap()
+}
+
+/// Makes the ring's current slot look `age` old (as a superuser; the
+/// runtime role cannot).
+async fn age_current_slot(store: &Store, age: &str) {
+    sqlx::query("UPDATE reservation_ring SET since = now() - $1::interval")
+        .bind(age)
+        .execute(store.pool())
+        .await
+        .unwrap();
+}
+
+async fn slot_of(store: &Store, account: &str, key: &str) -> Vec<i16> {
+    sqlx::query_scalar(
+        "SELECT slot FROM reservations WHERE account_id = $1 AND idempotency_key = $2",
+    )
+    .bind(account)
+    .bind(key)
+    .fetch_all(store.pool())
+    .await
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slot_is_emptied_only_after_the_other_was_current_for_the_window() {
+    let env = TestEnv::new();
+    let store = env.store().await;
+    create(&store, "ros", Plan::Scale).await;
+    create(&store, "fen", Plan::Free).await;
+    let gate = env.start_gate(Arc::new(SystemClock)).await;
+    let broker = env.broker().await;
+    broker.publish_job(&env.send_queue(), "ros", "r-1").await;
+    broker.publish_job(&env.send_queue(), "fen", "f-1").await;
+    broker.take(&env.delivery_queue(), 2, WAIT).await;
+    gate.shutdown().await;
+
+    let window = Duration::from_secs(3600);
+    let first = current_slot(&store).await;
+    assert_eq!(slot_of(&store, "ros", "r-1").await, [first]);
+    assert_eq!(
+        slot_of(&store, "fen", "f-1").await,
+        [0],
+        "free charges are kept"
+    );
+    assert_eq!(
+        store.rotate_reservations(window).await.unwrap(),
+        None,
+        "the current slot is younger than the window"
+    );
+
+    // Current for the window: the other (empty) slot becomes current; the
+    // charge stays, in the slot now out of use.
+    age_current_slot(&store, "61 minutes").await;
+    let second = store.rotate_reservations(window).await.unwrap();
+    assert_eq!(second, Some(3 - first));
+    assert_eq!(store.rotate_reservations(window).await.unwrap(), None);
+    assert_eq!(slot_of(&store, "ros", "r-1").await, [first]);
+
+    // A window later the charge's slot, out of use for the window, is
+    // emptied; the Free charge is not.
+    age_current_slot(&store, "61 minutes").await;
+    assert_eq!(
+        store.rotate_reservations(window).await.unwrap(),
+        Some(first)
+    );
+    assert!(slot_of(&store, "ros", "r-1").await.is_empty());
+    assert_eq!(slot_of(&store, "fen", "f-1").await, [0]);
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_the_window_a_key_is_charged_afresh_free_keys_never_and_usage_stays() {
+    let mut env = TestEnv::new();
+    env.set("SENDGATE__RESERVATIONS__HOLD_SECS", "1");
+    env.set("SENDGATE__RESERVATIONS__SWEEP_INTERVAL_SECS", "1");
+    env.set("SENDGATE__RESERVATIONS__DEDUP_WINDOW_SECS", "2");
+    let store = env.store().await;
+    create(&store, "sol", Plan::Scale).await;
+    create(&store, "pia", Plan::Pro).await;
+    create(&store, "fay", Plan::Free).await;
+    let gate = env.start_gate(Arc::new(SystemClock)).await;
+    let broker = env.broker().await;
+    let mut first = Vec::new();
+    for account in ["sol", "pia", "fay"] {
+        broker.publish_job(&env.send_queue(), account, "k-1").await;
+        let forward = broker.take(&env.delivery_queue(), 1, WAIT).await;
+        first.push(header(&forward[0], "x-sendgate-reservation-id").unwrap());
+    }
+
+    // The sweep empties the slots in turn: the Pro and Scale charges go,
+    // the Free one stays.
+    eventually(WAIT, || async {
+        reservation_count(&store, "sol").await == 0 && reservation_count(&store, "pia").await == 0
+    })
+    .await;
+    assert_eq!(reservation_count(&store, "fay").await, 1);
+
+    // The same jobs again: Pro and Scale are charged afresh (new
+    // reservations), the Free one is a duplicate of a confirmed forward
+    // and is dropped, its credit not taken twice.
+    for account in ["sol", "pia", "fay"] {
+        broker.publish_job(&env.send_queue(), account, "k-1").await;
+    }
+    let again = broker.take(&env.delivery_queue(), 2, WAIT).await;
+    let mut accounts = Vec::new();
+    for forward in &again {
+        let job: serde_json::Value = serde_json::from_slice(&forward.data).unwrap();
+        let account = job["account_id"].as_str().unwrap().to_owned();
+        let reservation = header(forward, "x-sendgate-reservation-id").unwrap();
+        assert!(!first.contains(&reservation), "{account}: a new charge");
+        accounts.push(account);
+    }
+    accounts.sort();
+    assert_eq!(accounts, ["pia", "sol"]);
+    eventually(WAIT, || async {
+        broker.depth_of(&env.send_queue()).await == 0
+    })
+    .await;
+    assert!(
+        broker
+            .take_all(&env.delivery_queue(), Duration::from_millis(300))
+            .await
+            .is_empty(),
+        "the Free job is not forwarded again"
+    );
+    assert_eq!(balance_and_ledger(&store, "fay").await.0, 19);
+
+    // Usage outlives the charges it counted.
+    let now = Utc::now();
+    let usage = |account: &'static str| {
+        let store = store.clone();
+        async move {
+            store
+                .usage(
+                    &id(account),
+                    now - chrono::Duration::days(1),
+                    now + chrono::Duration::days(1),
+                    Grouping::Day,
+                )
+                .await
+                .unwrap()
+                .totals
+                .charged
+        }
+    };
+    eventually(WAIT, || async {
+        usage("sol").await == 2 && usage("pia").await == 2
+    })
+    .await;
+    assert_eq!(usage("fay").await, 1);
+
+    let metrics = sendgate::metrics::install().render();
+    assert!(
+        metric_value(&metrics, "sendgate_reservation_slots_emptied_total").unwrap_or(0.0) >= 2.0,
+        "{metrics}"
+    );
+    gate.shutdown().await;
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_released_in_one_slot_and_charged_in_the_next_keeps_one_row() {
+    let env = TestEnv::new();
+    let store = env.store().await;
+    create(&store, "pat", Plan::Pro).await;
+    let gate = env.start_gate(Arc::new(SystemClock)).await;
+    let broker = env.broker().await;
+    broker.publish_job(&env.send_queue(), "pat", "p-1").await;
+    let forward = broker.take(&env.delivery_queue(), 1, WAIT).await;
+    broker.report(&env, &forward[0], "failed").await;
+    eventually(WAIT, || async {
+        reservation_state(&store, "pat", "p-1").await == "released"
+    })
+    .await;
+    let before = current_slot(&store).await;
+    age_current_slot(&store, "8 days").await;
+    let now_current = store
+        .rotate_reservations(Duration::from_secs(7 * 86_400))
+        .await
+        .unwrap();
+    assert_eq!(now_current, Some(3 - before));
+
+    broker.publish_job(&env.send_queue(), "pat", "p-1").await;
+    let again = broker.take(&env.delivery_queue(), 1, WAIT).await;
+    assert_ne!(
+        header(&again[0], "x-sendgate-reservation-id"),
+        header(&forward[0], "x-sendgate-reservation-id"),
+        "charged afresh"
+    );
+    assert_eq!(slot_of(&store, "pat", "p-1").await, [3 - before]);
+    assert_eq!(reservation_state(&store, "pat", "p-1").await, "held");
+    let used: i32 = sqlx::query_scalar("SELECT used FROM daily_usage WHERE account_id = 'pat'")
+        .fetch_one(store.pool())
+        .await
+        .unwrap();
+    assert_eq!(
+        used, 1,
+        "the released slot was given back, the new charge took one"
+    );
+    gate.shutdown().await;
+    env.cleanup().await;
+}
