@@ -385,7 +385,7 @@ impl Bench {
     /// seconds taken).
     async fn empty_old_slot(&self) -> anyhow::Result<(i64, i64, i64, f64)> {
         let pool = self.store.pool();
-        let other: i16 = sqlx::query_scalar("SELECT 3 - current FROM reservation_ring")
+        let other: i16 = sqlx::query_scalar("SELECT (3 - current)::int2 FROM reservation_ring")
             .fetch_one(pool)
             .await?;
         let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM reservations WHERE slot = $1")
@@ -424,14 +424,11 @@ impl Bench {
             let n = chunk.min(rows - done);
             sqlx::query(
                 "INSERT INTO reservations
-                     (id, account_id, idempotency_key, payload_sha256, plan, charge, usage_day,
-                      remaining, forward_confirmed, created_at, confirmed_at, state, settled_at,
-                      slot)
-                 SELECT gen_random_uuid(), $1 || '-' || (i % $2),
-                        'hist-' || lpad(i::text, $3 - 5, '0'),
-                        sha256(i::text::bytea),
-                        CASE WHEN i % $2 % 10 < 2 THEN 'free'
-                             WHEN i % $2 % 10 < 5 THEN 'pro' ELSE 'scale' END,
+                     (id, account_id, idempotency_key, payload_digest, key_digest, charge,
+                      usage_day, remaining, forward_confirmed, created_at, confirmed_at, state,
+                      settled_at, slot)
+                 SELECT gen_random_uuid(), a, k, substr(sha256(i::text::bytea), 1, 16),
+                        reservation_key_digest(a, k),
                         CASE WHEN i % $2 % 10 < 2 THEN 'credit'
                              WHEN i % $2 % 10 < 5 THEN 'daily_slot' ELSE 'unmetered' END,
                         CASE WHEN i % $2 % 10 BETWEEN 2 AND 4
@@ -444,7 +441,9 @@ impl Bench {
                         -- kept slot, the others over both ring slots
                         -- (the window before and the current one).
                         CASE WHEN i % $2 % 10 < 2 THEN 0 ELSE 1 + i % 2 END
-                 FROM generate_series($4::int8, $5::int8) AS i",
+                 FROM generate_series($4::int8, $5::int8) AS i,
+                      LATERAL (SELECT $1 || '-' || (i % $2) AS a,
+                                      'hist-' || lpad(i::text, $3 - 5, '0') AS k) t",
             )
             .bind(prefix)
             .bind(self.args.accounts as i64)
@@ -746,11 +745,14 @@ impl Bench {
             }
         };
         let mut per_account: HashMap<&str, usize> = HashMap::new();
+        let mut digests = Vec::with_capacity(n);
         let bodies: Vec<Vec<u8>> = (0..n)
             .map(|i| {
                 let (id, _) = &accounts[i % accounts.len()];
                 *per_account.entry(id.as_str()).or_default() += 1;
-                body(id, &job_key(run, i, self.args.key_length), 0)
+                let key = job_key(run, i, self.args.key_length);
+                digests.push(sendgate::domain::ids::key_digest(id, &key));
+                body(id, &key, 0)
             })
             .collect();
         self.preload(&self.names.send, &bodies).await?;
@@ -788,6 +790,16 @@ impl Bench {
         };
 
         // Correctness: charges per account and the queue totals match the plans.
+        // This run's charges (not the history's), found by their keys' digests.
+        let charged: HashMap<String, i64> = sqlx::query_as(
+            "SELECT r.account_id, count(*) FROM unnest($1::uuid[]) AS k(key_digest)
+             JOIN reservations r ON r.key_digest = k.key_digest GROUP BY 1",
+        )
+        .bind(&digests)
+        .fetch_all(self.store.pool())
+        .await?
+        .into_iter()
+        .collect();
         let limits = self.store.limits();
         let (mut expect_forwarded, mut expect_dead) = (0usize, 0usize);
         for (id, plan) in &accounts {
@@ -800,15 +812,7 @@ impl Bench {
             };
             expect_forwarded += allowed;
             expect_dead += jobs - allowed;
-            // This run's charges (not the history's).
-            let charges: i64 = sqlx::query_scalar(
-                "SELECT count(*) FROM reservations
-                 WHERE account_id = $1 AND idempotency_key LIKE $2 || '-%'",
-            )
-            .bind(id)
-            .bind(run)
-            .fetch_one(self.store.pool())
-            .await?;
+            let charges = charged.get(id.as_str()).copied().unwrap_or(0);
             ensure!(
                 charges as usize == allowed,
                 "{id} ({plan}) was charged {charges} times, allowed {allowed}"
