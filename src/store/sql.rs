@@ -196,6 +196,28 @@ macro_rules! slot_of_new {
     };
 }
 
+/// SQL text (a literal, for `concat!`): inserts a batch's new charges
+/// ($1-$8, see `bind_reservations`) under forward batch `$batch`, each in
+/// its slot (`slot_of_new!`).
+macro_rules! insert_reservations {
+    ($batch:literal) => {
+        concat!(
+            "INSERT INTO reservations
+        (id, account_id, idempotency_key, payload_digest, key_digest, charge, usage_day,
+         remaining, batch_id, slot)
+    SELECT n.*, ",
+            $batch,
+            "::uuid, ",
+            slot_of_new!("n.charge"),
+            "
+    FROM unnest($1::uuid[], $2::text[], $3::text[], $4::bytea[],
+                $5::uuid[], $6::text[], $7::date[], $8::int8[])
+         AS n(id, account_id, idempotency_key, payload_digest, key_digest, charge, usage_day,
+              remaining)"
+        )
+    };
+}
+
 /// A batch's new charges ($1-$8, see `bind_reservations`) under forward
 /// batch $9, counted in the usage of bucket $10 (campaigns $11), and its
 /// refusals ($12-$18, see [`record_refusals`]),
@@ -209,22 +231,12 @@ pub const RECORD_UNMETERED: &str = concat!(
     count_charges!("$10", "$11"),
     ", ",
     record_refusals!("$12", "$13", "$14", "$15", "$10", "$16", "$17", "$18"),
-    "
-    INSERT INTO reservations
-        (id, account_id, idempotency_key, payload_digest, key_digest, charge, usage_day,
-         remaining, batch_id, slot)
-    SELECT n.*, $9::uuid, ",
-    slot_of_new!("n.charge"),
-    "
-    FROM unnest($1::uuid[], $2::text[], $3::text[], $4::bytea[],
-                $5::uuid[], $6::text[], $7::date[], $8::int8[])
-         AS n(id, account_id, idempotency_key, payload_digest, key_digest, charge, usage_day,
-              remaining)"
+    " ",
+    insert_reservations!("$9")
 );
 
 /// Takes out the released reservations of keys ($1 digests, $2 accounts,
-/// $3 keys)
-/// about to be charged afresh, before the charge is written: the new charge
+/// $3 keys) about to be charged afresh, before the charge is written: the new charge
 /// may belong in another slot than the old one (a key released in an
 /// earlier slot, or under another plan), and a key has one row. In the
 /// locked batch's transaction, so the insert that follows sees them gone.
@@ -247,17 +259,9 @@ pub const RECORD_METERED: &str = concat!(
     count_charges!("$20", "$21"),
     ", ",
     record_refusals!("$22", "$23", "$24", "$25", "$20", "$26", "$27", "$28"),
-    ", new_reservations AS (
-        INSERT INTO reservations
-            (id, account_id, idempotency_key, payload_digest, key_digest, charge, usage_day,
-             remaining, batch_id, slot)
-        SELECT n.*, $19::uuid, ",
-    slot_of_new!("n.charge"),
+    ", new_reservations AS (",
+    insert_reservations!("$19"),
     "
-        FROM unnest($1::uuid[], $2::text[], $3::text[], $4::bytea[],
-                    $5::uuid[], $6::text[], $7::date[], $8::int8[])
-             AS n(id, account_id, idempotency_key, payload_digest, key_digest, charge,
-                  usage_day, remaining)
         -- A released reservation is charged afresh (one in another slot was
         -- removed first: REMOVE_RELEASED); any other existing row means
         -- another worker won the race.
