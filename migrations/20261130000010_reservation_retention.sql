@@ -13,7 +13,7 @@
 --   window and at most twice it.
 --
 -- A partition's unique index can only be on columns that include the
--- partition key, so the primary key is (key digest, slot).
+-- partition key, so the primary key is (account_id, idempotency_key, slot).
 -- One row per key still holds: the gate reads a key's reservation from
 -- every slot before charging it, locks a metered account before reading
 -- its keys, and a key charged afresh after a release takes its earlier row
@@ -36,36 +36,30 @@ ALTER TABLE reservations RENAME TO reservations_unpartitioned;
 ALTER INDEX reservations_pkey RENAME TO reservations_unpartitioned_pkey;
 DROP INDEX reservations_held_since;
 
--- Also made smaller (bytes per charge, measured by `sendgate-bench`):
--- - the primary key indexes a 16-byte digest of (account, key) instead of
---   both texts: its index entries are 36 bytes instead of ~68 (the texts
---   stay in the row, and every read compares them too);
--- - the payload is kept as the first 16 bytes of its SHA-256, not 32;
--- - no `plan` column: a charge's plan follows from its kind.
--- Fixed-width columns come first, widest first, so none is padded.
 CREATE TABLE reservations (
-    key_digest        uuid        NOT NULL,
     id                uuid        NOT NULL,
-    batch_id          uuid,
-    created_at        timestamptz NOT NULL DEFAULT now(),
-    confirmed_at      timestamptz,
-    settled_at        timestamptz,
-    remaining         bigint,
-    usage_day         date,
-    slot              smallint    NOT NULL,
-    forward_confirmed boolean     NOT NULL DEFAULT false,
     account_id        text        NOT NULL,
     idempotency_key   text        NOT NULL,
-    payload_digest    bytea       NOT NULL,
+    payload_sha256    bytea       NOT NULL,
+    plan              text        NOT NULL,
     charge            text        NOT NULL,
+    usage_day         date,
+    remaining         bigint,
+    forward_confirmed boolean     NOT NULL DEFAULT false,
+    created_at        timestamptz NOT NULL DEFAULT now(),
+    confirmed_at      timestamptz,
     state             text        NOT NULL DEFAULT 'held',
+    settled_at        timestamptz,
     settle_detail     text,
-    CONSTRAINT reservations_pkey PRIMARY KEY (key_digest, slot),
+    batch_id          uuid,
+    slot              smallint    NOT NULL,
+    CONSTRAINT reservations_pkey PRIMARY KEY (account_id, idempotency_key, slot),
+    CONSTRAINT reservations_plan_known CHECK (plan IN ('free', 'pro', 'scale')),
     CONSTRAINT reservations_charge_known CHECK (charge IN ('credit', 'daily_slot', 'unmetered')),
-    CONSTRAINT reservations_payload_digest_length CHECK (octet_length(payload_digest) = 16),
+    CONSTRAINT reservations_payload_sha256_length CHECK (octet_length(payload_sha256) = 32),
     CONSTRAINT reservations_state_known CHECK (state IN ('held', 'committed', 'released')),
-    -- Free charges (credits) are never in a slot that is emptied.
-    CONSTRAINT reservations_free_kept CHECK ((charge = 'credit') = (slot = 0))
+    -- Free charges are never in a slot that is emptied.
+    CONSTRAINT reservations_free_kept CHECK ((plan = 'free') = (slot = 0))
 ) PARTITION BY LIST (slot);
 
 CREATE TABLE reservations_kept PARTITION OF reservations FOR VALUES IN (0);
@@ -75,21 +69,13 @@ CREATE TABLE reservations_ring_2 PARTITION OF reservations FOR VALUES IN (2);
 -- The expiry sweep finds old holds without scanning settled reservations.
 CREATE INDEX reservations_held_since ON reservations (created_at) WHERE state = 'held';
 
--- The digest as sendgate computes it (sendgate_core::ids::key_digest).
-CREATE FUNCTION reservation_key_digest(account_id text, idempotency_key text) RETURNS uuid
-LANGUAGE sql IMMUTABLE STRICT PARALLEL SAFE
-RETURN encode(substr(sha256(int4send(octet_length(account_id))
-                            || convert_to(account_id, 'UTF8')
-                            || convert_to(idempotency_key, 'UTF8')), 1, 16), 'hex')::uuid;
-
 INSERT INTO reservations
-    (key_digest, id, batch_id, created_at, confirmed_at, settled_at, remaining, usage_day,
-     slot, forward_confirmed, account_id, idempotency_key, payload_digest, charge, state,
-     settle_detail)
-SELECT reservation_key_digest(account_id, idempotency_key), id, batch_id, created_at,
-       confirmed_at, settled_at, remaining, usage_day,
-       CASE WHEN charge = 'credit' THEN 0 ELSE 1 END, forward_confirmed, account_id,
-       idempotency_key, substr(payload_sha256, 1, 16), charge, state, settle_detail
+    (id, account_id, idempotency_key, payload_sha256, plan, charge, usage_day, remaining,
+     forward_confirmed, created_at, confirmed_at, state, settled_at, settle_detail,
+     batch_id, slot)
+SELECT id, account_id, idempotency_key, payload_sha256, plan, charge, usage_day, remaining,
+       forward_confirmed, created_at, confirmed_at, state, settled_at, settle_detail,
+       batch_id, CASE WHEN plan = 'free' THEN 0 ELSE 1 END
 FROM reservations_unpartitioned;
 
 DROP TABLE reservations_unpartitioned;
@@ -131,20 +117,18 @@ $$;
 -- Takes out the released reservations of keys about to be charged afresh
 -- (the new charge may belong in another slot); inert rows, whose credit
 -- or daily slot was given back already.
-CREATE FUNCTION remove_released_reservations(digests uuid[], accounts text[], keys text[])
-RETURNS void
+CREATE FUNCTION remove_released_reservations(accounts text[], keys text[]) RETURNS void
 LANGUAGE sql SECURITY DEFINER
 SET search_path = pg_catalog, public
 AS $$
     DELETE FROM public.reservations r
-    USING unnest(digests, accounts, keys) AS k(key_digest, account_id, idempotency_key)
-    WHERE r.key_digest = k.key_digest
-      AND r.account_id = k.account_id AND r.idempotency_key = k.idempotency_key
+    USING unnest(accounts, keys) AS k(account_id, idempotency_key)
+    WHERE r.account_id = k.account_id AND r.idempotency_key = k.idempotency_key
       AND r.state = 'released'
 $$;
 
 REVOKE ALL ON FUNCTION rotate_reservation_ring(interval) FROM PUBLIC;
-REVOKE ALL ON FUNCTION remove_released_reservations(uuid[], text[], text[]) FROM PUBLIC;
+REVOKE ALL ON FUNCTION remove_released_reservations(text[], text[]) FROM PUBLIC;
 
 -- Forward batches are removed once confirmed (the sweep): a reservation
 -- whose batch row is gone was confirmed. Confirmed ones are found by id

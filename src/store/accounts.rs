@@ -176,8 +176,7 @@ impl Store {
         })
     }
 
-    /// Charges of `id` on the local day of `now` in `tz`, from its usage
-    /// counts (which outlive retention, and are indexed by account).
+    /// Charges of `id` on the local day of `now` in `tz`.
     async fn sends_on_day(
         &self,
         id: &AccountId,
@@ -185,10 +184,15 @@ impl Store {
         tz: chrono_tz::Tz,
     ) -> Result<i64, StoreError> {
         let end = next_day_start(now, tz);
-        let usage = self
-            .usage(id, end - Duration::days(1), end, super::Grouping::Day)
-            .await?;
-        Ok(usage.totals.charged)
+        Ok(sqlx::query_scalar(
+            "SELECT count(*) FROM reservations
+             WHERE account_id = $1 AND created_at >= $2 AND created_at < $3",
+        )
+        .bind(id.as_str())
+        .bind(end - Duration::days(1))
+        .bind(end)
+        .fetch_one(&self.pool)
+        .await?)
     }
 
     /// Pro daily slots `id` used on `day`.

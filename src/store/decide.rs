@@ -19,7 +19,7 @@ use crate::domain::decision::{
     AccountState, Decision, Effects, NewReservation, PriorReservation, decide_batch,
 };
 use crate::domain::events::batch_events;
-use crate::domain::ids::{AccountId, JobKey, key_digest};
+use crate::domain::ids::{AccountId, JobKey};
 use crate::domain::job::Job;
 use crate::domain::plan::{Limits, Plan};
 
@@ -124,15 +124,15 @@ impl Store {
         now: DateTime<Utc>,
     ) -> Result<Unlocked, StoreError> {
         let account_ids = distinct_accounts(jobs.iter().map(|j| &j.account_id));
-        let keys = key_arrays(jobs.iter().map(|j| (&j.account_id, &j.idempotency_key)));
+        let (key_accounts, keys) =
+            key_arrays(jobs.iter().map(|j| (&j.account_id, &j.idempotency_key)));
         // Both statements on one connection: each return to the pool costs
         // a round trip (sqlx checks the connection with a Sync).
         let mut conn = self.pool.acquire().await?;
         let rows = sqlx::query(sql::UNLOCKED_READ)
             .bind(&account_ids)
-            .bind(&keys.accounts)
-            .bind(&keys.keys)
-            .bind(&keys.digests)
+            .bind(&key_accounts)
+            .bind(&keys)
             .fetch_all(&mut *conn)
             .await?;
         let mut loaded = Loaded::default();
@@ -309,13 +309,12 @@ async fn read_prior(
         .filter(|(_, a)| a.plan == Plan::Pro)
         .map(|(id, a)| (id.as_str(), a.today))
         .unzip();
-    let keys = key_arrays(jobs.iter().map(|j| (&j.account_id, &j.idempotency_key)));
+    let (key_accounts, keys) = key_arrays(jobs.iter().map(|j| (&j.account_id, &j.idempotency_key)));
     let rows: Vec<PgRow> = sqlx::query(sql::PRIOR_READ)
         .bind(&pro_ids)
         .bind(&pro_days)
-        .bind(&keys.accounts)
-        .bind(&keys.keys)
-        .bind(&keys.digests)
+        .bind(&key_accounts)
+        .bind(&keys)
         .fetch_all(&mut *conn)
         .await?;
     for row in &rows {
@@ -341,26 +340,23 @@ async fn remove_released(
     charges: &[NewReservation],
     prior: &HashMap<JobKey, PriorReservation>,
 ) -> Result<(), StoreError> {
-    let again = key_arrays(
-        charges
-            .iter()
-            .filter(|r| prior.contains_key(&JobKey::new(&r.account_id, &r.idempotency_key)))
-            .map(|r| (&r.account_id, &r.idempotency_key)),
-    );
-    if again.keys.is_empty() {
+    let (accounts, keys): (Vec<&str>, Vec<&str>) = charges
+        .iter()
+        .filter(|r| prior.contains_key(&JobKey::new(&r.account_id, &r.idempotency_key)))
+        .map(|r| (r.account_id.as_str(), r.idempotency_key.as_str()))
+        .unzip();
+    if accounts.is_empty() {
         return Ok(());
     }
     sqlx::query(sql::REMOVE_RELEASED)
-        .bind(&again.digests)
-        .bind(&again.accounts)
-        .bind(&again.keys)
+        .bind(&accounts)
+        .bind(&keys)
         .execute(&mut *conn)
         .await?;
     Ok(())
 }
 
-/// Binds new reservations as parameters $1 to $8 (parallel arrays; $5 is
-/// their keys' digests).
+/// Binds new reservations as parameters $1 to $8 (parallel arrays).
 fn bind_reservations<'q>(query: Query<'q>, r: &'q [NewReservation]) -> Query<'q> {
     query
         .bind(r.iter().map(|x| x.id).collect::<Vec<_>>())
@@ -372,14 +368,10 @@ fn bind_reservations<'q>(query: Query<'q>, r: &'q [NewReservation]) -> Query<'q>
         )
         .bind(
             r.iter()
-                .map(|x| x.payload_digest.to_vec())
+                .map(|x| x.payload_sha256.to_vec())
                 .collect::<Vec<_>>(),
         )
-        .bind(
-            r.iter()
-                .map(|x| key_digest(x.account_id.as_str(), x.idempotency_key.as_str()))
-                .collect::<Vec<_>>(),
-        )
+        .bind(r.iter().map(|x| x.plan.as_str()).collect::<Vec<_>>())
         .bind(r.iter().map(|x| x.charge.as_str()).collect::<Vec<_>>())
         .bind(r.iter().map(|x| x.usage_day).collect::<Vec<_>>())
         .bind(r.iter().map(|x| x.remaining).collect::<Vec<_>>())

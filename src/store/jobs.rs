@@ -13,9 +13,8 @@ use uuid::Uuid;
 
 use super::{Query, Store, StoreError, sql, usage};
 use crate::domain::decision::Decision;
-use crate::domain::ids::{AccountId, JobKey, key_digest};
+use crate::domain::ids::{AccountId, JobKey};
 use crate::domain::job::Job;
-use crate::domain::plan::Charge;
 
 /// A job the gate refused: its key, why, and the detail.
 #[derive(Debug, Clone)]
@@ -87,15 +86,6 @@ pub struct Hold {
     pub charged_at: DateTime<Utc>,
 }
 
-/// The plan a charge of kind `charge` was made under (reservations keep
-/// the kind only; a `CHECK` constraint keeps it one of the three).
-fn plan_of(charge: &str) -> String {
-    charge
-        .parse::<Charge>()
-        .map(|c| c.plan().as_str().to_owned())
-        .unwrap_or_default()
-}
-
 impl Store {
     /// An account's held charges (forwarded, no delivery report yet),
     /// oldest first, at most `limit`. Holds are bounded by the hold time,
@@ -106,7 +96,7 @@ impl Store {
     pub async fn holds(&self, account: &AccountId, limit: i64) -> Result<Vec<Hold>, StoreError> {
         self.account_must_exist(account).await?;
         let rows = sqlx::query(
-            "SELECT idempotency_key, id, charge, created_at FROM reservations
+            "SELECT idempotency_key, id, plan, charge, created_at FROM reservations
              WHERE state = 'held' AND account_id = $1 ORDER BY created_at LIMIT $2",
         )
         .bind(account.as_str())
@@ -119,7 +109,7 @@ impl Store {
                 Ok(Hold {
                     idempotency_key: row.try_get("idempotency_key")?,
                     reservation_id: row.try_get("id")?,
-                    plan: plan_of(row.try_get("charge")?),
+                    plan: row.try_get("plan")?,
                     charge: row.try_get("charge")?,
                     charged_at: row.try_get("created_at")?,
                 })
@@ -166,20 +156,18 @@ impl Store {
         key: &str,
     ) -> Result<JobStatus, StoreError> {
         let charge = sqlx::query(
-            "SELECT id, state, charge, created_at, settled_at, settle_detail
-             FROM reservations
-             WHERE key_digest = $3 AND account_id = $1 AND idempotency_key = $2",
+            "SELECT id, state, plan, charge, created_at, settled_at, settle_detail
+             FROM reservations WHERE account_id = $1 AND idempotency_key = $2",
         )
         .bind(account.as_str())
         .bind(key)
-        .bind(key_digest(account.as_str(), key))
         .fetch_optional(&self.pool)
         .await?
         .map(|row| -> Result<ChargeStatus, sqlx::Error> {
             Ok(ChargeStatus {
                 reservation_id: row.try_get("id")?,
                 state: row.try_get("state")?,
-                plan: plan_of(row.try_get("charge")?),
+                plan: row.try_get("plan")?,
                 charge: row.try_get("charge")?,
                 charged_at: row.try_get("created_at")?,
                 settled_at: row.try_get("settled_at")?,

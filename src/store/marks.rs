@@ -33,13 +33,11 @@ impl Store {
             .map(|f| f.key.idempotency_key.as_str())
             .collect();
         let ids: Vec<Uuid> = forwards.iter().map(|f| f.reservation_id).collect();
-        let digests: Vec<Uuid> = forwards.iter().map(|f| f.key.digest()).collect();
         sqlx::query(sql::CONFIRM_FORWARDS)
             .bind(batches)
             .bind(&accounts)
             .bind(&keys)
             .bind(&ids)
-            .bind(&digests)
             .execute(&self.marks)
             .await?;
         Ok(())

@@ -12,7 +12,7 @@ use uuid::Uuid;
 
 use super::StoreError;
 use crate::domain::decision::{AccountState, PriorReservation};
-use crate::domain::ids::{AccountId, IdempotencyKey, JobKey, key_digest};
+use crate::domain::ids::{AccountId, IdempotencyKey, JobKey};
 use crate::domain::plan::{Charge, Plan, local_day, parse_timezone};
 use crate::domain::settle::{Reservation, State};
 
@@ -21,7 +21,7 @@ pub(super) fn plan(row: &PgRow, column: &str) -> Result<Plan, StoreError> {
     Plan::from_str(&name).map_err(|err| StoreError::corrupt(column, err))
 }
 
-pub(super) fn charge(row: &PgRow) -> Result<Charge, StoreError> {
+fn charge(row: &PgRow) -> Result<Charge, StoreError> {
     let name: String = row.try_get("charge")?;
     Charge::from_str(&name).map_err(|err| StoreError::corrupt("charge", err))
 }
@@ -63,14 +63,14 @@ pub(super) fn account_state(row: &PgRow, now: DateTime<Utc>) -> Result<AccountSt
 /// A reservation as deciding reads it (the columns of
 /// [`super::sql::reservation_lookup!`]).
 pub(super) fn prior_reservation(row: &PgRow) -> Result<PriorReservation, StoreError> {
-    let hash: Vec<u8> = row.try_get("payload_digest")?;
+    let hash: Vec<u8> = row.try_get("payload_sha256")?;
     let state: Option<String> = row.try_get("state")?;
     Ok(PriorReservation {
         id: row.try_get("id")?,
-        payload_digest: hash
+        payload_sha256: hash
             .try_into()
-            .map_err(|_| StoreError::corrupt("payload_digest", "not 16 bytes"))?,
-        plan: charge(row)?.plan(),
+            .map_err(|_| StoreError::corrupt("payload_sha256", "not 32 bytes"))?,
+        plan: plan(row, "plan")?,
         charge: charge(row)?,
         remaining: row.try_get("remaining")?,
         forward_confirmed: row.try_get("forward_confirmed")?,
@@ -165,26 +165,13 @@ pub(super) fn distinct_accounts<'a>(ids: impl Iterator<Item = &'a AccountId>) ->
     ids
 }
 
-/// The distinct (account, key) pairs of a batch, as the parallel arrays the
-/// SQL unnests: accounts, keys, and the keys' digests (which reservations
-/// are indexed by).
-pub(super) struct KeyArrays<'a> {
-    pub accounts: Vec<&'a str>,
-    pub keys: Vec<&'a str>,
-    pub digests: Vec<Uuid>,
-}
-
+/// The distinct (account, key) pairs of a batch, as the two parallel text
+/// arrays the SQL unnests.
 pub(super) fn key_arrays<'a>(
     keys: impl Iterator<Item = (&'a AccountId, &'a IdempotencyKey)>,
-) -> KeyArrays<'a> {
+) -> (Vec<&'a str>, Vec<&'a str>) {
     let mut pairs: Vec<(&str, &str)> = keys.map(|(a, k)| (a.as_str(), k.as_str())).collect();
     pairs.sort_unstable();
     pairs.dedup();
-    let digests = pairs.iter().map(|(a, k)| key_digest(a, k)).collect();
-    let (accounts, keys) = pairs.into_iter().unzip();
-    KeyArrays {
-        accounts,
-        keys,
-        digests,
-    }
+    pairs.into_iter().unzip()
 }

@@ -38,13 +38,13 @@ impl Store {
                 rows::account_state(&row, now)?,
             );
         }
-        let keys = key_arrays(reports.iter().map(|r| (&r.account_id, &r.idempotency_key)));
+        let (key_accounts, keys) =
+            key_arrays(reports.iter().map(|r| (&r.account_id, &r.idempotency_key)));
         let mut reservations = HashMap::new();
         let mut usage = HashMap::new();
         for row in sqlx::query(sql::HELD_READ)
-            .bind(&keys.accounts)
-            .bind(&keys.keys)
-            .bind(&keys.digests)
+            .bind(&key_accounts)
+            .bind(&keys)
             .fetch_all(&mut *tx)
             .await?
         {
@@ -58,13 +58,6 @@ impl Store {
         if !effects.settled.is_empty() {
             settle_write(&effects)
                 .bind(usage::bucket(now))
-                .bind(
-                    effects
-                        .settled
-                        .iter()
-                        .map(|x| x.key.digest())
-                        .collect::<Vec<_>>(),
-                )
                 .execute(&mut *tx)
                 .await?;
         }

@@ -17,46 +17,42 @@
 pub const BEGIN_PLANNED: &str = "BEGIN; SET LOCAL plan_cache_mode = force_custom_plan";
 
 /// SQL text (a literal, for `concat!`): the earlier reservations of a
-/// batch's keys (`$accounts`, `$keys`: two parallel text arrays; `$digests`
-/// their [`key_digest`](crate::domain::ids::key_digest)s), as
+/// batch's keys (`$accounts`, `$keys`: two parallel text arrays), as
 /// `kind = 'reservation'` rows in the column order of
-/// [`super::rows::prior_reservation`]. Each key is probed on its own by its
-/// digest, in every slot (see `slot_of_new!`), and its texts compared. A forward is confirmed by its own row,
+/// [`super::rows::prior_reservation`]. Each key is probed on its own, in
+/// every slot (see `slot_of_new!`). A forward is confirmed by its own row,
 /// or by its batch's; a batch row is removed only once confirmed
 /// ([`PURGE_FORWARD_BATCHES`]), so a missing one counts as confirmed.
 macro_rules! reservation_lookup {
-    ($accounts:literal, $keys:literal, $digests:literal) => {
+    ($accounts:literal, $keys:literal) => {
         concat!(
             "SELECT 'reservation', k.account_id, k.idempotency_key, NULL::int8, r.id,
-                    r.payload_digest, NULL::text, r.charge, r.remaining, r.forward_confirmed,
+                    r.payload_sha256, r.plan, r.charge, r.remaining, r.forward_confirmed,
                     r.state, NULL::text, NULL::int8
              FROM unnest(",
             $accounts,
             "::text[], ",
             $keys,
-            "::text[], ",
-            $digests,
-            "::uuid[])
-                  AS k(account_id, idempotency_key, key_digest)
+            "::text[])
+                  AS k(account_id, idempotency_key)
              CROSS JOIN LATERAL (
-                 SELECT r.id, r.payload_digest, r.charge, r.remaining,
+                 SELECT r.id, r.payload_sha256, r.plan, r.charge, r.remaining,
                         r.forward_confirmed OR b.confirmed_at IS NOT NULL
                             OR (r.batch_id IS NOT NULL AND b.id IS NULL) AS forward_confirmed,
                         r.state
                  FROM reservations r LEFT JOIN forward_batches b ON b.id = r.batch_id
-                 WHERE r.key_digest = k.key_digest
-                   AND r.account_id = k.account_id AND r.idempotency_key = k.idempotency_key
+                 WHERE r.account_id = k.account_id AND r.idempotency_key = k.idempotency_key
                  OFFSET 0
              ) r"
         )
     };
 }
 
-/// Pro usage ($1 accounts, $2 days) and earlier reservations ($3, $4, $5),
-/// read once the batch's metered accounts are locked.
+/// Pro usage ($1 accounts, $2 days) and earlier reservations ($3, $4), read
+/// once the batch's metered accounts are locked.
 pub const PRIOR_READ: &str = concat!(
     "SELECT 'usage' AS kind, k.account_id, NULL::text AS idempotency_key,
-            u.used::int8 AS used, NULL::uuid AS id, NULL::bytea AS payload_digest,
+            u.used::int8 AS used, NULL::uuid AS id, NULL::bytea AS payload_sha256,
             NULL::text AS plan, NULL::text AS charge, NULL::int8 AS remaining,
             NULL::bool AS forward_confirmed, NULL::text AS state,
             NULL::text AS timezone, NULL::int8 AS credit_balance
@@ -66,20 +62,20 @@ pub const PRIOR_READ: &str = concat!(
          WHERE u.account_id = k.account_id AND u.day = k.day OFFSET 0
      ) u
      UNION ALL ",
-    reservation_lookup!("$3", "$4", "$5")
+    reservation_lookup!("$3", "$4")
 );
 
-/// Accounts ($1) and earlier reservations ($2, $3, $4) in one unlocked read,
+/// Accounts ($1) and earlier reservations ($2, $3) in one unlocked read,
 /// for a batch of scale accounts.
 pub const UNLOCKED_READ: &str = concat!(
     "SELECT 'account' AS kind, a.id AS account_id, NULL::text AS idempotency_key,
-            NULL::int8 AS used, NULL::uuid AS id, NULL::bytea AS payload_digest,
+            NULL::int8 AS used, NULL::uuid AS id, NULL::bytea AS payload_sha256,
             a.plan, NULL::text AS charge, NULL::int8 AS remaining,
             NULL::bool AS forward_confirmed, NULL::text AS state,
             a.timezone, a.credit_balance
      FROM accounts a WHERE a.id = ANY($1)
      UNION ALL ",
-    reservation_lookup!("$2", "$3", "$4")
+    reservation_lookup!("$2", "$3")
 );
 
 /// The batch's accounts ($1, sorted), metered ones (free, pro) locked.
@@ -181,17 +177,17 @@ macro_rules! record_refusals {
 }
 
 /// SQL text (a literal, for `concat!`): the slot a new reservation of
-/// charge `$charge` is written to. Free charges are kept forever (slot 0); the
+/// plan `$plan` is written to. Free charges are kept forever (slot 0); the
 /// others go to the ring's current slot, which retention empties whole
 /// once it has been out of use for the deduplication window
 /// ([`ROTATE_READ`]). Read in the statement's own snapshot, so a statement
 /// never writes to a slot emptied after it began.
 macro_rules! slot_of_new {
-    ($charge:literal) => {
+    ($plan:literal) => {
         concat!(
             "CASE WHEN ",
-            $charge,
-            " = 'credit' THEN 0::int2 ELSE (SELECT current FROM reservation_ring) END"
+            $plan,
+            " = 'free' THEN 0::int2 ELSE (SELECT current FROM reservation_ring) END"
         )
     };
 }
@@ -203,16 +199,16 @@ macro_rules! insert_reservations {
     ($batch:literal) => {
         concat!(
             "INSERT INTO reservations
-        (id, account_id, idempotency_key, payload_digest, key_digest, charge, usage_day,
+        (id, account_id, idempotency_key, payload_sha256, plan, charge, usage_day,
          remaining, batch_id, slot)
     SELECT n.*, ",
             $batch,
             "::uuid, ",
-            slot_of_new!("n.charge"),
+            slot_of_new!("n.plan"),
             "
     FROM unnest($1::uuid[], $2::text[], $3::text[], $4::bytea[],
-                $5::uuid[], $6::text[], $7::date[], $8::int8[])
-         AS n(id, account_id, idempotency_key, payload_digest, key_digest, charge, usage_day,
+                $5::text[], $6::text[], $7::date[], $8::int8[])
+         AS n(id, account_id, idempotency_key, payload_sha256, plan, charge, usage_day,
               remaining)"
         )
     };
@@ -235,14 +231,14 @@ pub const RECORD_UNMETERED: &str = concat!(
     insert_reservations!("$9")
 );
 
-/// Takes out the released reservations of keys ($1 digests, $2 accounts,
-/// $3 keys) about to be charged afresh, before the charge is written: the new charge
+/// Takes out the released reservations of keys ($1 accounts, $2 keys)
+/// about to be charged afresh, before the charge is written: the new charge
 /// may belong in another slot than the old one (a key released in an
 /// earlier slot, or under another plan), and a key has one row. In the
 /// locked batch's transaction, so the insert that follows sees them gone.
 /// A function run as the schema's owner: the runtime role deletes no
 /// reservation itself.
-pub const REMOVE_RELEASED: &str = "SELECT remove_released_reservations($1, $2, $3)";
+pub const REMOVE_RELEASED: &str = "SELECT remove_released_reservations($1, $2)";
 
 /// Everything a locked batch writes, in one statement: reservations ($1-$8)
 /// under forward batch $19, ledger rows ($9-$12), balances ($13, $14), Pro
@@ -265,16 +261,14 @@ pub const RECORD_METERED: &str = concat!(
         -- A released reservation is charged afresh (one in another slot was
         -- removed first: REMOVE_RELEASED); any other existing row means
         -- another worker won the race.
-        ON CONFLICT (key_digest, slot) DO UPDATE SET
-            id = EXCLUDED.id, payload_digest = EXCLUDED.payload_digest,
-            charge = EXCLUDED.charge,
+        ON CONFLICT (account_id, idempotency_key, slot) DO UPDATE SET
+            id = EXCLUDED.id, payload_sha256 = EXCLUDED.payload_sha256,
+            plan = EXCLUDED.plan, charge = EXCLUDED.charge,
             usage_day = EXCLUDED.usage_day, remaining = EXCLUDED.remaining,
             forward_confirmed = false, confirmed_at = NULL, created_at = now(),
             batch_id = EXCLUDED.batch_id,
             state = 'held', settled_at = NULL, settle_detail = NULL
         WHERE reservations.state = 'released'
-          AND reservations.account_id = EXCLUDED.account_id
-          AND reservations.idempotency_key = EXCLUDED.idempotency_key
         RETURNING 1
     ), ledger AS (
         INSERT INTO credit_ledger
@@ -296,19 +290,17 @@ pub const RECORD_METERED: &str = concat!(
     SELECT count(*) FROM new_reservations"
 );
 
-/// The reservations named by reports ($1 accounts, $2 keys, $3 their
-/// digests), locked, with the Pro usage of their day (columns of
-/// [`super::rows::held`]).
+/// The reservations named by reports ($1 accounts, $2 keys), locked, with
+/// the Pro usage of their day (columns of [`super::rows::held`]).
 pub const HELD_READ: &str = "
     SELECT r.account_id, r.idempotency_key, r.id, r.charge, r.usage_day, r.state, u.used
-    FROM unnest($1::text[], $2::text[], $3::uuid[]) AS k(account_id, idempotency_key, key_digest)
-    JOIN reservations r ON r.key_digest = k.key_digest
-        AND r.account_id = k.account_id AND r.idempotency_key = k.idempotency_key
+    FROM reservations r
     LEFT JOIN daily_usage u ON u.account_id = r.account_id AND u.day = r.usage_day
+    WHERE (r.account_id, r.idempotency_key) IN
+          (SELECT * FROM unnest($1::text[], $2::text[]))
     FOR UPDATE OF r";
 
-/// Everything settling writes, in one statement: new states ($1-$4, the
-/// keys' digests $15),
+/// Everything settling writes, in one statement: new states ($1-$4),
 /// release ledger rows ($5-$8), balances ($9, $10), Pro usage ($11-$13) and
 /// the releases counted in the usage of bucket $14 (under no campaign).
 pub const SETTLE_WRITE: &str = "
@@ -321,10 +313,9 @@ pub const SETTLE_WRITE: &str = "
     ), settled AS (
         UPDATE reservations r
         SET state = s.state, settled_at = now(), settle_detail = s.detail
-        FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $15::uuid[])
-             AS s(account_id, idempotency_key, state, detail, key_digest)
-        WHERE r.key_digest = s.key_digest
-          AND r.account_id = s.account_id AND r.idempotency_key = s.idempotency_key
+        FROM unnest($1::text[], $2::text[], $3::text[], $4::text[])
+             AS s(account_id, idempotency_key, state, detail)
+        WHERE r.account_id = s.account_id AND r.idempotency_key = s.idempotency_key
     ), releases AS (
         INSERT INTO credit_ledger
             (account_id, delta, kind, balance_after, idempotency_key, reservation_id, note)
@@ -346,15 +337,15 @@ pub const SETTLE_WRITE: &str = "
 pub const EXPIRE_HOLDS: &str = "
     UPDATE reservations r SET state = 'committed', settled_at = now(),
            settle_detail = 'no outcome within the hold time'
-    FROM (SELECT key_digest, slot FROM reservations
+    FROM (SELECT account_id, idempotency_key, slot FROM reservations
           WHERE state = 'held' AND created_at < now() - $1::interval
           ORDER BY created_at LIMIT $2
           FOR UPDATE SKIP LOCKED) old
-    WHERE r.key_digest = old.key_digest AND r.slot = old.slot AND r.state = 'held'";
+    WHERE r.account_id = old.account_id AND r.idempotency_key = old.idempotency_key
+      AND r.slot = old.slot AND r.state = 'held'";
 
 /// Confirmed forwards: whole batches by id ($1, one row each), and forwards
-/// of earlier charges by key and reservation ($2, $3, $4; the keys' digests
-/// $5). A mark names the
+/// of earlier charges by key and reservation ($2, $3, $4). A mark names the
 /// reservation it confirms, so a late mark of an earlier attempt never marks
 /// the charge a key got after a release.
 pub const CONFIRM_FORWARDS: &str = "
@@ -363,10 +354,8 @@ pub const CONFIRM_FORWARDS: &str = "
         WHERE id = ANY($1) AND confirmed_at IS NULL
     )
     UPDATE reservations r SET forward_confirmed = true, confirmed_at = now()
-    FROM unnest($2::text[], $3::text[], $4::uuid[], $5::uuid[])
-         AS k(account_id, idempotency_key, id, key_digest)
-    WHERE r.key_digest = k.key_digest
-      AND r.account_id = k.account_id AND r.idempotency_key = k.idempotency_key
+    FROM unnest($2::text[], $3::text[], $4::uuid[]) AS k(account_id, idempotency_key, id)
+    WHERE r.account_id = k.account_id AND r.idempotency_key = k.idempotency_key
       AND r.id = k.id AND NOT r.forward_confirmed";
 
 /// The runtime role's privileges, granted by every `sendgate migrate` (run
@@ -388,7 +377,7 @@ pub const RUNTIME_GRANTS: &str = "
             -- removed.
             GRANT SELECT ON reservation_ring TO sendgate_app;
             GRANT EXECUTE ON FUNCTION rotate_reservation_ring(interval),
-                remove_released_reservations(uuid[], text[], text[]) TO sendgate_app;
+                remove_released_reservations(text[], text[]) TO sendgate_app;
             GRANT DELETE ON forward_batches TO sendgate_app;
             -- Job status: the latest refusal per key, removed by retention.
             GRANT SELECT, INSERT, UPDATE, DELETE ON refusals TO sendgate_app;

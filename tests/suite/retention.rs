@@ -225,34 +225,3 @@ async fn a_key_released_in_one_slot_and_charged_in_the_next_keeps_one_row() {
     gate.shutdown().await;
     env.cleanup().await;
 }
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_database_and_sendgate_compute_the_same_key_digest() {
-    let env = TestEnv::new();
-    let store = env.store().await;
-    for (account, key) in [
-        ("acme", "job-1"),
-        ("a", "bc"),
-        ("ab", "c"),
-        ("zoë", "clé-Ω-🎙"),
-        ("x", &"k".repeat(255)),
-    ] {
-        let in_sql: uuid::Uuid = sqlx::query_scalar("SELECT reservation_key_digest($1, $2)")
-            .bind(account)
-            .bind(key)
-            .fetch_one(store.pool())
-            .await
-            .unwrap();
-        assert_eq!(
-            in_sql,
-            sendgate::domain::ids::key_digest(account, key),
-            "{account} / {key}"
-        );
-    }
-    assert_ne!(
-        sendgate::domain::ids::key_digest("a", "bc"),
-        sendgate::domain::ids::key_digest("ab", "c"),
-        "the account's length keeps (a, bc) and (ab, c) apart"
-    );
-    env.cleanup().await;
-}

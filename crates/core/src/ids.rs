@@ -5,8 +5,6 @@
 use std::borrow::Borrow;
 use std::fmt;
 
-use uuid::Uuid;
-
 /// Longest `account_id`, in characters.
 pub const MAX_ACCOUNT_ID_CHARS: usize = 128;
 /// Longest idempotency key, in characters. It also travels as the AMQP
@@ -100,30 +98,6 @@ impl JobKey {
             idempotency_key: idempotency_key.clone(),
         }
     }
-
-    /// The key's digest, which reservations are indexed by: see
-    /// [`key_digest`].
-    pub fn digest(&self) -> Uuid {
-        key_digest(self.account_id.as_str(), self.idempotency_key.as_str())
-    }
-}
-
-/// The first 128 bits of the SHA-256 of the account id's length (4 bytes,
-/// big-endian), the account id and the key, as a UUID: a fixed 16 bytes to
-/// index a charge by instead of both texts. The database computes the same
-/// (migration 20261130000010). Reads compare the texts too, so two keys
-/// whose digests met by chance (odds far below 1 in 2^64 at any real
-/// number of keys) are never taken for one another.
-pub fn key_digest(account_id: &str, idempotency_key: &str) -> Uuid {
-    let mut input = Vec::with_capacity(4 + account_id.len() + idempotency_key.len());
-    input.extend_from_slice(
-        &u32::try_from(account_id.len())
-            .unwrap_or(u32::MAX)
-            .to_be_bytes(),
-    );
-    input.extend_from_slice(account_id.as_bytes());
-    input.extend_from_slice(idempotency_key.as_bytes());
-    Uuid::from_bytes(crate::job::digest16(&input))
 }
 
 /// 1 to `max` printable characters: no control characters, and within the

@@ -8,24 +8,13 @@ use sha2::{Digest, Sha256};
 
 use crate::ids::{AccountId, IdempotencyKey, JobKey};
 
-/// The first 16 bytes of the SHA-256 of `bytes`.
-pub fn digest16(bytes: &[u8]) -> [u8; 16] {
-    let full = Sha256::digest(bytes);
-    let mut first = [0; 16];
-    first.copy_from_slice(&full[..16]);
-    first
-}
-
 /// A job that passed validation.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Job {
     pub account_id: AccountId,
     pub idempotency_key: IdempotencyKey,
-    /// The body bytes' SHA-256, its first 128 bits (what a reservation
-    /// keeps): "same payload" means the same bytes. 128 bits keep an
-    /// accidental match out of reach (and a crafted one could only make a
-    /// sender's own two jobs look alike).
-    pub payload_digest: [u8; 16],
+    /// SHA-256 of the body bytes: "same payload" means the same bytes.
+    pub payload_sha256: [u8; 32],
     /// The body's `campaign_id`, when it is a string of 1 to 128 printable
     /// characters: usage can be grouped by it. Never judged: any other
     /// value (or none) is simply no campaign.
@@ -136,7 +125,7 @@ impl Job {
         Ok(Job {
             account_id,
             idempotency_key,
-            payload_digest: digest16(body),
+            payload_sha256: Sha256::digest(body).into(),
             campaign_id,
         })
     }
@@ -217,8 +206,8 @@ mod tests {
             LIMIT,
         );
         let (a, b, c) = (a.expect("valid"), b.expect("valid"), c.expect("valid"));
-        assert_eq!(a.payload_digest, b.payload_digest);
-        assert_ne!(a.payload_digest, c.payload_digest);
+        assert_eq!(a.payload_sha256, b.payload_sha256);
+        assert_ne!(a.payload_sha256, c.payload_sha256);
     }
 
     #[test]

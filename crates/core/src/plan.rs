@@ -78,16 +78,6 @@ impl Charge {
         }
     }
 
-    /// The plan a charge of this kind was made under (each plan has one
-    /// kind of charge).
-    pub fn plan(self) -> Plan {
-        match self {
-            Charge::Credit => Plan::Free,
-            Charge::DailySlot => Plan::Pro,
-            Charge::Unmetered => Plan::Scale,
-        }
-    }
-
     pub fn as_str(self) -> &'static str {
         match self {
             Charge::Credit => "credit",
