@@ -424,12 +424,12 @@ impl Bench {
             let n = chunk.min(rows - done);
             sqlx::query(
                 "INSERT INTO reservations
-                     (id, account_id, idempotency_key, payload_sha256, plan, charge, usage_day,
+                     (id, account_id, idempotency_key, payload_digest, plan, charge, usage_day,
                       remaining, forward_confirmed, created_at, confirmed_at, state, settled_at,
                       slot)
                  SELECT gen_random_uuid(), $1 || '-' || (i % $2),
                         'hist-' || lpad(i::text, $3 - 5, '0'),
-                        sha256(i::text::bytea),
+                        substr(sha256(i::text::bytea), 1, 16),
                         CASE WHEN i % $2 % 10 < 2 THEN 'free'
                              WHEN i % $2 % 10 < 5 THEN 'pro' ELSE 'scale' END,
                         CASE WHEN i % $2 % 10 < 2 THEN 'credit'

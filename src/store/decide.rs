@@ -368,7 +368,7 @@ fn bind_reservations<'q>(query: Query<'q>, r: &'q [NewReservation]) -> Query<'q>
         )
         .bind(
             r.iter()
-                .map(|x| x.payload_sha256.to_vec())
+                .map(|x| x.payload_digest.to_vec())
                 .collect::<Vec<_>>(),
         )
         .bind(r.iter().map(|x| x.plan.as_str()).collect::<Vec<_>>())

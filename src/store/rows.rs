@@ -63,13 +63,16 @@ pub(super) fn account_state(row: &PgRow, now: DateTime<Utc>) -> Result<AccountSt
 /// A reservation as deciding reads it (the columns of
 /// [`super::sql::reservation_lookup!`]).
 pub(super) fn prior_reservation(row: &PgRow) -> Result<PriorReservation, StoreError> {
-    let hash: Vec<u8> = row.try_get("payload_sha256")?;
+    // 16 bytes, or the whole SHA-256 of a charge from before the digest was
+    // cut to 16 (its first 16 bytes are the digest).
+    let hash: Vec<u8> = row.try_get("payload_digest")?;
     let state: Option<String> = row.try_get("state")?;
     Ok(PriorReservation {
         id: row.try_get("id")?,
-        payload_sha256: hash
-            .try_into()
-            .map_err(|_| StoreError::corrupt("payload_sha256", "not 32 bytes"))?,
+        payload_digest: match hash.len() {
+            16 | 32 => hash[..16].try_into().expect("16 bytes"),
+            n => return Err(StoreError::corrupt("payload_digest", format!("{n} bytes"))),
+        },
         plan: plan(row, "plan")?,
         charge: charge(row)?,
         remaining: row.try_get("remaining")?,

@@ -27,7 +27,7 @@ macro_rules! reservation_lookup {
     ($accounts:literal, $keys:literal) => {
         concat!(
             "SELECT 'reservation', k.account_id, k.idempotency_key, NULL::int8, r.id,
-                    r.payload_sha256, r.plan, r.charge, r.remaining, r.forward_confirmed,
+                    r.payload_digest, r.plan, r.charge, r.remaining, r.forward_confirmed,
                     r.state, NULL::text, NULL::int8
              FROM unnest(",
             $accounts,
@@ -36,7 +36,7 @@ macro_rules! reservation_lookup {
             "::text[])
                   AS k(account_id, idempotency_key)
              CROSS JOIN LATERAL (
-                 SELECT r.id, r.payload_sha256, r.plan, r.charge, r.remaining,
+                 SELECT r.id, r.payload_digest, r.plan, r.charge, r.remaining,
                         r.forward_confirmed OR b.confirmed_at IS NOT NULL
                             OR (r.batch_id IS NOT NULL AND b.id IS NULL) AS forward_confirmed,
                         r.state
@@ -52,7 +52,7 @@ macro_rules! reservation_lookup {
 /// once the batch's metered accounts are locked.
 pub const PRIOR_READ: &str = concat!(
     "SELECT 'usage' AS kind, k.account_id, NULL::text AS idempotency_key,
-            u.used::int8 AS used, NULL::uuid AS id, NULL::bytea AS payload_sha256,
+            u.used::int8 AS used, NULL::uuid AS id, NULL::bytea AS payload_digest,
             NULL::text AS plan, NULL::text AS charge, NULL::int8 AS remaining,
             NULL::bool AS forward_confirmed, NULL::text AS state,
             NULL::text AS timezone, NULL::int8 AS credit_balance
@@ -69,7 +69,7 @@ pub const PRIOR_READ: &str = concat!(
 /// for a batch of scale accounts.
 pub const UNLOCKED_READ: &str = concat!(
     "SELECT 'account' AS kind, a.id AS account_id, NULL::text AS idempotency_key,
-            NULL::int8 AS used, NULL::uuid AS id, NULL::bytea AS payload_sha256,
+            NULL::int8 AS used, NULL::uuid AS id, NULL::bytea AS payload_digest,
             a.plan, NULL::text AS charge, NULL::int8 AS remaining,
             NULL::bool AS forward_confirmed, NULL::text AS state,
             a.timezone, a.credit_balance
@@ -199,7 +199,7 @@ macro_rules! insert_reservations {
     ($batch:literal) => {
         concat!(
             "INSERT INTO reservations
-        (id, account_id, idempotency_key, payload_sha256, plan, charge, usage_day,
+        (id, account_id, idempotency_key, payload_digest, plan, charge, usage_day,
          remaining, batch_id, slot)
     SELECT n.*, ",
             $batch,
@@ -208,7 +208,7 @@ macro_rules! insert_reservations {
             "
     FROM unnest($1::uuid[], $2::text[], $3::text[], $4::bytea[],
                 $5::text[], $6::text[], $7::date[], $8::int8[])
-         AS n(id, account_id, idempotency_key, payload_sha256, plan, charge, usage_day,
+         AS n(id, account_id, idempotency_key, payload_digest, plan, charge, usage_day,
               remaining)"
         )
     };
@@ -262,7 +262,7 @@ pub const RECORD_METERED: &str = concat!(
         -- removed first: REMOVE_RELEASED); any other existing row means
         -- another worker won the race.
         ON CONFLICT (account_id, idempotency_key, slot) DO UPDATE SET
-            id = EXCLUDED.id, payload_sha256 = EXCLUDED.payload_sha256,
+            id = EXCLUDED.id, payload_digest = EXCLUDED.payload_digest,
             plan = EXCLUDED.plan, charge = EXCLUDED.charge,
             usage_day = EXCLUDED.usage_day, remaining = EXCLUDED.remaining,
             forward_confirmed = false, confirmed_at = NULL, created_at = now(),

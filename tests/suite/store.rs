@@ -8,7 +8,7 @@ use std::collections::HashMap;
 use crate::harness::*;
 use sendgate::domain::decision::{Decision, Forward};
 use sendgate::domain::job::Job;
-use sendgate::domain::plan::{Charge, Plan};
+use sendgate::domain::plan::{Charge, Plan, Reason};
 use sendgate::domain::settle::Report;
 use sendgate::store::Store;
 use uuid::Uuid;
@@ -169,6 +169,41 @@ async fn a_released_scale_charge_is_charged_afresh_and_a_repeat_is_not() {
         assert_eq!(repeat.reservation_id, ids[&i]);
     }
     assert_eq!(reservation_count(&store, "sam").await, 3);
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_charge_kept_with_the_whole_sha256_still_tells_copies_from_other_payloads() {
+    let (env, store) = scale_account("old").await;
+    let now = utc("2026-03-02T10:00:00Z");
+    let copy = jobs("old", &keys("k", 1));
+    let first = store.decide(&copy, now).await.unwrap();
+    let charged = forward(&first.decisions[0]).reservation_id;
+    // As charges written before the digest was cut to 16 bytes are kept.
+    let body = job_body("old", "k-0");
+    sqlx::query("UPDATE reservations SET payload_digest = sha256($1) WHERE account_id = 'old'")
+        .bind(&body)
+        .execute(store.pool())
+        .await
+        .unwrap();
+
+    let again = store.decide(&copy, now).await.unwrap();
+    let repeat = forward(&again.decisions[0]);
+    assert!(
+        !repeat.fresh,
+        "the same payload is a copy of the charged job"
+    );
+    assert_eq!(repeat.reservation_id, charged);
+
+    let mut other: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    other["voice_note_url"] = "https://cdn.example.test/notes/43.ogg".into();
+    let other = Job::parse(other.to_string().as_bytes(), None, 65536).unwrap();
+    let conflict = store.decide(&[other], now).await.unwrap();
+    match &conflict.decisions[0] {
+        Decision::DeadLetter(d) => assert_eq!(d.reason, Reason::IdempotencyConflict),
+        other => panic!("expected an idempotency conflict: {other:?}"),
+    }
+    assert_eq!(reservation_count(&store, "old").await, 1);
     env.cleanup().await;
 }
 

@@ -14,7 +14,7 @@ use chrono_tz::Tz;
 use uuid::Uuid;
 
 use crate::ids::{AccountId, IdempotencyKey, JobKey};
-use crate::job::Job;
+use crate::job::{Job, PayloadDigest};
 use crate::plan::{Charge, Limits, OnLimit, Plan, Reason, next_day_start};
 
 /// An account as the batch finds it, locked for the transaction.
@@ -33,7 +33,7 @@ pub struct AccountState {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PriorReservation {
     pub id: Uuid,
-    pub payload_sha256: [u8; 32],
+    pub payload_digest: PayloadDigest,
     pub plan: Plan,
     pub charge: Charge,
     pub remaining: Option<i64>,
@@ -91,7 +91,7 @@ pub struct NewReservation {
     pub id: Uuid,
     pub account_id: AccountId,
     pub idempotency_key: IdempotencyKey,
-    pub payload_sha256: [u8; 32],
+    pub payload_digest: PayloadDigest,
     pub plan: Plan,
     pub charge: Charge,
     pub usage_day: Option<NaiveDate>,
@@ -152,14 +152,14 @@ pub fn decide_batch(
 ) -> (Vec<Decision>, Effects) {
     let mut state: HashMap<&AccountId, AccountState> = HashMap::new();
     // Keys first seen in this batch (or re-forwarded in it), with their hash.
-    let mut seen: HashMap<(&str, &str), [u8; 32]> = HashMap::new();
+    let mut seen: HashMap<(&str, &str), PayloadDigest> = HashMap::new();
     let mut effects = Effects::default();
     let mut decisions = Vec::with_capacity(jobs.len());
 
     for job in jobs {
         let key = (job.account_id.as_str(), job.idempotency_key.as_str());
         if let Some(hash) = seen.get(&key) {
-            decisions.push(if *hash == job.payload_sha256 {
+            decisions.push(if *hash == job.payload_digest {
                 Decision::Duplicate
             } else {
                 conflict(job)
@@ -168,11 +168,11 @@ pub fn decide_batch(
         }
         let earlier = prior.get(&job.key());
         if let Some(earlier) =
-            earlier.filter(|e| !e.released || e.payload_sha256 != job.payload_sha256)
+            earlier.filter(|e| !e.released || e.payload_digest != job.payload_digest)
         {
             let decision = replay(job, earlier);
             if !matches!(decision, Decision::DeadLetter(_)) {
-                seen.insert(key, job.payload_sha256);
+                seen.insert(key, job.payload_digest);
             }
             decisions.push(decision);
             continue;
@@ -192,7 +192,7 @@ pub fn decide_batch(
         };
         let decision = charge(job, account, limits, now, &mut new_id, &mut effects);
         if matches!(decision, Decision::Forward(_)) {
-            seen.insert(key, job.payload_sha256);
+            seen.insert(key, job.payload_digest);
         }
         decisions.push(decision);
     }
@@ -204,7 +204,7 @@ pub fn decide_batch(
 /// A job an earlier attempt charged: a conflict if its payload differs, a
 /// duplicate if its forward was confirmed, else forwarded again uncharged.
 fn replay(job: &Job, earlier: &PriorReservation) -> Decision {
-    if earlier.payload_sha256 != job.payload_sha256 {
+    if earlier.payload_digest != job.payload_digest {
         conflict(job)
     } else if earlier.forward_confirmed {
         Decision::Duplicate
@@ -308,7 +308,7 @@ fn charge(
         id,
         account_id: job.account_id.clone(),
         idempotency_key: job.idempotency_key.clone(),
-        payload_sha256: job.payload_sha256,
+        payload_digest: job.payload_digest,
         plan: account.plan,
         charge,
         usage_day: (account.plan == Plan::Pro).then_some(account.today),
@@ -378,7 +378,7 @@ mod tests {
         Job {
             account_id: key.account_id,
             idempotency_key: key.idempotency_key,
-            payload_sha256: [payload; 32],
+            payload_digest: [payload; 16],
             campaign_id: None,
         }
     }
@@ -482,7 +482,7 @@ mod tests {
         let now = at("2026-01-01T12:00:00Z");
         let earlier = |confirmed| PriorReservation {
             id: Uuid::nil(),
-            payload_sha256: [1; 32],
+            payload_digest: [1; 16],
             plan: Plan::Free,
             charge: Charge::Credit,
             remaining: Some(4),
@@ -519,7 +519,7 @@ mod tests {
         let now = at("2026-01-01T12:00:00Z");
         let released = PriorReservation {
             id: Uuid::nil(),
-            payload_sha256: [1; 32],
+            payload_digest: [1; 16],
             plan: Plan::Free,
             charge: Charge::Credit,
             remaining: Some(4),
@@ -646,7 +646,7 @@ mod tests {
                     Decision::Duplicate => {
                         let earlier_same = prior
                             .get(&key)
-                            .is_some_and(|r| r.payload_sha256 == job.payload_sha256);
+                            .is_some_and(|r| r.payload_digest == job.payload_digest);
                         let in_batch = effects.reservations.iter().any(|r| {
                             r.account_id == key.account_id
                                 && r.idempotency_key == key.idempotency_key
@@ -676,7 +676,7 @@ mod tests {
                     (
                         PriorReservation {
                             id: r.id,
-                            payload_sha256: r.payload_sha256,
+                            payload_digest: r.payload_digest,
                             plan: r.plan,
                             charge: r.charge,
                             remaining: r.remaining,

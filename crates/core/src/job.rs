@@ -13,12 +13,28 @@ use crate::ids::{AccountId, IdempotencyKey, JobKey};
 pub struct Job {
     pub account_id: AccountId,
     pub idempotency_key: IdempotencyKey,
-    /// SHA-256 of the body bytes: "same payload" means the same bytes.
-    pub payload_sha256: [u8; 32],
+    /// The body's [`PayloadDigest`]: "same payload" means the same bytes.
+    pub payload_digest: PayloadDigest,
     /// The body's `campaign_id`, when it is a string of 1 to 128 printable
     /// characters: usage can be grouped by it. Never judged: any other
     /// value (or none) is simply no campaign.
     pub campaign_id: Option<String>,
+}
+
+/// The first 16 bytes of the SHA-256 of a job's body, kept with its
+/// charge to tell a copy of the job from another job under the same key.
+/// 128 bits: no two different bodies share one by chance, and making two
+/// that do takes about 2^64 tries, for a sender who would only be fooling
+/// itself (its own two jobs under its own key). Charges from before
+/// 2026-11-30 keep the whole 32 bytes; their first 16 are this.
+pub type PayloadDigest = [u8; 16];
+
+/// A body's [`PayloadDigest`].
+pub fn payload_digest(body: &[u8]) -> PayloadDigest {
+    let full = Sha256::digest(body);
+    let mut digest = [0; 16];
+    digest.copy_from_slice(&full[..16]);
+    digest
 }
 
 /// The longest `campaign_id` usage is grouped by, in characters.
@@ -125,7 +141,7 @@ impl Job {
         Ok(Job {
             account_id,
             idempotency_key,
-            payload_sha256: Sha256::digest(body).into(),
+            payload_digest: payload_digest(body),
             campaign_id,
         })
     }
@@ -160,6 +176,18 @@ mod tests {
     use crate::ids::{MAX_ACCOUNT_ID_CHARS, MAX_KEY_CHARS};
 
     const LIMIT: usize = 64 * 1024;
+
+    #[test]
+    fn the_payload_digest_is_the_first_half_of_the_sha256() {
+        // SHA-256("abc") = ba7816bf 8f01cfea 414140de 5dae2223 b00361a3 ...
+        assert_eq!(
+            payload_digest(b"abc"),
+            [
+                0xba, 0x78, 0x16, 0xbf, 0x8f, 0x01, 0xcf, 0xea, 0x41, 0x41, 0x40, 0xde, 0x5d, 0xae,
+                0x22, 0x23
+            ]
+        );
+    }
 
     fn detail(body: &[u8], message_id: Option<&str>) -> String {
         Job::parse(body, message_id, LIMIT)
@@ -206,8 +234,8 @@ mod tests {
             LIMIT,
         );
         let (a, b, c) = (a.expect("valid"), b.expect("valid"), c.expect("valid"));
-        assert_eq!(a.payload_sha256, b.payload_sha256);
-        assert_ne!(a.payload_sha256, c.payload_sha256);
+        assert_eq!(a.payload_digest, b.payload_digest);
+        assert_ne!(a.payload_digest, c.payload_digest);
     }
 
     #[test]

@@ -179,7 +179,7 @@ impl Model {
             *self.charges.entry(key.clone()).or_default() += 1;
             let prior = PriorReservation {
                 id: new.id,
-                payload_sha256: new.payload_sha256,
+                payload_digest: new.payload_digest,
                 plan: new.plan,
                 charge: new.charge,
                 remaining: new.remaining,
