@@ -110,8 +110,11 @@ impl App {
         let sweeper = tokio::spawn(worker::sweep::sweep_expired_holds(
             shared.store.clone(),
             shared.settings.reservations.clone(),
-            shared.settings.jobs.refusal_retention(),
-            shared.settings.events.retention(),
+            worker::sweep::Retention {
+                refusals: shared.settings.jobs.refusal_retention(),
+                events: shared.settings.events.retention(),
+                usage_counts: shared.settings.usage.retention(),
+            },
             stop.clone(),
         ));
         let relay = tokio::spawn(worker::events::relay(shared.clone(), stop.clone()));
@@ -217,7 +220,8 @@ impl Background {
 /// off, checks that it is migrated), retrying while it is unreachable.
 async fn prepare_database(settings: &Settings, stop: &CancellationToken) -> anyhow::Result<Store> {
     let store = Store::connect_lazy(&settings.database, limits(settings))?
-        .with_credit_thresholds(settings.events.thresholds());
+        .with_credit_thresholds(settings.events.thresholds())
+        .with_forward_lease(settings.gate.forward_lease());
     let url = settings.database.url.redacted();
     let (store_ref, database_url) = (&store, settings.database.url.expose());
     let migrate = settings.database.migrate_on_start;

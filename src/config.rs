@@ -59,6 +59,7 @@ pub struct Settings {
     pub http: HttpSettings,
     pub plans: PlanSettings,
     pub jobs: JobSettings,
+    pub usage: UsageSettings,
     pub gate: GateSettings,
     pub shutdown: ShutdownSettings,
     pub log: LogSettings,
@@ -383,6 +384,10 @@ pub struct AmqpSettings {
     pub depth_poll_secs: u64,
     pub outcomes_queue: String,
     pub deferred_queue: String,
+    /// Copies whose charge's forward may still be on its way wait here.
+    pub wait_queue: String,
+    /// How long a waiting copy waits before it is decided again.
+    pub copy_wait_ms: u64,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -427,11 +432,27 @@ impl JobSettings {
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
+pub struct UsageSettings {
+    /// How long usage counts are kept, in days.
+    pub retention_days: u64,
+}
+
+impl UsageSettings {
+    pub fn retention(&self) -> Duration {
+        Duration::from_secs(self.retention_days * 86_400)
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
 pub struct GateSettings {
     pub batch_size: usize,
     pub batch_wait_ms: u64,
     pub concurrent_batches: usize,
     pub consumers: usize,
+    /// How long a charge's forward is presumed on its way: a copy of the
+    /// job waits that long for its confirmation before forwarding again.
+    pub forward_lease_secs: u64,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -638,6 +659,16 @@ impl Settings {
         if self.gate.consumers == 0 || self.gate.consumers > 64 {
             return Err(invalid("gate.consumers", "must be between 1 and 64"));
         }
+        if self.gate.forward_lease_secs.saturating_mul(1000) < 2 * self.amqp.publish_timeout_ms {
+            return Err(invalid(
+                "gate.forward_lease_secs",
+                format!(
+                    "must be at least twice amqp.publish_timeout_ms ({} ms): a forward still \
+                     waiting for its confirmation must not be presumed abandoned",
+                    self.amqp.publish_timeout_ms
+                ),
+            ));
+        }
         if tracing_subscriber::EnvFilter::try_new(&self.log.level).is_err() {
             return Err(invalid(
                 "log.level",
@@ -652,7 +683,7 @@ impl Settings {
     fn validate_durations(&self) -> Result<(), ConfigError> {
         const MINUTE_MS: u64 = 60_000;
         const DAY_SECS: u64 = 86_400;
-        let bounds: [(&'static str, u64, u64, u64); 13] = [
+        let bounds: [(&'static str, u64, u64, u64); 16] = [
             (
                 "events.relay_interval_ms",
                 self.events.relay_interval_ms,
@@ -668,6 +699,13 @@ impl Settings {
                 3_650,
             ),
             ("gate.batch_wait_ms", self.gate.batch_wait_ms, 0, MINUTE_MS),
+            (
+                "gate.forward_lease_secs",
+                self.gate.forward_lease_secs,
+                1,
+                DAY_SECS,
+            ),
+            ("amqp.copy_wait_ms", self.amqp.copy_wait_ms, 10, MINUTE_MS),
             (
                 "amqp.publish_timeout_ms",
                 self.amqp.publish_timeout_ms,
@@ -710,6 +748,7 @@ impl Settings {
                 1,
                 3_650,
             ),
+            ("usage.retention_days", self.usage.retention_days, 1, 36_500),
             (
                 "reservations.sweep_interval_secs",
                 self.reservations.sweep_interval_secs,
@@ -794,6 +833,7 @@ impl Settings {
             ("amqp.dead_letter_queue", &self.amqp.dead_letter_queue),
             ("amqp.outcomes_queue", &self.amqp.outcomes_queue),
             ("amqp.deferred_queue", &self.amqp.deferred_queue),
+            ("amqp.wait_queue", &self.amqp.wait_queue),
             ("amqp.events_exchange", &self.amqp.events_exchange),
         ] {
             if name.is_empty() || name.len() > 255 {
@@ -842,6 +882,10 @@ impl AmqpSettings {
 impl GateSettings {
     pub fn batch_wait(&self) -> Duration {
         Duration::from_millis(self.batch_wait_ms)
+    }
+
+    pub fn forward_lease(&self) -> Duration {
+        Duration::from_secs(self.forward_lease_secs)
     }
 }
 

@@ -150,6 +150,19 @@ enum AccountsCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Move an account's calendar day (the Pro daily limit's) to another
+    /// time zone, from now on. The day in progress keeps its count of
+    /// sends; the new zone's next midnight starts a fresh day.
+    SetTimezone {
+        #[arg(value_parser = parse_account_id)]
+        id: AccountId,
+        /// IANA time zone, such as Europe/Berlin.
+        #[arg(value_parser = check_timezone)]
+        timezone: String,
+        /// Print the account as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Add (or take, with a negative number) credits by hand: a support
     /// correction, written to the ledger with the reason and who made it.
     /// Not a way to sell credits.
@@ -541,6 +554,18 @@ async fn accounts(command: AccountsCommand, settings: &Settings) -> anyhow::Resu
                 writeln!(out)?;
             } else {
                 writeln!(out, "account {id} is now on the {plan} plan")?;
+            }
+        }
+        AccountsCommand::SetTimezone { id, timezone, json } => {
+            store
+                .set_timezone(&id, &timezone, SystemClock.now())
+                .await?;
+            if json {
+                let account = store.account_summary(&id, SystemClock.now(), 20).await?;
+                serde_json::to_writer_pretty(&mut out, &account)?;
+                writeln!(out)?;
+            } else {
+                writeln!(out, "account {id} now counts its days in {timezone}")?;
             }
         }
         AccountsCommand::Adjust {

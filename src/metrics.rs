@@ -16,6 +16,7 @@ pub const JOBS_FORWARDED: &str = "sendgate_jobs_forwarded_total";
 pub const JOBS_DEAD_LETTERED: &str = "sendgate_jobs_dead_lettered_total";
 pub const JOBS_DUPLICATE: &str = "sendgate_jobs_duplicate_total";
 pub const JOBS_DEFERRED: &str = "sendgate_jobs_deferred_total";
+pub const JOBS_WAITING: &str = "sendgate_jobs_waiting_total";
 pub const JOB_DURATION: &str = "sendgate_job_duration_seconds";
 pub const BATCH_SIZE: &str = "sendgate_batch_size";
 pub const BATCH_DECIDE: &str = "sendgate_batch_decide_seconds";
@@ -42,6 +43,7 @@ pub const EVENTS_RELAY_FAILURES: &str = "sendgate_events_relay_failures_total";
 pub const DEDUP_WINDOW: &str = "sendgate_dedup_window_seconds";
 pub const SLOT_AGE: &str = "sendgate_reservation_slot_age_seconds";
 pub const SLOTS_EMPTIED: &str = "sendgate_reservation_slots_emptied_total";
+pub const INTERNAL_ERRORS: &str = "sendgate_internal_errors_total";
 
 /// What kind of series a metric is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -117,6 +119,13 @@ pub const CATALOGUE: &[MetricDoc] = &[
         help: "Pro jobs over their daily limit held until the account's next day (`[plans.pro] on_limit = \"defer\"`).",
     },
     MetricDoc {
+        name: JOBS_WAITING,
+        kind: Kind::Counter,
+        labels: &[],
+        unit: "jobs",
+        help: "Copies of a charged job sent to wait (`amqp.wait_queue`) because the charge's forward may still be on its way (`[gate] forward_lease_secs`); each is decided again after `amqp.copy_wait_ms`.",
+    },
+    MetricDoc {
         name: JOB_DURATION,
         kind: Kind::Histogram,
         labels: &[],
@@ -188,7 +197,10 @@ pub const CATALOGUE: &[MetricDoc] = &[
     MetricDoc {
         name: QUEUE_MESSAGES,
         kind: Kind::Gauge,
-        labels: &[("queue", "send, delivery, dead_letter, outcomes, deferred")],
+        labels: &[(
+            "queue",
+            "send, delivery, dead_letter, outcomes, deferred, waiting",
+        )],
         unit: "messages",
         help: "Messages ready in each queue, polled with a passive declare.",
     },
@@ -197,7 +209,7 @@ pub const CATALOGUE: &[MetricDoc] = &[
         kind: Kind::Counter,
         labels: &[(
             "result",
-            "committed, released, already_settled, unknown_reservation, invalid",
+            "committed, released, already_settled, unknown_reservation, kept_for_another_forward, invalid",
         )],
         unit: "reports",
         help: "Delivery outcome reports, by what they did to their reservation.",
@@ -322,6 +334,13 @@ pub const CATALOGUE: &[MetricDoc] = &[
         unit: "",
         help: "Always 1; the labels name the build.",
     },
+    MetricDoc {
+        name: INTERNAL_ERRORS,
+        kind: Kind::Counter,
+        labels: &[("stage", "jobs, outcomes")],
+        unit: "batches",
+        help: "Batches held because of a bug of ours (the store's answers did not match the batch): never acked, delivered again after the worker reconnects. Any increase is a bug to report.",
+    },
 ];
 
 /// `docs/metrics.md`, generated from [`CATALOGUE`].
@@ -422,11 +441,15 @@ fn describe() {
     counter!(JOBS_RECEIVED).absolute(0);
     counter!(JOBS_DUPLICATE).absolute(0);
     counter!(JOBS_DEFERRED).absolute(0);
+    counter!(JOBS_WAITING).absolute(0);
     counter!(AMQP_RECONNECTS).absolute(0);
     counter!(DB_PRIMARY_CHANGES).absolute(0);
     counter!(PUBLISH_FAILURES).absolute(0);
     counter!(HOLDS_EXPIRED).absolute(0);
     counter!(SLOTS_EMPTIED).absolute(0);
+    for stage in ["jobs", "outcomes"] {
+        counter!(INTERNAL_ERRORS, "stage" => stage).absolute(0);
+    }
     counter!(OUTCOMES_STALE).absolute(0);
     counter!(API_REQUESTS, "token" => "none", "status" => "401").absolute(0);
     for result in [
@@ -434,6 +457,7 @@ fn describe() {
         "released",
         "already_settled",
         "unknown_reservation",
+        "kept_for_another_forward",
         "invalid",
     ] {
         counter!(OUTCOMES, "result" => result).absolute(0);
@@ -455,6 +479,10 @@ fn describe() {
     events_backlog(0, None);
 }
 
+pub fn internal_error(stage: &'static str) {
+    counter!(INTERNAL_ERRORS, "stage" => stage).increment(1);
+}
+
 pub fn jobs_received(n: usize) {
     counter!(JOBS_RECEIVED).increment(n as u64);
 }
@@ -469,6 +497,10 @@ pub fn job_dead_lettered(reason: Reason) {
 
 pub fn job_deferred() {
     counter!(JOBS_DEFERRED).increment(1);
+}
+
+pub fn job_waiting() {
+    counter!(JOBS_WAITING).increment(1);
 }
 
 pub fn job_duplicate() {

@@ -119,6 +119,7 @@ struct Names {
     p_out: String,
     outcomes: String,
     deferred: String,
+    wait: String,
     events: String,
 }
 
@@ -568,6 +569,7 @@ impl Bench {
             .env("SENDGATE__AMQP__DEAD_LETTER_QUEUE", &self.names.dead)
             .env("SENDGATE__AMQP__OUTCOMES_QUEUE", &self.names.outcomes)
             .env("SENDGATE__AMQP__DEFERRED_QUEUE", &self.names.deferred)
+            .env("SENDGATE__AMQP__WAIT_QUEUE", &self.names.wait)
             .env("SENDGATE__AMQP__EVENTS_EXCHANGE", &self.names.events)
             .env("SENDGATE__AMQP__EVENTS_QUEUE", &self.names.events)
             .env("SENDGATE__AMQP__PREFETCH", self.args.prefetch.to_string())
@@ -990,6 +992,7 @@ async fn main() -> anyhow::Result<()> {
         p_out: format!("bench.{id}.p-out"),
         outcomes: format!("bench.{id}.outcomes"),
         deferred: format!("bench.{id}.deferred"),
+        wait: format!("bench.{id}.wait"),
         events: format!("bench.{id}.events"),
     };
     Store::create_database_if_missing(&db_url).await?;
@@ -1022,6 +1025,7 @@ async fn main() -> anyhow::Result<()> {
         a.dead_letter_queue = bench.names.dead.clone();
         a.outcomes_queue = bench.names.outcomes.clone();
         a.deferred_queue = bench.names.deferred.clone();
+        a.wait_queue = bench.names.wait.clone();
         a.events_exchange = bench.names.events.clone();
         a.events_queue = bench.names.events.clone();
         a
@@ -1040,6 +1044,7 @@ async fn main() -> anyhow::Result<()> {
         &bench.names.p_out,
         &bench.names.outcomes,
         &bench.names.deferred,
+        &bench.names.wait,
         &bench.names.events,
     ] {
         let _ = bench

@@ -1,5 +1,5 @@
 //! Queue depths for dashboards and alerts: every queue sendgate owns (send,
-//! delivery, dead-letter, outcomes, deferred) is polled with passive declares (cheap: no consumer,
+//! delivery, dead-letter, outcomes, deferred, wait) is polled with passive declares (cheap: no consumer,
 //! no message moves) on a connection of their own, so a slow or failing
 //! poll never touches the gate's channels.
 
@@ -21,6 +21,7 @@ pub async fn poll(settings: AmqpSettings, interval: Duration, stop: Cancellation
         ("dead_letter", settings.dead_letter_queue.clone()),
         ("outcomes", settings.outcomes_queue.clone()),
         ("deferred", settings.deferred_queue.clone()),
+        ("waiting", settings.wait_queue.clone()),
     ];
     let mut tick = tokio::time::interval(interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);

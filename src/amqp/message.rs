@@ -53,6 +53,12 @@ pub fn outgoing(
                 dead.reason.as_str().to_owned(),
             )
         }
+        Decision::Wait(_) => {
+            // Back to the send queue after the wait, decided again there.
+            headers.insert(HEADER_DECISION.into(), long_string("waiting"));
+            properties = properties.with_expiration(settings.copy_wait_ms.to_string().into());
+            (String::new(), settings.wait_queue.clone())
+        }
         Decision::Defer(dead) => {
             // Expiring (and so returning to the send queue) when the
             // account's next day starts.
@@ -66,7 +72,9 @@ pub fn outgoing(
         }
     };
     properties = properties.with_headers(headers);
-    if original.content_type().is_none() && !matches!(decision, Decision::Defer(_)) {
+    if original.content_type().is_none()
+        && !matches!(decision, Decision::Defer(_) | Decision::Wait(_))
+    {
         properties = properties.with_content_type("application/json".into());
     }
     if let Some(key) = idempotency_key {

@@ -22,6 +22,10 @@ pub enum SessionError {
     AckFailed,
     #[error("a publish was not confirmed within {0:?}")]
     ConfirmTimeout(Duration),
+    /// A bug of ours found while handling a batch: the batch is held
+    /// (never acked), the session ends and the broker delivers it again.
+    #[error("internal error, batch held: {0}")]
+    Internal(String),
 }
 
 /// A delivery, when it arrived, and which of the session's channels it

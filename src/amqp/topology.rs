@@ -34,9 +34,10 @@ pub async fn declare_topology(channel: &Channel, settings: &AmqpSettings) -> lap
     declare_quorum(
         channel,
         &settings.deferred_queue,
-        deferred_arguments(settings),
+        returning_arguments(settings),
     )
     .await?;
+    declare_quorum(channel, &settings.wait_queue, returning_arguments(settings)).await?;
     // Threshold events: a topic exchange (routing key = type) and, unless
     // `events_queue` is empty, a queue keeping them for the product.
     let events_queue = Some(settings.events_queue.as_str()).filter(|q| !q.is_empty());
@@ -147,10 +148,11 @@ fn limited_arguments(settings: &AmqpSettings) -> FieldTable {
     arguments
 }
 
-/// The deferred queue holds pro jobs over their daily limit until the
-/// account's next day (per-message TTL), then dead-letters them back into the
-/// send queue, at least once.
-fn deferred_arguments(settings: &AmqpSettings) -> FieldTable {
+/// The deferred and wait queues hold jobs for a while (per-message TTL:
+/// pro jobs over their daily limit until the account's next day, copies
+/// waiting for their charge's forward for `copy_wait_ms`), then
+/// dead-letter them back into the send queue, at least once.
+fn returning_arguments(settings: &AmqpSettings) -> FieldTable {
     let mut arguments = quorum_arguments();
     arguments
         .insert("x-dead-letter-exchange".into(), long_string(""))

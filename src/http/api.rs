@@ -249,9 +249,15 @@ pub(super) async fn show(
 pub(super) struct PutAccount {
     #[schema(value_type = Plan)]
     plan: String,
-    #[serde(default = "utc")]
+    #[serde(default, deserialize_with = "present_string")]
     #[schema(schema_with = iana_time_zone)]
-    timezone: String,
+    timezone: Option<String>,
+}
+
+/// A field that may be absent but, when present, is a string: `null` is
+/// refused rather than read as "absent".
+fn present_string<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    String::deserialize(d).map(Some)
 }
 
 /// The time zone names the API takes: the IANA database's, as compiled in.
@@ -259,8 +265,9 @@ fn iana_time_zone() -> utoipa::openapi::Object {
     utoipa::openapi::ObjectBuilder::new()
         .schema_type(utoipa::openapi::schema::Type::String)
         .description(Some(
-            "IANA time zone of the account's calendar day, set at creation; absent means UTC, \
-             null is refused.",
+            "IANA time zone of the account's calendar day. Absent: UTC for a new account, \
+             unchanged for an existing one; another zone moves an existing account's day \
+             (the day in progress keeps its count of sends). Null is refused.",
         ))
         .enum_values(Some(chrono_tz::TZ_VARIANTS.iter().map(|tz| tz.name())))
         .default(Some(serde_json::json!("UTC")))
@@ -268,16 +275,14 @@ fn iana_time_zone() -> utoipa::openapi::Object {
         .build()
 }
 
-fn utc() -> String {
-    "UTC".to_owned()
-}
-
-/// Creates the account, or changes its plan.
+/// Creates the account, or changes its plan and time zone.
 ///
-/// Same rules as `sendgate accounts create` and `set-plan`: a new free
-/// account gets its signup credits once; a plan change applies from the next
-/// job, keeps the credit balance on record and never grants credits. The
-/// time zone is set at creation and cannot be changed here.
+/// Same rules as `sendgate accounts create`, `set-plan` and `set-timezone`:
+/// a new free account gets its signup credits once; a plan change applies
+/// from the next job, keeps the credit balance on record and never grants
+/// credits. Without `timezone` an existing account keeps its zone; with
+/// another one its calendar day moves to it from now on, and the day in
+/// progress keeps its count of sends.
 #[utoipa::path(put, path = "/v1/accounts/{id}", operation_id = "putAccount", tag = "accounts",
     params(AccountIdParam),
     request_body(content = PutAccount,
@@ -288,7 +293,6 @@ fn utc() -> String {
         (status = 400, response = BadRequest),
         (status = 401, response = Unauthorized),
         (status = 403, response = Forbidden),
-        (status = 409, description = "The account exists with another time zone", body = ErrorBody),
         (status = 503, response = Unavailable),
     ))]
 pub(super) async fn put(
@@ -302,26 +306,24 @@ pub(super) async fn put(
         .plan
         .parse()
         .map_err(|err: UnknownPlan| bad_request(err.to_string()))?;
-    let timezone = body.timezone;
-    parse_timezone(&timezone).map_err(bad_request)?;
-    let status = match state.store.create_account(&id, plan, &timezone).await {
+    if let Some(timezone) = &body.timezone {
+        parse_timezone(timezone).map_err(bad_request)?;
+    }
+    let created = state
+        .store
+        .create_account(&id, plan, body.timezone.as_deref().unwrap_or("UTC"))
+        .await;
+    let status = match created {
         Ok(Created::New { .. }) => StatusCode::CREATED,
         Ok(Created::Existing) => StatusCode::OK,
         Err(StoreError::AccountExists { .. }) => {
-            let current = state
-                .store
-                .account_summary(&id, state.clock.now(), 0)
-                .await?;
-            if current.timezone != timezone {
-                return Err(ApiError(
-                    StatusCode::CONFLICT,
-                    format!(
-                        "account `{id}` has time zone {}; it cannot be changed here",
-                        current.timezone
-                    ),
-                ));
-            }
             state.store.set_plan(&id, plan).await?;
+            if let Some(timezone) = &body.timezone {
+                state
+                    .store
+                    .set_timezone(&id, timezone, state.clock.now())
+                    .await?;
+            }
             StatusCode::OK
         }
         Err(err) => return Err(err.into()),

@@ -131,6 +131,65 @@ impl Store {
         Ok(())
     }
 
+    /// Moves an account's calendar day to another time zone, from now on.
+    ///
+    /// The day in progress keeps its Pro count: the sends counted on the
+    /// old zone's date now are the count of the new zone's date now, so
+    /// moving the zone never resets (nor adds to) the day's sends; the new
+    /// zone's next midnight starts a fresh day. (A held charge still gives
+    /// its slot back, if its delivery fails, to the day it was charged on.)
+    /// Setting the zone the account has changes nothing.
+    ///
+    /// # Errors
+    /// [`StoreError::UnknownAccount`]; [`StoreError::InvalidAccount`] for
+    /// a name that is not an IANA time zone.
+    pub async fn set_timezone(
+        &self,
+        id: &AccountId,
+        timezone: &str,
+        now: DateTime<Utc>,
+    ) -> Result<(), StoreError> {
+        let to = parse_timezone(timezone).map_err(StoreError::InvalidAccount)?;
+        let mut tx = self.pool.begin().await?;
+        // Locked as deciding locks a metered account: no batch counts a
+        // send on either day while the count moves.
+        let before: String =
+            sqlx::query_scalar("SELECT timezone FROM accounts WHERE id = $1 FOR UPDATE")
+                .bind(id.as_str())
+                .fetch_optional(&mut *tx)
+                .await?
+                .ok_or_else(|| StoreError::UnknownAccount(id.to_string()))?;
+        if before == timezone {
+            return Ok(());
+        }
+        let from = parse_timezone(&before).map_err(|err| StoreError::corrupt("timezone", err))?;
+        sqlx::query("UPDATE accounts SET timezone = $2, updated_at = now() WHERE id = $1")
+            .bind(id.as_str())
+            .bind(timezone)
+            .execute(&mut *tx)
+            .await?;
+        let (old_day, new_day) = (local_day(now, from), local_day(now, to));
+        if old_day != new_day {
+            sqlx::query(
+                "INSERT INTO daily_usage (account_id, day, used, daily_limit)
+                 SELECT $1, $3, coalesce(o.used, 0), coalesce(o.daily_limit, $4)
+                 FROM (SELECT 1) one
+                 LEFT JOIN daily_usage o ON o.account_id = $1 AND o.day = $2
+                 ON CONFLICT (account_id, day) DO UPDATE
+                 SET used = EXCLUDED.used,
+                     daily_limit = greatest(daily_usage.daily_limit, EXCLUDED.daily_limit)",
+            )
+            .bind(id.as_str())
+            .bind(old_day)
+            .bind(new_day)
+            .bind(i32::try_from(self.limits.daily_sends).unwrap_or(i32::MAX))
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
     /// An account's plan, balance, usage today and recent ledger rows.
     ///
     /// # Errors

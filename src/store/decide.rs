@@ -16,7 +16,7 @@ use super::jobs::{bind_refusals, record_refusals_on, refusals_of};
 use super::rows::{self, distinct_accounts, key_arrays};
 use super::{Query, Store, StoreError, bind_changes, events, sql, usage};
 use crate::domain::decision::{
-    AccountState, Decision, Effects, NewReservation, PriorReservation, decide_batch,
+    AccountState, Decision, Effects, Lease, NewReservation, PriorReservation, decide_batch,
 };
 use crate::domain::events::batch_events;
 use crate::domain::ids::{AccountId, JobKey};
@@ -133,6 +133,7 @@ impl Store {
             .bind(&account_ids)
             .bind(&key_accounts)
             .bind(&keys)
+            .bind(self.forward_lease_interval())
             .fetch_all(&mut *conn)
             .await?;
         let mut loaded = Loaded::default();
@@ -156,7 +157,12 @@ impl Store {
             return Ok(Unlocked::NeedsLock);
         }
         let (decisions, effects) = loaded.decide(jobs, self.limits, now);
-        if !(effects.ledger.is_empty() && effects.balances.is_empty() && effects.usage.is_empty()) {
+        // Balances, usage and lease take-overs are written in a transaction.
+        if !(effects.ledger.is_empty()
+            && effects.balances.is_empty()
+            && effects.usage.is_empty()
+            && effects.leases.is_empty())
+        {
             return Ok(Unlocked::NeedsLock);
         }
         let refusals = refusals_of(jobs, &decisions);
@@ -197,9 +203,13 @@ impl Store {
             accounts: lock_accounts(&mut tx, jobs, now).await?,
             prior: HashMap::new(),
         };
-        read_prior(&mut tx, jobs, &mut loaded).await?;
+        read_prior(&mut tx, jobs, self.forward_lease_interval(), &mut loaded).await?;
         self.remember_plans(&loaded.accounts);
         let (decisions, effects) = loaded.decide(jobs, self.limits, now);
+        if !take_leases(&mut tx, &effects.leases).await? {
+            tx.rollback().await?;
+            return Ok(None);
+        }
         let refusals = refusals_of(jobs, &decisions);
         let batch = (!effects.is_empty()).then(Uuid::now_v7);
         let mut written = Vec::new();
@@ -297,10 +307,12 @@ async fn lock_accounts(
     Ok(accounts)
 }
 
-/// Pro usage and earlier reservations, read after the locks are held.
+/// Pro usage and earlier reservations (their forward leases judged by
+/// `lease`), read after the locks are held.
 async fn read_prior(
     conn: &mut PgConnection,
     jobs: &[Job],
+    lease: String,
     loaded: &mut Loaded,
 ) -> Result<(), StoreError> {
     let (pro_ids, pro_days): (Vec<&str>, Vec<NaiveDate>) = loaded
@@ -315,6 +327,7 @@ async fn read_prior(
         .bind(&pro_days)
         .bind(&key_accounts)
         .bind(&keys)
+        .bind(lease)
         .fetch_all(&mut *conn)
         .await?;
     for row in &rows {
@@ -354,6 +367,34 @@ async fn remove_released(
         .execute(&mut *conn)
         .await?;
     Ok(())
+}
+
+/// Takes over the forward leases of a batch's replays
+/// ([`sql::TAKE_LEASES`]); false when another copy took one first (the
+/// batch is decided again, and that copy now waits).
+async fn take_leases(conn: &mut PgConnection, leases: &[Lease]) -> Result<bool, StoreError> {
+    if leases.is_empty() {
+        return Ok(true);
+    }
+    let taken = sqlx::query(sql::TAKE_LEASES)
+        .bind(
+            leases
+                .iter()
+                .map(|l| l.account_id.as_str())
+                .collect::<Vec<_>>(),
+        )
+        .bind(
+            leases
+                .iter()
+                .map(|l| l.idempotency_key.as_str())
+                .collect::<Vec<_>>(),
+        )
+        .bind(leases.iter().map(|l| l.reservation_id).collect::<Vec<_>>())
+        .bind(leases.iter().map(|l| l.last_forward_at).collect::<Vec<_>>())
+        .execute(&mut *conn)
+        .await?
+        .rows_affected();
+    Ok(taken == leases.len() as u64)
 }
 
 /// Binds new reservations as parameters $1 to $8 (parallel arrays).

@@ -50,6 +50,21 @@ impl StoreError {
         matches!(self, StoreError::Unavailable(_) | StoreError::Contention)
     }
 
+    /// True when the database is well and another transaction was in the
+    /// way: the batch kept racing other workers, a serialization failure or
+    /// deadlock (class 40), a lock not granted in time (55P03). Retried
+    /// like an outage, but it says nothing about the database's health.
+    pub fn is_contention(&self) -> bool {
+        match self {
+            StoreError::Contention => true,
+            StoreError::Unavailable(sqlx::Error::Database(db)) => {
+                let code = db.code().unwrap_or_default();
+                code.starts_with("40") || code == "55P03"
+            }
+            _ => false,
+        }
+    }
+
     /// True when the database refuses who we are or where we point (a
     /// login, a missing database): waiting will not fix a bad setting at
     /// start-up, so `run` stops with it there, while a running worker holds
@@ -67,6 +82,7 @@ impl StoreError {
     /// A bounded label for metrics.
     pub fn kind(&self) -> &'static str {
         match self {
+            _ if self.is_contention() => "contention",
             StoreError::Unavailable(_) => "unavailable",
             StoreError::Contention => "contention",
             StoreError::UnknownAccount(_) => "unknown_account",

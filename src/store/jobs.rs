@@ -3,7 +3,7 @@
 //! refusals are recorded as the gate refuses jobs, one row per key, and
 //! removed after their retention.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
@@ -11,10 +11,12 @@ use serde::Serialize;
 use sqlx::Row;
 use uuid::Uuid;
 
+use super::rows::distinct_accounts;
 use super::{Query, Store, StoreError, sql, usage};
 use crate::domain::decision::Decision;
 use crate::domain::ids::{AccountId, JobKey};
 use crate::domain::job::Job;
+use crate::domain::plan::Reason;
 
 /// A job the gate refused: its key, why, and the detail.
 #[derive(Debug, Clone)]
@@ -128,8 +130,26 @@ impl Store {
         refusals: &[Refusal],
         now: DateTime<Utc>,
     ) -> Result<(), StoreError> {
+        if refusals.is_empty() {
+            return Ok(());
+        }
         let mut conn = self.pool.acquire().await?;
-        record_refusals_on(&mut conn, refusals, now).await
+        // Only for accounts that exist: a publisher that makes ids up must
+        // not grow the database (they are counted in metrics only).
+        let accounts = distinct_accounts(refusals.iter().map(|r| &r.key.account_id));
+        let known: HashSet<String> =
+            sqlx::query_scalar("SELECT id FROM accounts WHERE id = ANY($1)")
+                .bind(&accounts)
+                .fetch_all(&mut *conn)
+                .await?
+                .into_iter()
+                .collect();
+        let refusals: Vec<Refusal> = refusals
+            .iter()
+            .filter(|r| known.contains(r.key.account_id.as_str()))
+            .cloned()
+            .collect();
+        record_refusals_on(&mut conn, &refusals, now).await
     }
 
     /// Removes refusals older than `retention`, at most `limit`.
@@ -138,6 +158,24 @@ impl Store {
     /// [`StoreError::is_transient`] when it should be retried.
     pub async fn purge_refusals(&self, retention: Duration, limit: i64) -> Result<u64, StoreError> {
         Ok(sqlx::query(sql::PURGE_REFUSALS)
+            .bind(format!("{} seconds", retention.as_secs()))
+            .bind(limit)
+            .execute(&self.pool)
+            .await?
+            .rows_affected())
+    }
+
+    /// Removes up to `limit` usage counts of buckets older than
+    /// `retention`, oldest first; returns how many.
+    ///
+    /// # Errors
+    /// [`StoreError::is_transient`] when it should be retried.
+    pub async fn purge_usage_counts(
+        &self,
+        retention: Duration,
+        limit: i64,
+    ) -> Result<u64, StoreError> {
+        Ok(sqlx::query(sql::PURGE_USAGE_COUNTS)
             .bind(format!("{} seconds", retention.as_secs()))
             .bind(limit)
             .execute(&self.pool)
@@ -276,7 +314,10 @@ pub(super) fn bind_refusals<'q>(query: Query<'q>, refusals: &'q [Refusal]) -> Qu
 }
 
 /// The refusals among a batch's decisions (in the jobs' order), for job
-/// status and usage.
+/// status and usage. A job for an account that does not exist writes
+/// nothing: whoever publishes made-up ids must not grow the database
+/// (`sendgate_jobs_dead_lettered_total{reason="unknown_account"}` counts
+/// them).
 pub(super) fn refusals_of(jobs: &[Job], decisions: &[Decision]) -> Vec<Refusal> {
     jobs.iter()
         .zip(decisions)
@@ -284,6 +325,9 @@ pub(super) fn refusals_of(jobs: &[Job], decisions: &[Decision]) -> Vec<Refusal> 
             let (Decision::DeadLetter(refused) | Decision::Defer(refused)) = decision else {
                 return None;
             };
+            if refused.reason == Reason::UnknownAccount {
+                return None;
+            }
             Some(Refusal {
                 key: job.key(),
                 campaign_id: job.campaign_id.clone(),

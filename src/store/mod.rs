@@ -109,7 +109,14 @@ pub struct Store {
     primary: Option<Arc<primary::Primary>>,
     /// Threshold events: the thresholds, and the relay's wake-up.
     events: Arc<EventRules>,
+    /// How long a charge's forward is presumed on its way before a copy
+    /// may forward it again (`[gate] forward_lease_secs`).
+    forward_lease: Duration,
 }
+
+/// The forward lease of a store nobody set one on: the default of
+/// `[gate] forward_lease_secs`.
+const DEFAULT_FORWARD_LEASE: Duration = Duration::from_secs(60);
 
 /// What the marks pool sets on top of the main pool's options.
 const MARKS_OPTIONS: &[(&str, &str)] = &[
@@ -166,7 +173,21 @@ impl Store {
             scale_hint: Arc::default(),
             primary,
             events: Arc::default(),
+            forward_lease: DEFAULT_FORWARD_LEASE,
         })
+    }
+
+    /// Sets how long a forward is presumed on its way (`[gate]
+    /// forward_lease_secs`).
+    #[must_use]
+    pub fn with_forward_lease(mut self, lease: Duration) -> Self {
+        self.forward_lease = lease;
+        self
+    }
+
+    /// The forward lease as a Postgres interval.
+    pub(super) fn forward_lease_interval(&self) -> String {
+        format!("{} milliseconds", self.forward_lease.as_millis())
     }
 
     /// After the database was unavailable: with several hosts, looks for

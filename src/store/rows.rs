@@ -78,6 +78,8 @@ pub(super) fn prior_reservation(row: &PgRow) -> Result<PriorReservation, StoreEr
         remaining: row.try_get("remaining")?,
         forward_confirmed: row.try_get("forward_confirmed")?,
         released: state.as_deref() == Some(State::Released.as_str()),
+        last_forward_at: row.try_get("last_forward_at")?,
+        lease_expired: row.try_get("lease_expired")?,
     })
 }
 
@@ -97,6 +99,7 @@ pub(super) fn held(row: &PgRow) -> Result<HeldRow, StoreError> {
             charge: charge(row)?,
             usage_day: row.try_get::<Option<NaiveDate>, _>("usage_day")?,
             state: State::from_str(&state).map_err(|err| StoreError::corrupt("state", err))?,
+            forwarded_again: row.try_get("forwarded_again")?,
         },
         used_that_day: row.try_get("used")?,
     })

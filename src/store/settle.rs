@@ -4,11 +4,13 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, NaiveDate, Utc};
+use sqlx::PgConnection;
 
 use super::rows::{self, distinct_accounts, key_arrays};
 use super::{Query, Store, StoreError, bind_changes, sql, usage};
-use crate::domain::settle::{Report, SettleEffects, Settled, settle_batch};
+use crate::domain::ids::{AccountId, JobKey};
+use crate::domain::settle::{Report, Reservation, SettleEffects, Settled, settle_batch};
 
 impl Store {
     /// Settles reservations with delivery outcomes, in one transaction;
@@ -42,17 +44,29 @@ impl Store {
             key_arrays(reports.iter().map(|r| (&r.account_id, &r.idempotency_key)));
         let mut reservations = HashMap::new();
         let mut usage = HashMap::new();
-        for row in sqlx::query(sql::HELD_READ)
-            .bind(&key_accounts)
-            .bind(&keys)
-            .fetch_all(&mut *tx)
-            .await?
-        {
-            let held = rows::held(&row)?;
-            if let (Some(day), Some(used)) = (held.reservation.usage_day, held.used_that_day) {
-                usage.insert((held.key.account_id.clone(), day), i64::from(used));
-            }
-            reservations.insert(held.key, held.reservation);
+        read_held(&mut tx, &key_accounts, &keys, &mut reservations, &mut usage).await?;
+        // A key charged afresh while this statement waited for its released
+        // row: the re-charge took that row out and wrote a new one, which
+        // this statement's snapshot (older than the re-charge's commit) does
+        // not show. A new statement has a new snapshot under READ COMMITTED
+        // and sees the new charge, so the report is stale, not unknown.
+        let (missing_accounts, missing_keys) = key_arrays(
+            reports
+                .iter()
+                .filter(|r| {
+                    !reservations.contains_key(&JobKey::new(&r.account_id, &r.idempotency_key))
+                })
+                .map(|r| (&r.account_id, &r.idempotency_key)),
+        );
+        if !missing_keys.is_empty() {
+            read_held(
+                &mut tx,
+                &missing_accounts,
+                &missing_keys,
+                &mut reservations,
+                &mut usage,
+            )
+            .await?;
         }
         let (results, effects) = settle_batch(reports, &reservations, &accounts, &usage, now);
         if !effects.settled.is_empty() {
@@ -81,6 +95,30 @@ impl Store {
         tx.commit().await?;
         Ok(committed)
     }
+}
+
+/// The reservations of the keys (parallel arrays), locked
+/// ([`sql::HELD_READ`]), and the Pro usage of their days.
+async fn read_held(
+    conn: &mut PgConnection,
+    accounts: &[&str],
+    keys: &[&str],
+    reservations: &mut HashMap<JobKey, Reservation>,
+    usage: &mut HashMap<(AccountId, NaiveDate), i64>,
+) -> Result<(), StoreError> {
+    for row in sqlx::query(sql::HELD_READ)
+        .bind(accounts)
+        .bind(keys)
+        .fetch_all(&mut *conn)
+        .await?
+    {
+        let held = rows::held(&row)?;
+        if let (Some(day), Some(used)) = (held.reservation.usage_day, held.used_that_day) {
+            usage.insert((held.key.account_id.clone(), day), i64::from(used));
+        }
+        reservations.insert(held.key, held.reservation);
+    }
+    Ok(())
 }
 
 /// [`sql::SETTLE_WRITE`] with the effects bound.

@@ -22,13 +22,18 @@ pub const BEGIN_PLANNED: &str = "BEGIN; SET LOCAL plan_cache_mode = force_custom
 /// [`super::rows::prior_reservation`]. Each key is probed on its own, in
 /// every slot (see `slot_of_new!`). A forward is confirmed by its own row,
 /// or by its batch's; a batch row is removed only once confirmed
-/// ([`PURGE_FORWARD_BATCHES`]), so a missing one counts as confirmed.
+/// ([`PURGE_FORWARD_BATCHES`]), so a missing one counts as confirmed. Its
+/// latest forward's lease (`$lease`, an interval) is judged by the
+/// database's clock, as the forward's start was written.
 macro_rules! reservation_lookup {
-    ($accounts:literal, $keys:literal) => {
+    ($accounts:literal, $keys:literal, $lease:literal) => {
         concat!(
             "SELECT 'reservation', k.account_id, k.idempotency_key, NULL::int8, r.id,
                     r.payload_digest, r.plan, r.charge, r.remaining, r.forward_confirmed,
-                    r.state, NULL::text, NULL::int8
+                    r.state, NULL::text, NULL::int8, r.last_forward_at,
+                    r.last_forward_at + ",
+            $lease,
+            "::interval <= now()
              FROM unnest(",
             $accounts,
             "::text[], ",
@@ -39,7 +44,7 @@ macro_rules! reservation_lookup {
                  SELECT r.id, r.payload_digest, r.plan, r.charge, r.remaining,
                         r.forward_confirmed OR b.confirmed_at IS NOT NULL
                             OR (r.batch_id IS NOT NULL AND b.id IS NULL) AS forward_confirmed,
-                        r.state
+                        r.state, coalesce(r.forwarded_at, r.created_at) AS last_forward_at
                  FROM reservations r LEFT JOIN forward_batches b ON b.id = r.batch_id
                  WHERE r.account_id = k.account_id AND r.idempotency_key = k.idempotency_key
                  OFFSET 0
@@ -48,35 +53,49 @@ macro_rules! reservation_lookup {
     };
 }
 
-/// Pro usage ($1 accounts, $2 days) and earlier reservations ($3, $4), read
-/// once the batch's metered accounts are locked.
+/// Pro usage ($1 accounts, $2 days) and earlier reservations ($3, $4,
+/// forward lease $5), read once the batch's metered accounts are locked.
 pub const PRIOR_READ: &str = concat!(
     "SELECT 'usage' AS kind, k.account_id, NULL::text AS idempotency_key,
             u.used::int8 AS used, NULL::uuid AS id, NULL::bytea AS payload_digest,
             NULL::text AS plan, NULL::text AS charge, NULL::int8 AS remaining,
             NULL::bool AS forward_confirmed, NULL::text AS state,
-            NULL::text AS timezone, NULL::int8 AS credit_balance
+            NULL::text AS timezone, NULL::int8 AS credit_balance,
+            NULL::timestamptz AS last_forward_at, NULL::bool AS lease_expired
      FROM unnest($1::text[], $2::date[]) AS k(account_id, day)
      CROSS JOIN LATERAL (
          SELECT u.used FROM daily_usage u
          WHERE u.account_id = k.account_id AND u.day = k.day OFFSET 0
      ) u
      UNION ALL ",
-    reservation_lookup!("$3", "$4")
+    reservation_lookup!("$3", "$4", "$5")
 );
 
-/// Accounts ($1) and earlier reservations ($2, $3) in one unlocked read,
-/// for a batch of scale accounts.
+/// Accounts ($1) and earlier reservations ($2, $3, forward lease $4) in
+/// one unlocked read, for a batch of scale accounts.
 pub const UNLOCKED_READ: &str = concat!(
     "SELECT 'account' AS kind, a.id AS account_id, NULL::text AS idempotency_key,
             NULL::int8 AS used, NULL::uuid AS id, NULL::bytea AS payload_digest,
             a.plan, NULL::text AS charge, NULL::int8 AS remaining,
             NULL::bool AS forward_confirmed, NULL::text AS state,
-            a.timezone, a.credit_balance
+            a.timezone, a.credit_balance,
+            NULL::timestamptz AS last_forward_at, NULL::bool AS lease_expired
      FROM accounts a WHERE a.id = ANY($1)
      UNION ALL ",
-    reservation_lookup!("$2", "$3")
+    reservation_lookup!("$2", "$3", "$4")
 );
+
+/// Forward leases taken over by replays ($1 accounts, $2 keys, $3
+/// reservations, $4 the latest forward's start as read): each is written
+/// only where the charge's latest forward is still the one read, so of two
+/// copies racing for one lease exactly one writes it. Returns how many
+/// were taken: fewer than asked means another copy won (decide again).
+pub const TAKE_LEASES: &str = "
+    UPDATE reservations r SET forwarded_at = now()
+    FROM unnest($1::text[], $2::text[], $3::uuid[], $4::timestamptz[])
+         AS l(account_id, idempotency_key, id, seen)
+    WHERE r.account_id = l.account_id AND r.idempotency_key = l.idempotency_key
+      AND r.id = l.id AND coalesce(r.forwarded_at, r.created_at) = l.seen";
 
 /// The batch's accounts ($1, sorted), metered ones (free, pro) locked.
 ///
@@ -293,7 +312,8 @@ pub const RECORD_METERED: &str = concat!(
 /// The reservations named by reports ($1 accounts, $2 keys), locked, with
 /// the Pro usage of their day (columns of [`super::rows::held`]).
 pub const HELD_READ: &str = "
-    SELECT r.account_id, r.idempotency_key, r.id, r.charge, r.usage_day, r.state, u.used
+    SELECT r.account_id, r.idempotency_key, r.id, r.charge, r.usage_day, r.state, u.used,
+           r.forwarded_at IS NOT NULL AS forwarded_again
     FROM reservations r
     LEFT JOIN daily_usage u ON u.account_id = r.account_id AND u.day = r.usage_day
     WHERE (r.account_id, r.idempotency_key) IN
@@ -381,7 +401,8 @@ pub const RUNTIME_GRANTS: &str = "
             GRANT DELETE ON forward_batches TO sendgate_app;
             -- Job status: the latest refusal per key, removed by retention.
             GRANT SELECT, INSERT, UPDATE, DELETE ON refusals TO sendgate_app;
-            GRANT SELECT, INSERT, UPDATE ON usage_counts TO sendgate_app;
+            -- Usage counts past [usage] retention_days are removed.
+            GRANT SELECT, INSERT, UPDATE, DELETE ON usage_counts TO sendgate_app;
             -- Usage not rolled up yet: the rollup moves (deletes) it.
             GRANT SELECT, INSERT, DELETE ON usage_pending TO sendgate_app;
             -- The events outbox: published rows are removed by retention.
@@ -431,6 +452,14 @@ pub const PURGE_REFUSALS: &str = "
         SELECT account_id, idempotency_key FROM refusals
         WHERE refused_at < now() - $1::interval
         ORDER BY refused_at LIMIT $2)";
+
+/// Removes usage counts of buckets older than $1, at most $2 rows at a
+/// time, oldest first (through `usage_counts_bucket`).
+pub const PURGE_USAGE_COUNTS: &str = "
+    DELETE FROM usage_counts WHERE (account_id, bucket, campaign_id, kind, shard) IN (
+        SELECT account_id, bucket, campaign_id, kind, shard FROM usage_counts
+        WHERE bucket < now() - $1::interval
+        ORDER BY bucket LIMIT $2)";
 
 /// Empties the retention ring's other slot and makes it current, when the
 /// current one has been current for the deduplication window ($1);

@@ -40,7 +40,7 @@ use uuid::Uuid;
 use super::batcher::Batcher;
 use super::marks::{self, Confirmed};
 use super::record::JobDecided;
-use super::{InFlight, Shared, Worker, isolate};
+use super::{InFlight, Shared, Worker, held, isolate};
 use crate::amqp::confirm::{self, Confirms, Publication};
 use crate::amqp::message::{self, Outgoing};
 use crate::amqp::session::{Received, SessionError};
@@ -209,7 +209,7 @@ impl JobsWorker {
                     stopping = true;
                 }
                 Some(decided) = deciding.next() => {
-                    if out.send(decided).await.is_err() {
+                    if out.send(decided?).await.is_err() {
                         return Ok(());
                     }
                 }
@@ -254,7 +254,11 @@ impl JobsWorker {
 
     /// Parses a batch and decides it in one transaction (more, only when the
     /// database refuses a job and the batch is split to find it).
-    async fn decide_batch(&self, batch: Vec<Received>) -> DecidedBatch {
+    ///
+    /// # Errors
+    /// [`SessionError::Internal`] when the store's answers do not match the
+    /// batch (a bug): the batch is held, never acked with a guess.
+    async fn decide_batch(&self, batch: Vec<Received>) -> Result<DecidedBatch, SessionError> {
         let in_flight = InFlight::new(batch.len());
         metrics::jobs_received(batch.len());
         let shared = &*self.shared;
@@ -276,7 +280,8 @@ impl JobsWorker {
                 .await?;
             Ok((recorded.decisions, recorded.batch))
         })
-        .await;
+        .await
+        .map_err(|missing| self.held("jobs", missing))?;
         metrics::batch_decided(jobs.len(), started.elapsed());
         let now = shared.clock.now();
         // The store records the refusals it decides; the jobs the database
@@ -293,53 +298,58 @@ impl JobsWorker {
                 (decision, true)
             }
         });
-        let slots: Vec<Slot> = batch
-            .into_iter()
-            .zip(parsed)
-            .map(|(received, parsed)| {
-                let (key, decision) = match parsed {
-                    Ok(job) => {
-                        let (decision, by_database) =
-                            decisions.next().unwrap_or((Decision::Duplicate, false));
-                        if let (true, Decision::DeadLetter(refused)) = (by_database, &decision) {
-                            refused_by_database.push(Refusal {
-                                key: job.key(),
-                                campaign_id: job.campaign_id.clone(),
-                                reason: refused.reason.as_str(),
-                                detail: refused.detail.clone(),
-                            });
-                        }
-                        (Some(job.into_key()), decision)
+        let mut slots = Vec::with_capacity(batch.len());
+        for (received, parsed) in batch.into_iter().zip(parsed) {
+            let (key, decision) = match parsed {
+                Ok(job) => {
+                    // `isolate` answered every valid job.
+                    let Some((decision, by_database)) = decisions.next() else {
+                        return Err(self.held("jobs", "fewer decisions than valid jobs"));
+                    };
+                    if let (true, Decision::DeadLetter(refused)) = (by_database, &decision) {
+                        refused_by_database.push(Refusal {
+                            key: job.key(),
+                            campaign_id: job.campaign_id.clone(),
+                            reason: refused.reason.as_str(),
+                            detail: refused.detail.clone(),
+                        });
                     }
-                    Err(invalid) => (None, Decision::dead_letter(Reason::InvalidJob, invalid.0)),
-                };
-                let message_id = key
-                    .as_ref()
-                    .map(|k| k.idempotency_key.as_str())
-                    .or(received.message_id());
-                let properties = &received.delivery.properties;
-                let outgoing = message::outgoing(
-                    &shared.settings.amqp,
-                    properties,
-                    message_id,
-                    &decision,
-                    now,
-                );
-                Slot {
-                    received,
-                    key,
-                    decision,
-                    outgoing,
+                    (Some(job.into_key()), decision)
                 }
-            })
-            .collect();
+                Err(invalid) => (None, Decision::dead_letter(Reason::InvalidJob, invalid.0)),
+            };
+            let message_id = key
+                .as_ref()
+                .map(|k| k.idempotency_key.as_str())
+                .or(received.message_id());
+            let properties = &received.delivery.properties;
+            let outgoing = message::outgoing(
+                &shared.settings.amqp,
+                properties,
+                message_id,
+                &decision,
+                now,
+            );
+            slots.push(Slot {
+                received,
+                key,
+                decision,
+                outgoing,
+            });
+        }
         self.record_refusals(&refused_by_database).await;
-        DecidedBatch {
+        Ok(DecidedBatch {
             slots,
             decide_time: started.elapsed(),
             forward_batches: forward_batches.into_iter().flatten().collect(),
             _in_flight: in_flight,
-        }
+        })
+    }
+
+    /// Logs and counts a bug found in handling a batch; the error that
+    /// ends the session and holds the batch.
+    fn held(&self, stage: &'static str, bug: impl std::fmt::Display) -> SessionError {
+        held(self.id, stage, bug)
     }
 
     /// Records the refusals of jobs the database refused (the store

@@ -25,7 +25,7 @@ use std::sync::Arc;
 
 use lapin::{Channel, Consumer};
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 use crate::amqp::session::{Broker, Session, SessionError};
 use crate::clock::Clock;
@@ -65,6 +65,13 @@ impl Shared {
             metrics::db_error(err.kind());
             if !err.is_transient() {
                 return false;
+            }
+            if err.is_contention() {
+                // The database answered: it is up, only busy with the
+                // same rows. Readiness stays as it is.
+                warn!(error = %err, retry_in = ?delay, holding,
+                    "contention on the same rows; retrying the batch");
+                return true;
             }
             self.health.set_database_ok(false);
             // After a failover the writable server is another host.
@@ -219,14 +226,22 @@ async fn end_session(
 /// cannot fix, the range is split in two and each half asked again, so the
 /// items at fault are found and come back as their own `Err`, and every
 /// other item gets its answer. Each successful call's `X` is returned too.
-pub async fn isolate<R, X, F, Fut>(len: usize, mut call: F) -> (Vec<Result<R, StoreError>>, Vec<X>)
+///
+/// # Errors
+/// [`AnswerMissing`] when the store answered a range with another number
+/// of results than it was asked for: a bug of ours, never guessed around.
+pub async fn isolate<R, X, F, Fut>(
+    len: usize,
+    mut call: F,
+) -> Result<(Vec<Result<R, StoreError>>, Vec<X>), AnswerMissing>
 where
     F: FnMut(Range<usize>) -> Fut,
     Fut: Future<Output = Result<(Vec<R>, X), StoreError>>,
 {
-    let mut answers: Vec<Option<Result<R, StoreError>>> = (0..len).map(|_| None).collect();
+    let mut answers = Vec::with_capacity(len);
     let mut extras = Vec::new();
-    // Ranges still to ask, the leftmost on top: items are asked in order.
+    // Ranges still to ask, the leftmost on top: items are answered in
+    // order, so each answer is pushed after the one before it.
     let mut ranges = Vec::new();
     if len > 0 {
         ranges.push(0..len);
@@ -234,12 +249,16 @@ where
     while let Some(range) = ranges.pop() {
         match call(range.clone()).await {
             Ok((results, extra)) => {
-                extras.push(extra);
-                for (slot, result) in answers[range].iter_mut().zip(results) {
-                    *slot = Some(Ok(result));
+                if results.len() != range.len() {
+                    return Err(AnswerMissing {
+                        asked: range.len(),
+                        answered: results.len(),
+                    });
                 }
+                extras.push(extra);
+                answers.extend(results.into_iter().map(Ok));
             }
-            Err(err) if range.len() == 1 => answers[range.start] = Some(Err(err)),
+            Err(err) if range.len() == 1 => answers.push(Err(err)),
             Err(err) => {
                 warn!(error = %err, items = range.len(), "the database refused a batch; splitting it to find the items at fault");
                 let middle = range.start + range.len() / 2;
@@ -248,11 +267,26 @@ where
             }
         }
     }
-    let answers = answers
-        .into_iter()
-        .map(|answer| answer.unwrap_or(Err(StoreError::Contention)))
-        .collect();
-    (answers, extras)
+    Ok((answers, extras))
+}
+
+/// The store answered a batch with another number of results than it was
+/// asked for. The batch is held (never acked, never given a made-up
+/// answer): its session ends and the broker delivers it again.
+#[derive(Debug, thiserror::Error)]
+#[error("the store answered {answered} of {asked} items: a bug, the batch is held")]
+pub struct AnswerMissing {
+    pub asked: usize,
+    pub answered: usize,
+}
+
+/// Logs and counts a bug of ours found while handling a batch of `stage`
+/// (`jobs`, `outcomes`); the error that ends the worker's session, so the
+/// batch is held (never acked) and the broker delivers it again.
+pub fn held(worker: usize, stage: &'static str, bug: impl std::fmt::Display) -> SessionError {
+    error!(worker, stage, error = %bug, "internal error; holding the batch for redelivery");
+    metrics::internal_error(stage);
+    SessionError::Internal(bug.to_string())
 }
 
 /// The jobs-in-flight gauge follows a batch's life, however it ends.
@@ -275,6 +309,42 @@ impl Drop for InFlight {
 mod tests {
     use super::*;
 
+    #[tokio::test]
+    async fn contention_is_retried_without_calling_the_database_down() {
+        let settings = Settings::load_from(None, []).expect("defaults");
+        let store = Store::connect_lazy(&settings.database, crate::app::limits(&settings))
+            .expect("a lazy pool");
+        let health = Arc::new(Health::new(1));
+        health.set_database_ok(true);
+        let shared = Shared {
+            broker: Broker::new(settings.amqp.clone()),
+            settings,
+            store,
+            clock: Arc::new(crate::clock::SystemClock),
+            health: health.clone(),
+        };
+        let mut calls = 0;
+        let answer = shared
+            .with_database("test", || {
+                calls += 1;
+                let first = calls == 1;
+                let ok_then = health.database_ok();
+                async move {
+                    if first {
+                        Err(StoreError::Contention)
+                    } else {
+                        Ok(ok_then)
+                    }
+                }
+            })
+            .await;
+        assert!(
+            answer.expect("retried"),
+            "the database stayed ready while the batch was retried"
+        );
+        assert_eq!(calls, 2);
+    }
+
     /// A store that refuses any range holding an odd number.
     async fn refuse_odd(
         items: &[u32],
@@ -290,7 +360,9 @@ mod tests {
     #[tokio::test]
     async fn only_the_items_at_fault_are_refused_and_the_rest_answered_in_order() {
         let items = [2, 4, 7, 6, 8, 9, 10];
-        let (answers, extras) = isolate(items.len(), |r| refuse_odd(&items, r)).await;
+        let (answers, extras) = isolate(items.len(), |r| refuse_odd(&items, r))
+            .await
+            .expect("every range answered in full");
         let shown: Vec<Option<u32>> = answers.iter().map(|a| a.as_ref().ok().copied()).collect();
         assert_eq!(
             shown,
@@ -309,7 +381,18 @@ mod tests {
             5,
             "every good item answered once"
         );
-        let (answers, extras) = isolate(0, |r| refuse_odd(&items, r)).await;
+        let (answers, extras) = isolate(0, |r| refuse_odd(&items, r))
+            .await
+            .expect("nothing to answer");
         assert!(answers.is_empty() && extras.is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_store_that_answers_too_few_items_is_an_error_not_a_guess() {
+        let short = |range: Range<usize>| async move { Ok((vec![0; range.len() - 1], ())) };
+        let missing = isolate::<u32, (), _, _>(3, short)
+            .await
+            .expect_err("two answers for three items");
+        assert_eq!((missing.asked, missing.answered), (3, 2));
     }
 }

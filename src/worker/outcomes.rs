@@ -12,7 +12,7 @@ use lapin::{Channel, Consumer};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error};
 
-use super::{Shared, Worker, isolate};
+use super::{Shared, Worker, held, isolate};
 use crate::amqp::confirm::{self, Publication};
 use crate::amqp::message::{self, Outgoing};
 use crate::amqp::session::{Received, SessionError};
@@ -125,13 +125,14 @@ impl OutcomesWorker {
                 .await?;
             Ok((settled, ()))
         })
-        .await;
+        .await
+        .map_err(|missing| held(self.id, "outcomes", missing))?;
         let mut settled = settled.into_iter();
-        let verdicts: Vec<Verdict> = batch
+        let verdicts = batch
             .iter()
             .zip(parsed)
             .map(|(received, parsed)| self.verdict(received, parsed, &mut settled))
-            .collect();
+            .collect::<Result<Vec<Verdict>, SessionError>>()?;
         let publications: Vec<Publication<'_>> = verdicts
             .iter()
             .enumerate()
@@ -159,19 +160,30 @@ impl OutcomesWorker {
     }
 
     /// What became of one report: settled, or refused with a dead letter.
+    ///
+    /// # Errors
+    /// [`SessionError::Internal`] when the store gave no answer for a valid
+    /// report (a bug): the batch is held.
     fn verdict(
         &self,
         received: &Received,
         parsed: Result<Report, InvalidReport>,
         settled: &mut impl Iterator<Item = Result<Settled, StoreError>>,
-    ) -> Verdict {
+    ) -> Result<Verdict, SessionError> {
         let (result, refusal) = match parsed {
             Err(invalid) => (
                 "invalid",
                 Some(Decision::dead_letter(Reason::InvalidOutcome, invalid.0)),
             ),
-            Ok(report) => match settled.next().unwrap_or(Ok(Settled::Unknown)) {
-                Err(err) => {
+            Ok(report) => match settled.next() {
+                None => {
+                    return Err(held(
+                        self.id,
+                        "outcomes",
+                        "fewer results than valid reports",
+                    ));
+                }
+                Some(Err(err)) => {
                     error!(worker = self.id, error = %err, "the database refused a report; dead-lettering it");
                     (
                         "invalid",
@@ -181,7 +193,7 @@ impl OutcomesWorker {
                         )),
                     )
                 }
-                Ok(Settled::Unknown) => (
+                Some(Ok(Settled::Unknown)) => (
                     Settled::Unknown.as_str(),
                     Some(Decision::dead_letter(
                         Reason::UnknownReservation,
@@ -191,7 +203,7 @@ impl OutcomesWorker {
                         ),
                     )),
                 ),
-                Ok(other) => (other.as_str(), None),
+                Some(Ok(other)) => (other.as_str(), None),
             },
         };
         let outgoing = refusal.and_then(|decision| {
@@ -204,6 +216,6 @@ impl OutcomesWorker {
                 now,
             )
         });
-        Verdict { result, outgoing }
+        Ok(Verdict { result, outgoing })
     }
 }

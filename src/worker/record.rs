@@ -60,6 +60,10 @@ impl JobDecided<'_> {
                 metrics::job_duplicate();
                 ("duplicate", "", "", "", "")
             }
+            Decision::Wait(_) => {
+                metrics::job_waiting();
+                ("waiting", "", "", "", "")
+            }
         };
         let (worker, redelivered, duration) = (self.worker, self.redelivered, self.elapsed);
         let (account, key) = (self.account.unwrap_or(""), self.key.unwrap_or(""));

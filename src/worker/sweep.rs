@@ -4,8 +4,9 @@
 //! empties the reservation ring's old slot once the current one has been
 //! current for `[reservations] dedup_window_secs` (one process does it, the
 //! ring's row is locked), and removes confirmed forward batches, refusals
-//! past `[jobs] refusal_retention_days` and published events past
-//! `[events] retention_days`.
+//! past `[jobs] refusal_retention_days`, published events past
+//! `[events] retention_days` and usage counts past `[usage]
+//! retention_days`.
 
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
@@ -22,12 +23,19 @@ const SWEEP_CHUNK: i64 = 1000;
 /// confirmed); the delay only spares rows a confirm just wrote.
 const FORWARD_BATCH_AGE: std::time::Duration = std::time::Duration::from_secs(600);
 
+/// How long the sweep keeps the rows it removes.
+#[derive(Debug, Clone, Copy)]
+pub struct Retention {
+    pub refusals: std::time::Duration,
+    pub events: std::time::Duration,
+    pub usage_counts: std::time::Duration,
+}
+
 /// Sweeps until `stop`.
 pub async fn sweep_expired_holds(
     store: Store,
     settings: ReservationSettings,
-    refusal_retention: std::time::Duration,
-    event_retention: std::time::Duration,
+    retention: Retention,
     stop: CancellationToken,
 ) {
     let mut tick = tokio::time::interval(settings.sweep_interval());
@@ -57,18 +65,22 @@ pub async fn sweep_expired_holds(
         if let Some(window) = settings.dedup_window() {
             rotate(&store, window).await;
         }
-        // Forward batches, refusals and published events past their
-        // retention, a chunk at a time.
+        // Forward batches, refusals, published events and usage counts
+        // past their retention, a chunk at a time.
         purge("forward batches", || {
             store.purge_forward_batches(FORWARD_BATCH_AGE, SWEEP_CHUNK)
         })
         .await;
         purge("refusals", || {
-            store.purge_refusals(refusal_retention, SWEEP_CHUNK)
+            store.purge_refusals(retention.refusals, SWEEP_CHUNK)
         })
         .await;
         purge("events", || {
-            store.purge_events(event_retention, SWEEP_CHUNK)
+            store.purge_events(retention.events, SWEEP_CHUNK)
+        })
+        .await;
+        purge("usage counts", || {
+            store.purge_usage_counts(retention.usage_counts, SWEEP_CHUNK)
         })
         .await;
     }

@@ -74,6 +74,7 @@ async fn begin_ha(name: &str, processes: usize) -> Run {
         .set("SENDGATE__GATE__BATCH_SIZE", "20")
         .set("SENDGATE__AMQP__HEARTBEAT_SECS", "5")
         .set("SENDGATE__AMQP__PUBLISH_TIMEOUT_MS", "5000")
+        .set("SENDGATE__GATE__FORWARD_LEASE_SECS", "10")
         .set("SENDGATE__DATABASE__STATEMENT_TIMEOUT_MS", "2000")
         .set("SENDGATE__DATABASE__ACQUIRE_TIMEOUT_MS", "2000");
 

@@ -229,6 +229,7 @@ async fn fault_env() -> TestEnv {
         .set("SENDGATE__GATE__CONSUMERS", "1")
         .set("SENDGATE__AMQP__HEARTBEAT_SECS", "5")
         .set("SENDGATE__AMQP__PUBLISH_TIMEOUT_MS", "5000")
+        .set("SENDGATE__GATE__FORWARD_LEASE_SECS", "10")
         .set("SENDGATE__DATABASE__STATEMENT_TIMEOUT_MS", "1000")
         .set("SENDGATE__DATABASE__ACQUIRE_TIMEOUT_MS", "2000")
         .set("SENDGATE__SHUTDOWN__GRACE_PERIOD_SECS", "10");

@@ -109,6 +109,21 @@ impl TestEnv {
                 format!("t.{id}.deferred"),
             ),
             (
+                "SENDGATE__AMQP__WAIT_QUEUE".to_owned(),
+                format!("t.{id}.wait"),
+            ),
+            // Short enough that a copy waiting for a crashed process's
+            // forward is replayed within a test's patience.
+            (
+                "SENDGATE__AMQP__PUBLISH_TIMEOUT_MS".to_owned(),
+                "2500".to_owned(),
+            ),
+            (
+                "SENDGATE__GATE__FORWARD_LEASE_SECS".to_owned(),
+                "5".to_owned(),
+            ),
+            ("SENDGATE__AMQP__COPY_WAIT_MS".to_owned(), "200".to_owned()),
+            (
                 "SENDGATE__AMQP__JOBS_EXCHANGE".to_owned(),
                 format!("t.{id}.jobs"),
             ),
@@ -171,6 +186,9 @@ impl TestEnv {
     pub fn events_queue(&self) -> String {
         self.var("SENDGATE__AMQP__EVENTS_QUEUE")
     }
+    pub fn wait_queue(&self) -> String {
+        self.var("SENDGATE__AMQP__WAIT_QUEUE")
+    }
 
     /// A migrated store on this test's database.
     pub async fn store(&self) -> Store {
@@ -180,7 +198,8 @@ impl TestEnv {
             .unwrap();
         let store = Store::connect_lazy(&settings.database, sendgate::app::limits(&settings))
             .unwrap()
-            .with_credit_thresholds(settings.events.thresholds());
+            .with_credit_thresholds(settings.events.thresholds())
+            .with_forward_lease(settings.gate.forward_lease());
         store.locate_primary().await;
         store.migrate().await.unwrap();
         store
@@ -212,6 +231,7 @@ impl TestEnv {
             self.dead_queue(),
             self.outcomes_queue(),
             self.deferred_queue(),
+            self.wait_queue(),
             self.events_queue(),
         ] {
             let _ = broker
@@ -719,14 +739,18 @@ pub fn rabbitmqctl_output(args: &[&str]) -> String {
 
 /// Whether a session on the test's database waits for a lock right now.
 pub async fn someone_waits_for_a_lock(store: &Store) -> bool {
-    let waiting: i64 = sqlx::query_scalar(
+    waiting_for_locks(store).await > 0
+}
+
+/// How many sessions of the test's database wait for a lock now.
+pub async fn waiting_for_locks(store: &Store) -> i64 {
+    sqlx::query_scalar(
         "SELECT count(*) FROM pg_stat_activity
          WHERE datname = current_database() AND wait_event_type = 'Lock'",
     )
     .fetch_one(store.pool())
     .await
-    .unwrap();
-    waiting > 0
+    .unwrap()
 }
 
 /// The state of the reservation under (account, key).

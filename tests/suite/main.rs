@@ -18,3 +18,4 @@ mod retention;
 mod roles;
 mod store;
 mod tls;
+mod trust;

@@ -174,6 +174,7 @@ async fn the_shipped_broker_definitions_give_each_user_its_part_and_no_more() {
         ("DEAD_LETTER_QUEUE", "sendgate.dead"),
         ("OUTCOMES_QUEUE", "sendgate.outcomes"),
         ("DEFERRED_QUEUE", "sendgate.deferred"),
+        ("WAIT_QUEUE", "sendgate.wait"),
         ("JOBS_EXCHANGE", "sendgate.jobs"),
         ("REPORTS_EXCHANGE", "sendgate.reports"),
         ("EVENTS_EXCHANGE", "sendgate.events"),

@@ -225,3 +225,80 @@ async fn a_key_released_in_one_slot_and_charged_in_the_next_keeps_one_row() {
     gate.shutdown().await;
     env.cleanup().await;
 }
+
+/// Rows in the tables a refused job could write to.
+async fn rows_written_for_refusals(store: &Store) -> i64 {
+    sqlx::query_scalar(
+        "SELECT (SELECT count(*) FROM refusals) + (SELECT count(*) FROM usage_counts)
+              + (SELECT count(*) FROM usage_pending) + (SELECT count(*) FROM reservations)",
+    )
+    .fetch_one(store.pool())
+    .await
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jobs_for_accounts_that_do_not_exist_write_nothing() {
+    let env = TestEnv::new();
+    let store = env.store().await;
+    let now = Utc::now();
+    // 10,000 jobs for 10,000 made-up accounts, in batches as the gate
+    // decides them.
+    let jobs: Vec<sendgate::domain::job::Job> = (0..10_000)
+        .map(|i| {
+            let body = job_body(&format!("ghost-{i}"), "k");
+            sendgate::domain::job::Job::parse(&body, None, 65536).unwrap()
+        })
+        .collect();
+    for batch in jobs.chunks(250) {
+        let recorded = store.decide(batch, now).await.unwrap();
+        assert!(recorded.decisions.iter().all(|d| matches!(
+            d,
+            sendgate::domain::decision::Decision::DeadLetter(dead)
+                if dead.reason == sendgate::domain::plan::Reason::UnknownAccount
+        )));
+    }
+    // The path for jobs the database refused records refusals too.
+    let refusal = sendgate::store::Refusal {
+        key: jobs[0].key(),
+        campaign_id: None,
+        reason: "invalid_job",
+        detail: "the database refused this job".into(),
+    };
+    store.record_refusals(&[refusal], now).await.unwrap();
+    store.roll_up_usage().await.unwrap();
+    assert_eq!(rows_written_for_refusals(&store).await, 0);
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn usage_counts_past_their_retention_are_removed_by_the_sweep() {
+    let env = TestEnv::new();
+    let mut settings = env.settings();
+    settings.reservations.sweep_interval_secs = 1;
+    settings.usage.retention_days = 400;
+    let store = env.store().await;
+    create(&store, "old-timer", Plan::Scale).await;
+    for (age, n) in [("401 days", 3), ("399 days", 5), ("1 hour", 7)] {
+        sqlx::query(
+            "INSERT INTO usage_counts (account_id, bucket, campaign_id, kind, shard, n)
+             VALUES ('old-timer', date_trunc('hour', now() - $1::interval), '', 'charged', 0, $2)",
+        )
+        .bind(age)
+        .bind(n)
+        .execute(store.pool())
+        .await
+        .unwrap();
+    }
+    let gate = start_gate(settings, Arc::new(SystemClock)).await;
+    eventually(WAIT, || async {
+        let left: Vec<i64> = sqlx::query_scalar("SELECT n FROM usage_counts ORDER BY bucket")
+            .fetch_all(store.pool())
+            .await
+            .unwrap();
+        left == [5, 7]
+    })
+    .await;
+    gate.shutdown().await;
+    env.cleanup().await;
+}

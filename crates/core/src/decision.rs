@@ -41,6 +41,13 @@ pub struct PriorReservation {
     /// Its delivery failed and the charge was given back: the same job
     /// sent again is a new attempt, charged afresh.
     pub released: bool,
+    /// When its latest forward was decided (the charge, or the last
+    /// replay), by the database's clock: the forward lease's start.
+    pub last_forward_at: DateTime<Utc>,
+    /// Whether the latest forward's lease has run out unconfirmed, by the
+    /// database's clock: that forward is presumed abandoned (its process
+    /// died before the broker confirmed it), so a copy may forward again.
+    pub lease_expired: bool,
 }
 
 /// The job passed; forward it with these headers.
@@ -74,6 +81,18 @@ pub enum Decision {
     /// Already charged and its forward confirmed, or a second copy within
     /// the batch: acknowledge and drop.
     Duplicate,
+    /// Already charged, and a forward of the charge may still be on its way
+    /// (its lease has not run out): neither forwarded nor dropped. The copy
+    /// waits a moment and is decided again, when it is a duplicate (the
+    /// forward was confirmed) or forwarded again (the lease ran out).
+    Wait(Wait),
+}
+
+/// A copy of a charged job that waits for the charge's forward.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Wait {
+    /// The charge whose forward it waits for.
+    pub reservation_id: Uuid,
 }
 
 impl Decision {
@@ -122,10 +141,23 @@ pub struct UsageChange {
     pub used: i64,
 }
 
+/// A forward lease taken by a replay: the store writes it only if the
+/// charge's latest forward is still the one read (`last_forward_at`), so
+/// two copies never both take it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Lease {
+    pub account_id: AccountId,
+    pub idempotency_key: IdempotencyKey,
+    pub reservation_id: Uuid,
+    pub last_forward_at: DateTime<Utc>,
+}
+
 /// What the store writes to record a batch's decisions.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Effects {
     pub reservations: Vec<NewReservation>,
+    /// Replays of earlier charges whose lease ran out.
+    pub leases: Vec<Lease>,
     pub ledger: Vec<LedgerSend>,
     /// Final credit balance of each account whose balance changed.
     pub balances: Vec<BalanceChange>,
@@ -134,6 +166,7 @@ pub struct Effects {
 }
 
 impl Effects {
+    /// No new charge (leases are written on their own).
     pub fn is_empty(&self) -> bool {
         self.reservations.is_empty()
     }
@@ -170,7 +203,7 @@ pub fn decide_batch(
         if let Some(earlier) =
             earlier.filter(|e| !e.released || e.payload_digest != job.payload_digest)
         {
-            let decision = replay(job, earlier);
+            let decision = replay(job, earlier, &mut effects);
             if !matches!(decision, Decision::DeadLetter(_)) {
                 seen.insert(key, job.payload_digest);
             }
@@ -202,13 +235,25 @@ pub fn decide_batch(
 }
 
 /// A job an earlier attempt charged: a conflict if its payload differs, a
-/// duplicate if its forward was confirmed, else forwarded again uncharged.
-fn replay(job: &Job, earlier: &PriorReservation) -> Decision {
+/// duplicate if its forward was confirmed, a wait while that forward may
+/// still be on its way (its lease), else forwarded again uncharged under a
+/// new lease. One forward of a charge at a time.
+fn replay(job: &Job, earlier: &PriorReservation, effects: &mut Effects) -> Decision {
     if earlier.payload_digest != job.payload_digest {
         conflict(job)
     } else if earlier.forward_confirmed {
         Decision::Duplicate
+    } else if !earlier.lease_expired {
+        Decision::Wait(Wait {
+            reservation_id: earlier.id,
+        })
     } else {
+        effects.leases.push(Lease {
+            account_id: job.account_id.clone(),
+            idempotency_key: job.idempotency_key.clone(),
+            reservation_id: earlier.id,
+            last_forward_at: earlier.last_forward_at,
+        });
         Decision::Forward(Forward {
             reservation_id: earlier.id,
             plan: earlier.plan,
@@ -480,7 +525,7 @@ mod tests {
     #[test]
     fn an_earlier_charge_is_forwarded_again_or_dropped_but_never_charged_again() {
         let now = at("2026-01-01T12:00:00Z");
-        let earlier = |confirmed| PriorReservation {
+        let earlier = |confirmed, lease_expired| PriorReservation {
             id: Uuid::nil(),
             payload_digest: [1; 16],
             plan: Plan::Free,
@@ -488,11 +533,26 @@ mod tests {
             remaining: Some(4),
             forward_confirmed: confirmed,
             released: false,
+            last_forward_at: at("2026-01-01T11:59:00Z"),
+            lease_expired,
         };
         let key = key("a", "k");
         let accounts = [("a", account(Plan::Free, 4, 0, now))];
 
-        let prior = HashMap::from([(key.clone(), earlier(false))]);
+        // Its forward may still be on its way: the copy waits.
+        let prior = HashMap::from([(key.clone(), earlier(false, false))]);
+        let (decisions, effects) = decide(&[job("a", "k", 1)], &accounts, &prior, now);
+        assert_eq!(
+            decisions[0],
+            Decision::Wait(Wait {
+                reservation_id: Uuid::nil()
+            })
+        );
+        assert_eq!(effects, Effects::default());
+
+        // Its forward's lease ran out unconfirmed: forwarded again under a
+        // new lease, taken from the forward read.
+        let prior = HashMap::from([(key.clone(), earlier(false, true))]);
         let (decisions, effects) = decide(&[job("a", "k", 1)], &accounts, &prior, now);
         assert_eq!(
             decisions[0],
@@ -504,9 +564,20 @@ mod tests {
                 fresh: false,
             })
         );
-        assert_eq!(effects, Effects::default());
+        assert_eq!(
+            effects,
+            Effects {
+                leases: vec![Lease {
+                    account_id: key.account_id.clone(),
+                    idempotency_key: key.idempotency_key.clone(),
+                    reservation_id: Uuid::nil(),
+                    last_forward_at: at("2026-01-01T11:59:00Z"),
+                }],
+                ..Effects::default()
+            }
+        );
 
-        let prior = HashMap::from([(key.clone(), earlier(true))]);
+        let prior = HashMap::from([(key.clone(), earlier(true, true))]);
         let (decisions, _) = decide(&[job("a", "k", 1)], &accounts, &prior, now);
         assert_eq!(decisions[0], Decision::Duplicate);
 
@@ -525,6 +596,8 @@ mod tests {
             remaining: Some(4),
             forward_confirmed: true,
             released: true,
+            last_forward_at: now,
+            lease_expired: true,
         };
         let prior = HashMap::from([(key("a", "k"), released)]);
         let accounts = [("a", account(Plan::Free, 5, 0, now))];
@@ -654,11 +727,19 @@ mod tests {
                         prop_assert!(earlier_same || in_batch);
                     }
                     Decision::Forward(f) if !f.fresh => {
-                        prop_assert!(
-                            prior
-                                .get(&key)
-                                .is_some_and(|r| !r.forward_confirmed && r.id == f.reservation_id)
-                        );
+                        prop_assert!(prior.get(&key).is_some_and(|r| !r.forward_confirmed
+                            && r.lease_expired
+                            && r.id == f.reservation_id));
+                        // Forwarded again only under a lease taken from the
+                        // forward it replaces.
+                        prop_assert!(effects.leases.iter().any(|l| l.account_id == key.account_id
+                            && l.idempotency_key == key.idempotency_key
+                            && l.reservation_id == f.reservation_id));
+                    }
+                    Decision::Wait(w) => {
+                        prop_assert!(prior.get(&key).is_some_and(|r| !r.forward_confirmed
+                            && !r.lease_expired
+                            && r.id == w.reservation_id));
                     }
                     _ => {}
                 }
@@ -682,6 +763,10 @@ mod tests {
                             remaining: r.remaining,
                             forward_confirmed: false,
                             released: false,
+                            last_forward_at: now,
+                            // Some forwards still in their lease, some
+                            // whose process is presumed dead.
+                            lease_expired: r.idempotency_key.as_str().len() % 2 == 0,
                         },
                         r.usage_day,
                     ),

@@ -7,6 +7,7 @@
 use sha2::{Digest, Sha256};
 
 use crate::ids::{AccountId, IdempotencyKey, JobKey};
+use crate::json::{self, strict_object};
 
 /// A job that passed validation.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -71,15 +72,9 @@ impl Job {
                 ));
             }
         };
-        let value: serde_json::Value = match serde_json::from_str(text) {
-            Ok(value) => value,
-            Err(err) => return invalid(format!("body is not JSON: {err}")),
-        };
-        let serde_json::Value::Object(fields) = value else {
-            return invalid(format!(
-                "body is a JSON {}, not an object",
-                json_kind(&value)
-            ));
+        let fields = match strict_object(text.as_bytes()) {
+            Ok(fields) => fields,
+            Err(err) => return invalid(err.to_string()),
         };
 
         let account_id = match fields.get("account_id") {
@@ -88,7 +83,7 @@ impl Job {
             Some(other) => {
                 return invalid(format!(
                     "`account_id` must be a string, found a {}",
-                    json_kind(other)
+                    json::kind(other)
                 ));
             }
         };
@@ -100,7 +95,7 @@ impl Job {
             Some(other) => {
                 return invalid(format!(
                     "`idempotency_key` must be a string, found a {}",
-                    json_kind(other)
+                    json::kind(other)
                 ));
             }
         };
@@ -156,17 +151,6 @@ impl Job {
             account_id: self.account_id,
             idempotency_key: self.idempotency_key,
         }
-    }
-}
-
-fn json_kind(value: &serde_json::Value) -> &'static str {
-    match value {
-        serde_json::Value::Null => "null",
-        serde_json::Value::Bool(_) => "boolean",
-        serde_json::Value::Number(_) => "number",
-        serde_json::Value::String(_) => "string",
-        serde_json::Value::Array(_) => "array",
-        serde_json::Value::Object(_) => "object",
     }
 }
 
@@ -236,6 +220,24 @@ mod tests {
         let (a, b, c) = (a.expect("valid"), b.expect("valid"), c.expect("valid"));
         assert_eq!(a.payload_digest, b.payload_digest);
         assert_ne!(a.payload_digest, c.payload_digest);
+    }
+
+    #[test]
+    fn a_key_given_twice_is_invalid_and_named_whichever_key_it_is() {
+        for key in [
+            "account_id",
+            "idempotency_key",
+            "campaign_id",
+            "voice_note_url",
+        ] {
+            let body = format!(
+                r#"{{"account_id":"a","idempotency_key":"k","campaign_id":"c","voice_note_url":"u","{key}":"b"}}"#
+            );
+            assert_eq!(
+                detail(body.as_bytes(), None),
+                format!("body has the key `{key}` more than once")
+            );
+        }
     }
 
     #[test]

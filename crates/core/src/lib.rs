@@ -8,6 +8,7 @@
 //!
 //! - [`ids`]: `AccountId`, `IdempotencyKey` and `JobKey`, validated once.
 //! - [`job`]: a send job's body and `message_id`, parsed (SPEC §2).
+//! - [`json`]: bodies read as JSON objects whose keys appear once.
 //! - [`plan`]: plans, charges, refusal reasons, limits, and an account's
 //!   calendar day in its time zone (SPEC §1).
 //! - [`decision`]: a batch of jobs against its accounts' state: forward,
@@ -21,5 +22,6 @@ pub mod decision;
 pub mod events;
 pub mod ids;
 pub mod job;
+pub mod json;
 pub mod plan;
 pub mod settle;

@@ -14,6 +14,7 @@ use uuid::Uuid;
 
 use crate::decision::{AccountState, BalanceChange, UsageChange};
 use crate::ids::{AccountId, IdempotencyKey, JobKey};
+use crate::json::strict_object;
 use crate::plan::{Charge, local_day};
 
 /// A delivery worker's report, as published to the outcomes queue.
@@ -43,11 +44,7 @@ impl Report {
     /// [`InvalidReport`] naming what is wrong.
     pub fn parse(body: &[u8]) -> Result<Report, InvalidReport> {
         let invalid = |s: &str| InvalidReport(s.to_owned());
-        let value: serde_json::Value = serde_json::from_slice(body)
-            .map_err(|err| InvalidReport(format!("body is not JSON: {err}")))?;
-        let fields = value
-            .as_object()
-            .ok_or_else(|| invalid("body is not a JSON object"))?;
+        let fields = strict_object(body).map_err(|err| InvalidReport(err.to_string()))?;
         let text = |name: &str| -> Result<String, InvalidReport> {
             match fields.get(name) {
                 Some(serde_json::Value::String(s)) if !s.is_empty() && s.chars().count() <= 255 => {
@@ -152,6 +149,10 @@ pub struct Reservation {
     pub charge: Charge,
     pub usage_day: Option<NaiveDate>,
     pub state: State,
+    /// Forwarded more than once (a copy replayed it after its lease ran
+    /// out): one of its forwards may be delivered whatever another's report
+    /// says, so a failed report does not release it.
+    pub forwarded_again: bool,
 }
 
 /// What happened to one report.
@@ -166,6 +167,11 @@ pub enum Settled {
     Stale,
     /// No reservation under that account and key.
     Unknown,
+    /// A failed report on a charge forwarded more than once: it stays held
+    /// (another forward of it may be delivered), until a delivered report
+    /// commits it or its hold expires committed. A delivered send is never
+    /// refunded, whatever order the reports come in.
+    KeptForAnotherForward,
 }
 
 impl Settled {
@@ -176,6 +182,7 @@ impl Settled {
             Settled::AlreadySettled => "already_settled",
             Settled::Stale => "stale",
             Settled::Unknown => "unknown_reservation",
+            Settled::KeptForAnotherForward => "kept_for_another_forward",
         }
     }
 }
@@ -287,6 +294,10 @@ pub fn settle_batch(
             results.push(Settled::AlreadySettled);
             continue;
         }
+        if !report.delivered && reservation.forwarded_again {
+            results.push(Settled::KeptForAnotherForward);
+            continue;
+        }
         let state = if report.delivered {
             State::Committed
         } else {
@@ -373,6 +384,7 @@ mod tests {
             charge,
             usage_day: day.map(|d| d.parse().expect("date")),
             state: State::Held,
+            forwarded_again: false,
         }
     }
 
@@ -411,6 +423,37 @@ mod tests {
         );
         assert_eq!(effects.releases.len(), 1);
         assert_eq!(effects.releases[0].balance_after, 4);
+    }
+
+    #[test]
+    fn a_charge_forwarded_twice_is_never_refunded_whatever_order_its_reports_come_in() {
+        let now = at("2026-01-01T12:00:00Z");
+        let twice = Reservation {
+            forwarded_again: true,
+            ..held(Charge::Credit, None)
+        };
+        let reservations = HashMap::from([(key("a", "k"), twice)]);
+        let accounts = HashMap::from([(id("a"), account(Plan::Free, 3))]);
+        let settle = |reports: &[Report]| {
+            settle_batch(reports, &reservations, &accounts, &HashMap::new(), now)
+        };
+        let (failed, delivered) = (report("a", "k", false), report("a", "k", true));
+
+        let (results, effects) = settle(&[failed.clone(), delivered.clone()]);
+        assert_eq!(
+            results,
+            vec![Settled::KeptForAnotherForward, Settled::Committed]
+        );
+        assert!(effects.releases.is_empty() && effects.balances.is_empty());
+
+        let (results, effects) = settle(&[delivered, failed.clone()]);
+        assert_eq!(results, vec![Settled::Committed, Settled::AlreadySettled]);
+        assert!(effects.releases.is_empty() && effects.balances.is_empty());
+
+        // Failed alone: held until a delivered report or the hold's expiry.
+        let (results, effects) = settle(&[failed]);
+        assert_eq!(results, vec![Settled::KeptForAnotherForward]);
+        assert!(effects.settled.is_empty());
     }
 
     #[test]
@@ -490,6 +533,11 @@ mod tests {
         assert!(!ok.delivered);
         assert_eq!(ok.detail.as_deref(), Some("busy"));
         assert_eq!(ok.reservation_id.to_string(), RID);
+        // A report that says two things is neither of them.
+        assert_eq!(
+            refused(&report_json(r#","outcome":"failed","outcome":"delivered""#)),
+            "body has the key `outcome` more than once"
+        );
     }
 
     #[test]

@@ -185,6 +185,11 @@ impl Model {
                 remaining: new.remaining,
                 forward_confirmed: false,
                 released: false,
+                last_forward_at: self.now,
+                // Every unconfirmed forward counts as abandoned here, so
+                // copies replay it (the lease is the store's and the
+                // gate's tests' business).
+                lease_expired: true,
             };
             let row = Row {
                 prior,
@@ -242,6 +247,12 @@ impl Model {
                     charge: row.prior.charge,
                     usage_day: row.usage_day,
                     state: row.state,
+                    forwarded_again: self
+                        .forwards
+                        .iter()
+                        .filter(|f| f.reservation_id == row.prior.id)
+                        .count()
+                        > 1,
                 };
                 (key.clone(), reservation)
             })

@@ -1,0 +1,14 @@
+-- One forward of a charge at a time. A charge's forward is presumed on its
+-- way from when it was decided until [gate] forward_lease_secs later:
+-- from `created_at` for the charge's own forward, from `forwarded_at` once
+-- a copy forwarded it again (after the lease ran out unconfirmed: the
+-- process that held it is presumed dead). A copy that arrives during the
+-- lease waits; one that takes a lease over writes `forwarded_at` only if it
+-- still holds the value it read, so two copies never both forward.
+--
+-- A charge forwarded more than once (`forwarded_at` set) is not released
+-- by a failed report: another of its forwards may be delivered.
+--
+-- Nullable with no default: adding it rewrites nothing, and a fresh charge
+-- stores no extra bytes.
+ALTER TABLE reservations ADD COLUMN forwarded_at timestamptz;
