@@ -35,7 +35,7 @@ pub struct App {
 
 /// What runs beside the workers until they have drained.
 struct Background {
-    http: JoinHandle<std::io::Result<()>>,
+    http: JoinHandle<()>,
     upkeep: JoinHandle<()>,
     depth: Option<JoinHandle<()>>,
     stop: CancellationToken,
@@ -158,11 +158,10 @@ fn serve(shared: &Arc<Shared>, listener: TcpListener) -> Background {
         shared.clock.clone(),
         &shared.settings.api,
     );
-    let http = tokio::spawn(
-        axum::serve(listener, router)
-            .with_graceful_shutdown(stop.clone().cancelled_owned())
-            .into_future(),
-    );
+    let http = tokio::spawn({
+        let (settings, stop) = (shared.settings.http.clone(), stop.clone());
+        async move { crate::http::server::serve(listener, router, &settings, stop).await }
+    });
     let upkeep = tokio::spawn({
         let (stop, store, health) = (stop.clone(), shared.store.clone(), shared.health.clone());
         async move {
@@ -206,13 +205,10 @@ impl Background {
         if let Some(depth) = self.depth {
             let _ = depth.await;
         }
-        match self.http.await {
-            Ok(result) => result.context("HTTP server failed"),
-            Err(err) => {
-                warn!(error = %err, "HTTP task ended abnormally");
-                Ok(())
-            }
+        if let Err(err) = self.http.await {
+            warn!(error = %err, "HTTP task ended abnormally");
         }
+        Ok(())
     }
 }
 

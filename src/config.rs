@@ -394,6 +394,17 @@ pub struct AmqpSettings {
 #[serde(deny_unknown_fields)]
 pub struct HttpSettings {
     pub listen: SocketAddr,
+    /// A request's header must be complete this long after the connection
+    /// began waiting for it (idle keep-alive connections included).
+    pub header_read_timeout_secs: u64,
+    /// Connections open at once; more are closed when accepted.
+    pub max_connections: usize,
+}
+
+impl HttpSettings {
+    pub fn header_read_timeout(&self) -> Duration {
+        Duration::from_secs(self.header_read_timeout_secs)
+    }
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -420,6 +431,8 @@ pub struct ProPlanSettings {
 #[serde(deny_unknown_fields)]
 pub struct JobSettings {
     pub max_body_bytes: usize,
+    /// Largest properties and headers of a job or report, encoded.
+    pub max_header_bytes: usize,
     /// How long a key's latest refusal is kept for job status.
     pub refusal_retention_days: u64,
 }
@@ -640,6 +653,15 @@ impl Settings {
         if self.jobs.max_body_bytes == 0 {
             return Err(invalid("jobs.max_body_bytes", "must be at least 1"));
         }
+        // Room under RabbitMQ's smallest usual frame_max (128 KiB) for the
+        // headers sendgate adds.
+        if !(1024..=65_536).contains(&self.jobs.max_header_bytes) {
+            return Err(invalid(
+                "jobs.max_header_bytes",
+                "must be between 1024 and 65536 (the broker's frame_max must hold it and \
+                 the headers sendgate adds)",
+            ));
+        }
         let thresholds = &self.events.credits_low_thresholds;
         if thresholds.len() > 10 || thresholds.iter().any(|t| *t == 0 || *t > 1_000_000) {
             return Err(invalid(
@@ -654,6 +676,12 @@ impl Settings {
             return Err(invalid(
                 "gate.concurrent_batches",
                 "must be between 1 and 16",
+            ));
+        }
+        if self.http.max_connections == 0 || self.http.max_connections > 100_000 {
+            return Err(invalid(
+                "http.max_connections",
+                "must be between 1 and 100000",
             ));
         }
         if self.gate.consumers == 0 || self.gate.consumers > 64 {
@@ -683,7 +711,7 @@ impl Settings {
     fn validate_durations(&self) -> Result<(), ConfigError> {
         const MINUTE_MS: u64 = 60_000;
         const DAY_SECS: u64 = 86_400;
-        let bounds: [(&'static str, u64, u64, u64); 16] = [
+        let bounds: [(&'static str, u64, u64, u64); 17] = [
             (
                 "events.relay_interval_ms",
                 self.events.relay_interval_ms,
@@ -699,6 +727,12 @@ impl Settings {
                 3_650,
             ),
             ("gate.batch_wait_ms", self.gate.batch_wait_ms, 0, MINUTE_MS),
+            (
+                "http.header_read_timeout_secs",
+                self.http.header_read_timeout_secs,
+                1,
+                600,
+            ),
             (
                 "gate.forward_lease_secs",
                 self.gate.forward_lease_secs,

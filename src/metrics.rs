@@ -44,6 +44,7 @@ pub const DEDUP_WINDOW: &str = "sendgate_dedup_window_seconds";
 pub const SLOT_AGE: &str = "sendgate_reservation_slot_age_seconds";
 pub const SLOTS_EMPTIED: &str = "sendgate_reservation_slots_emptied_total";
 pub const INTERNAL_ERRORS: &str = "sendgate_internal_errors_total";
+pub const HTTP_CONNECTIONS_REFUSED: &str = "sendgate_http_connections_refused_total";
 
 /// What kind of series a metric is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -335,6 +336,13 @@ pub const CATALOGUE: &[MetricDoc] = &[
         help: "Always 1; the labels name the build.",
     },
     MetricDoc {
+        name: HTTP_CONNECTIONS_REFUSED,
+        kind: Kind::Counter,
+        labels: &[],
+        unit: "connections",
+        help: "HTTP connections closed as soon as accepted because `[http] max_connections` were open.",
+    },
+    MetricDoc {
         name: INTERNAL_ERRORS,
         kind: Kind::Counter,
         labels: &[("stage", "jobs, outcomes")],
@@ -447,6 +455,7 @@ fn describe() {
     counter!(PUBLISH_FAILURES).absolute(0);
     counter!(HOLDS_EXPIRED).absolute(0);
     counter!(SLOTS_EMPTIED).absolute(0);
+    counter!(HTTP_CONNECTIONS_REFUSED).absolute(0);
     for stage in ["jobs", "outcomes"] {
         counter!(INTERNAL_ERRORS, "stage" => stage).absolute(0);
     }
@@ -477,6 +486,10 @@ fn describe() {
     counter!(EVENTS_RELAY_FAILURES).absolute(0);
     // Until the relay's first read of the outbox, a moment after start.
     events_backlog(0, None);
+}
+
+pub fn http_connection_refused() {
+    counter!(HTTP_CONNECTIONS_REFUSED).increment(1);
 }
 
 pub fn internal_error(stage: &'static str) {

@@ -3,7 +3,12 @@
 //! part of [`Outgoing`].
 
 use chrono::{DateTime, SecondsFormat, Utc};
+use std::borrow::Cow;
+
+use cookie_factory::SerializeFn;
 use lapin::BasicProperties;
+use lapin::protocol::basic::gen_properties;
+use lapin::types::generation::gen_field_table;
 use lapin::types::{AMQPValue, FieldTable, ShortString};
 
 use super::{
@@ -184,6 +189,61 @@ fn dead_letter_headers(headers: &mut FieldTable, dead: &DeadLetter) {
 
 fn rfc3339(at: DateTime<Utc>) -> String {
     at.to_rfc3339_opts(SecondsFormat::Secs, true)
+}
+
+/// Why a delivery's properties are too large to pass on, or `None` when
+/// they fit within `max_bytes` as encoded on the wire. sendgate adds its
+/// own headers to every message it publishes; a message whose properties
+/// were already near the broker's frame size would no longer fit one
+/// frame, and the broker would close the connection over it (and so
+/// redeliver the whole window, again and again).
+pub fn oversized(properties: &BasicProperties, max_bytes: usize) -> Option<String> {
+    let size = encoded_len(gen_properties(properties));
+    if size.is_some_and(|n| n <= max_bytes) {
+        return None;
+    }
+    let largest = properties.headers().as_ref().and_then(|headers| {
+        headers
+            .inner()
+            .iter()
+            .map(|(name, value)| {
+                let mut one = FieldTable::default();
+                one.insert(name.clone(), value.clone());
+                (name.as_str(), encoded_len(gen_field_table(&one)))
+            })
+            .max_by_key(|(_, n)| *n)
+    });
+    let size = size.map_or_else(
+        || "cannot be encoded".to_owned(),
+        |n| format!("are {n} bytes"),
+    );
+    let largest = match largest {
+        Some((name, Some(n))) => format!("; the largest header is `{name}` ({n} bytes)"),
+        Some((name, None)) => format!("; the header `{name}` cannot be encoded"),
+        None => String::new(),
+    };
+    Some(format!(
+        "the message's properties and headers {size}, over [jobs] max_header_bytes \
+         ({max_bytes}){largest}; its headers are left off this dead letter"
+    ))
+}
+
+/// The properties a delivery's outcome starts from: its own, without the
+/// publisher's headers when they are [`oversized`] (its dead letter must
+/// fit a frame).
+pub fn bounded(properties: &BasicProperties, max_bytes: usize) -> Cow<'_, BasicProperties> {
+    if oversized(properties, max_bytes).is_some() {
+        Cow::Owned(properties.clone().with_headers(FieldTable::default()))
+    } else {
+        Cow::Borrowed(properties)
+    }
+}
+
+/// The bytes `generate` writes, or `None` when it cannot encode.
+fn encoded_len<F: SerializeFn<Vec<u8>>>(generate: F) -> Option<usize> {
+    cookie_factory::gen_simple(generate, Vec::new())
+        .ok()
+        .map(|bytes| bytes.len())
 }
 
 /// A header's value as text, for tests and tools reading outcomes.

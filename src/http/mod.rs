@@ -1,5 +1,6 @@
 //! HTTP, on one listen address: [`ops`] serves `/metrics`, `/healthz` and
-//! `/readyz`, [`runbook`] `/runbook`; [`api`] the account API under `/v1`.
+//! `/readyz`, [`runbook`] `/runbook`; [`api`] the account API under `/v1`;
+//! [`server`] the listener and its connection limits.
 
 pub mod admin;
 pub mod api;
@@ -7,6 +8,7 @@ pub mod auth;
 pub mod openapi;
 pub mod ops;
 pub mod runbook;
+pub mod server;
 
 use std::sync::Arc;
 

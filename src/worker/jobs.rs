@@ -262,10 +262,19 @@ impl JobsWorker {
         let in_flight = InFlight::new(batch.len());
         metrics::jobs_received(batch.len());
         let shared = &*self.shared;
-        let max_body = shared.settings.jobs.max_body_bytes;
+        let (max_body, max_headers) = (
+            shared.settings.jobs.max_body_bytes,
+            shared.settings.jobs.max_header_bytes,
+        );
         let parsed: Vec<Result<Job, InvalidJob>> = batch
             .iter()
-            .map(|received| Job::parse(&received.delivery.data, received.message_id(), max_body))
+            .map(|received| {
+                if let Some(detail) = message::oversized(&received.delivery.properties, max_headers)
+                {
+                    return Err(InvalidJob(detail));
+                }
+                Job::parse(&received.delivery.data, received.message_id(), max_body)
+            })
             .collect();
         let jobs: Vec<Job> = parsed
             .iter()
@@ -322,10 +331,9 @@ impl JobsWorker {
                 .as_ref()
                 .map(|k| k.idempotency_key.as_str())
                 .or(received.message_id());
-            let properties = &received.delivery.properties;
             let outgoing = message::outgoing(
                 &shared.settings.amqp,
-                properties,
+                &message::bounded(&received.delivery.properties, max_headers),
                 message_id,
                 &decision,
                 now,

@@ -109,9 +109,15 @@ impl OutcomesWorker {
     /// refused, and acks the batch.
     async fn settle(&self, channel: &Channel, batch: Vec<Received>) -> Result<(), SessionError> {
         let shared = &*self.shared;
+        let max_headers = shared.settings.jobs.max_header_bytes;
         let parsed: Vec<Result<Report, InvalidReport>> = batch
             .iter()
-            .map(|r| Report::parse(&r.delivery.data))
+            .map(
+                |r| match message::oversized(&r.delivery.properties, max_headers) {
+                    Some(detail) => Err(InvalidReport(detail)),
+                    None => Report::parse(&r.delivery.data),
+                },
+            )
             .collect();
         let reports: Vec<Report> = parsed
             .iter()
@@ -208,9 +214,10 @@ impl OutcomesWorker {
         };
         let outgoing = refusal.and_then(|decision| {
             let (settings, now) = (&self.shared.settings.amqp, self.shared.clock.now());
+            let max_headers = self.shared.settings.jobs.max_header_bytes;
             message::outgoing(
                 settings,
-                &received.delivery.properties,
+                &message::bounded(&received.delivery.properties, max_headers),
                 received.message_id(),
                 &decision,
                 now,

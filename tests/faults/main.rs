@@ -337,7 +337,9 @@ async fn settle(fleet: &Fleet, timeout: Duration) {
                 continue;
             }
         };
-        let send = broker.depth_of(&fleet.env.send_queue()).await;
+        // Copies waiting for a forward's lease come back to the send queue.
+        let send = broker.depth_of(&fleet.env.send_queue()).await
+            + broker.depth_of(&fleet.env.wait_queue()).await;
         let out = (
             broker.depth_of(&fleet.env.delivery_queue()).await,
             broker.depth_of(&fleet.env.dead_queue()).await,

@@ -191,3 +191,185 @@ async fn a_charge_forwarded_twice_is_never_refunded_whichever_report_comes_first
     gate.shutdown().await;
     env.cleanup().await;
 }
+
+/// The properties' bytes in a header frame, as the broker counts them.
+fn encoded_properties(properties: &lapin::BasicProperties) -> usize {
+    cookie_factory::gen_simple(
+        lapin::protocol::basic::gen_properties(properties),
+        Vec::new(),
+    )
+    .unwrap()
+    .len()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_header_frame_at_the_brokers_limit_is_dead_lettered_and_every_job_around_it_is_forwarded()
+{
+    let env = TestEnv::new();
+    let store = env.store().await;
+    create(&store, "small", Plan::Free).await;
+    create(&store, "big", Plan::Scale).await;
+    let sendgate = Process::spawn(&env, false);
+    sendgate.wait_ready(WAIT).await;
+    let broker = env.broker().await;
+
+    // The largest header frame the broker takes (frame_max 131072 bytes:
+    // 8 bytes of frame, 14 of class, weight and body size, the rest the
+    // properties), made of one header.
+    let with_big = |len: usize| {
+        let mut headers = lapin::types::FieldTable::default();
+        headers.insert(
+            "x-big".into(),
+            lapin::types::AMQPValue::LongString("b".repeat(len).into()),
+        );
+        job_properties().with_headers(headers)
+    };
+    let big_len = 131_072 - 8 - 14 - encoded_properties(&with_big(0));
+    let big = with_big(big_len);
+    assert_eq!(encoded_properties(&big), 131_050);
+
+    let publish_valid = |from: usize| {
+        let broker = &broker;
+        let queue = env.send_queue();
+        async move {
+            for i in from..from + 200 {
+                let account = if i % 20 == 0 { "small" } else { "big" };
+                broker.publish_job(&queue, account, &format!("v-{i}")).await;
+            }
+        }
+    };
+    publish_valid(0).await;
+    let oversized = job_body("big", "oversized");
+    broker
+        .publish_with(&env.send_queue(), &oversized, big)
+        .await;
+    publish_valid(200).await;
+
+    let forwards = broker.take(&env.delivery_queue(), 400, WAIT).await;
+    let dead = broker.take(&env.dead_queue(), 1, WAIT).await;
+    assert_eq!(dead[0].routing_key.as_str(), "invalid_job");
+    assert_eq!(dead[0].data, oversized, "the dead letter keeps the body");
+    let detail = header(&dead[0], "x-sendgate-detail").unwrap();
+    assert!(
+        detail.contains("x-big") && detail.contains("max_header_bytes"),
+        "{detail}"
+    );
+    assert!(
+        header(&dead[0], "x-big").is_none(),
+        "its oversized header is left off"
+    );
+    // Nothing else: no job went round until the delivery limit.
+    assert!(
+        broker
+            .take_all(&env.dead_queue(), Duration::from_millis(500))
+            .await
+            .is_empty()
+    );
+    assert!(
+        broker
+            .take_all(&env.delivery_queue(), Duration::ZERO)
+            .await
+            .is_empty()
+    );
+    let free_forwards = forwards
+        .iter()
+        .filter(|f| header(f, "x-sendgate-plan").as_deref() == Some("free"))
+        .count();
+    assert_eq!(free_forwards, 20);
+    assert_eq!(
+        balance_and_ledger(&store, "small").await,
+        (0, 0),
+        "credits spent = forwards"
+    );
+    // sendgate's connection never closed over it.
+    let (_, metrics) = http_get(sendgate.addr(), "/metrics").await.unwrap();
+    assert_eq!(series(&metrics, "sendgate_amqp_reconnects_total", &[]), 0.0);
+
+    drop(sendgate);
+    env.cleanup().await;
+}
+
+/// Reads until the server closes the connection (or `limit` passes, which
+/// fails the test); what it read.
+async fn read_until_closed(stream: &mut tokio::net::TcpStream, limit: Duration) -> Vec<u8> {
+    use tokio::io::AsyncReadExt;
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        match tokio::time::timeout_at(deadline, stream.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => return got,
+            Ok(Ok(n)) => got.extend_from_slice(&buf[..n]),
+            Err(_) => panic!("the connection is still open after {limit:?}"),
+        }
+    }
+}
+
+/// A request on a new connection; what came back before the server
+/// closed it (nothing: refused at accept).
+async fn answer_on_new_connection(addr: std::net::SocketAddr) -> Vec<u8> {
+    use tokio::io::AsyncWriteExt;
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let _ = stream
+        .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .await;
+    read_until_closed(&mut stream, Duration::from_secs(30)).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_and_idle_http_clients_are_cut_off_and_connections_are_capped() {
+    use tokio::io::AsyncWriteExt;
+    let mut env = TestEnv::new();
+    env.set("SENDGATE__HTTP__HEADER_READ_TIMEOUT_SECS", "5")
+        .set("SENDGATE__HTTP__MAX_CONNECTIONS", "4");
+    let gate = env
+        .start_gate(std::sync::Arc::new(sendgate::clock::SystemClock))
+        .await;
+    let addr = gate.http;
+
+    // Half a request header, never finished: closed after the timeout.
+    let mut half = tokio::net::TcpStream::connect(addr).await.unwrap();
+    half.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .unwrap();
+    let started = std::time::Instant::now();
+    assert!(
+        read_until_closed(&mut half, Duration::from_secs(60))
+            .await
+            .is_empty()
+    );
+    assert!(
+        started.elapsed() >= Duration::from_secs(4),
+        "{:?}",
+        started.elapsed()
+    );
+
+    // A keep-alive connection idle after its request: closed too.
+    let mut idle = tokio::net::TcpStream::connect(addr).await.unwrap();
+    idle.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let answered = read_until_closed(&mut idle, Duration::from_secs(60)).await;
+    assert!(String::from_utf8_lossy(&answered).starts_with("HTTP/1.1 200"));
+
+    // Four silent connections take every place: a fifth is closed at once,
+    // unanswered; once the four are cut off the port answers again.
+    let mut held = Vec::new();
+    for _ in 0..4 {
+        held.push(tokio::net::TcpStream::connect(addr).await.unwrap());
+    }
+    eventually(WAIT, || async {
+        answer_on_new_connection(addr).await.is_empty()
+    })
+    .await;
+    eventually(WAIT, || async {
+        !answer_on_new_connection(addr).await.is_empty()
+    })
+    .await;
+    let (_, text) = http_get(addr, "/metrics").await.unwrap();
+    assert!(series(&text, "sendgate_http_connections_refused_total", &[]) >= 1.0);
+    drop(held);
+
+    gate.shutdown().await;
+    env.cleanup().await;
+}
