@@ -384,6 +384,8 @@ pub struct AmqpSettings {
     pub depth_poll_secs: u64,
     pub outcomes_queue: String,
     pub deferred_queue: String,
+    /// The longest a deferred job waits in one step of the deferral ladder.
+    pub deferral_longest_step_secs: u64,
     /// Copies whose charge's forward may still be on its way wait here.
     pub wait_queue: String,
     /// How long a waiting copy waits before it is decided again.
@@ -711,7 +713,7 @@ impl Settings {
     fn validate_durations(&self) -> Result<(), ConfigError> {
         const MINUTE_MS: u64 = 60_000;
         const DAY_SECS: u64 = 86_400;
-        let bounds: [(&'static str, u64, u64, u64); 17] = [
+        let bounds: [(&'static str, u64, u64, u64); 18] = [
             (
                 "events.relay_interval_ms",
                 self.events.relay_interval_ms,
@@ -740,6 +742,12 @@ impl Settings {
                 DAY_SECS,
             ),
             ("amqp.copy_wait_ms", self.amqp.copy_wait_ms, 10, MINUTE_MS),
+            (
+                "amqp.deferral_longest_step_secs",
+                self.amqp.deferral_longest_step_secs,
+                1,
+                DAY_SECS,
+            ),
             (
                 "amqp.publish_timeout_ms",
                 self.amqp.publish_timeout_ms,
@@ -902,7 +910,24 @@ impl DatabaseSettings {
     }
 }
 
+/// The deferral ladder of `[amqp] deferred_queue` = `prefix` and
+/// `deferral_longest_step_secs` = `longest` (see
+/// [`AmqpSettings::deferral_steps`]).
+pub fn deferral_steps(prefix: &str, longest: u64) -> Vec<(Duration, String)> {
+    std::iter::successors(Some(1u64), |secs| secs.checked_mul(4))
+        .take_while(|secs| *secs <= longest)
+        .map(|secs| (Duration::from_secs(secs), format!("{prefix}.{secs}s")))
+        .collect()
+}
+
 impl AmqpSettings {
+    /// The steps of the deferral ladder, shortest first: queues named
+    /// `{deferred_queue}.{secs}s` whose messages all wait the same time (1
+    /// s, then 4 times longer each, up to `deferral_longest_step_secs`).
+    pub fn deferral_steps(&self) -> Vec<(Duration, String)> {
+        deferral_steps(&self.deferred_queue, self.deferral_longest_step_secs)
+    }
+
     /// `None` when polling queue depths is switched off.
     pub fn depth_poll(&self) -> Option<Duration> {
         (self.depth_poll_secs > 0).then(|| Duration::from_secs(self.depth_poll_secs))

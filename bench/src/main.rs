@@ -1036,7 +1036,13 @@ async fn main() -> anyhow::Result<()> {
 
     let result = run_all(&bench).await;
 
-    for q in [
+    let ladder: Vec<String> = settings
+        .amqp
+        .deferral_steps()
+        .into_iter()
+        .map(|(_, q)| q.replace(&settings.amqp.deferred_queue, &bench.names.deferred))
+        .collect();
+    for q in ladder.iter().chain([
         &bench.names.send,
         &bench.names.delivery,
         &bench.names.dead,
@@ -1046,7 +1052,7 @@ async fn main() -> anyhow::Result<()> {
         &bench.names.deferred,
         &bench.names.wait,
         &bench.names.events,
-    ] {
+    ]) {
         let _ = bench
             .channel
             .queue_delete(q.as_str().into(), QueueDeleteOptions::default())

@@ -1,5 +1,5 @@
 //! Queue depths for dashboards and alerts: every queue sendgate owns (send,
-//! delivery, dead-letter, outcomes, deferred, wait) is polled with passive declares (cheap: no consumer,
+//! delivery, dead-letter, outcomes, the deferral ladder, wait) is polled with passive declares (cheap: no consumer,
 //! no message moves) on a connection of their own, so a slow or failing
 //! poll never touches the gate's channels.
 
@@ -15,13 +15,17 @@ use crate::config::AmqpSettings;
 /// Polls every `interval` until `stop`; reconnects quietly when the broker
 /// goes away (the gate's workers already log and count that).
 pub async fn poll(settings: AmqpSettings, interval: Duration, stop: CancellationToken) {
+    // The deferred role is the whole deferral ladder, and the queue older
+    // versions deferred to.
+    let mut deferred = vec![settings.deferred_queue.clone()];
+    deferred.extend(settings.deferral_steps().into_iter().map(|(_, q)| q));
     let queues = [
-        ("send", settings.send_queue.clone()),
-        ("delivery", settings.delivery_queue.clone()),
-        ("dead_letter", settings.dead_letter_queue.clone()),
-        ("outcomes", settings.outcomes_queue.clone()),
-        ("deferred", settings.deferred_queue.clone()),
-        ("waiting", settings.wait_queue.clone()),
+        ("send", vec![settings.send_queue.clone()]),
+        ("delivery", vec![settings.delivery_queue.clone()]),
+        ("dead_letter", vec![settings.dead_letter_queue.clone()]),
+        ("outcomes", vec![settings.outcomes_queue.clone()]),
+        ("deferred", deferred),
+        ("waiting", vec![settings.wait_queue.clone()]),
     ];
     let mut tick = tokio::time::interval(interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -44,24 +48,28 @@ pub async fn poll(settings: AmqpSettings, interval: Duration, stop: Cancellation
             connection = None;
             continue;
         };
-        for (role, name) in &queues {
-            let declared = channel
-                .queue_declare(
-                    name.as_str().into(),
-                    QueueDeclareOptions {
-                        passive: true,
-                        ..QueueDeclareOptions::default()
-                    },
-                    FieldTable::default(),
-                )
-                .await;
-            match declared {
-                Ok(queue) => crate::metrics::queue_messages(role, queue.message_count()),
-                Err(err) => {
-                    debug!(queue = %name, error = %err, "queue depth: cannot read");
-                    break;
+        'roles: for (role, names) in &queues {
+            let mut messages = 0u32;
+            for name in names {
+                let declared = channel
+                    .queue_declare(
+                        name.as_str().into(),
+                        QueueDeclareOptions {
+                            passive: true,
+                            ..QueueDeclareOptions::default()
+                        },
+                        FieldTable::default(),
+                    )
+                    .await;
+                match declared {
+                    Ok(queue) => messages = messages.saturating_add(queue.message_count()),
+                    Err(err) => {
+                        debug!(queue = %name, error = %err, "queue depth: cannot read");
+                        break 'roles;
+                    }
                 }
             }
+            crate::metrics::queue_messages(role, messages);
         }
         let _ = channel.close(200, "done".into()).await;
     }

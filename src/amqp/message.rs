@@ -13,8 +13,8 @@ use lapin::types::{AMQPValue, FieldTable, ShortString};
 
 use super::{
     HEADER_CHARGE, HEADER_CREDITS_REMAINING, HEADER_DAILY_REMAINING, HEADER_DECIDED_AT,
-    HEADER_DECISION, HEADER_DETAIL, HEADER_PLAN, HEADER_REASON, HEADER_RESERVATION_ID,
-    HEADER_RETRY_AFTER, HEADER_SOURCE, long_string,
+    HEADER_DECISION, HEADER_DEFERRED_UNTIL, HEADER_DETAIL, HEADER_PLAN, HEADER_REASON,
+    HEADER_RESERVATION_ID, HEADER_RETRY_AFTER, HEADER_SOURCE, long_string,
 };
 use crate::config::AmqpSettings;
 use crate::domain::decision::{DeadLetter, Decision, Forward};
@@ -65,15 +65,18 @@ pub fn outgoing(
             (String::new(), settings.wait_queue.clone())
         }
         Decision::Defer(dead) => {
-            // Expiring (and so returning to the send queue) when the
-            // account's next day starts.
+            // The longest step of the ladder that does not pass the
+            // account's next day; back in the send queue after it, the job
+            // takes the next step until the day has started.
             let until = dead.retry_after.unwrap_or(now);
             headers
                 .insert(HEADER_DECISION.into(), long_string("deferred"))
-                .insert(HEADER_RETRY_AFTER.into(), long_string(&rfc3339(until)));
-            let wait_ms = (until - now).num_milliseconds().max(1);
-            properties = properties.with_expiration(wait_ms.to_string().into());
-            (String::new(), settings.deferred_queue.clone())
+                .insert(HEADER_RETRY_AFTER.into(), long_string(&rfc3339(until)))
+                .insert(
+                    HEADER_DEFERRED_UNTIL.into(),
+                    long_string(&until.to_rfc3339_opts(SecondsFormat::Millis, true)),
+                );
+            (String::new(), deferral_step(settings, until - now))
         }
     };
     properties = properties.with_headers(headers);
@@ -90,6 +93,29 @@ pub fn outgoing(
         routing_key: routing_key.into(),
         properties,
     })
+}
+
+/// The queue of the longest deferral step no longer than `remaining` (the
+/// shortest when even that is longer).
+pub fn deferral_step(settings: &AmqpSettings, remaining: chrono::TimeDelta) -> String {
+    let steps = settings.deferral_steps();
+    let remaining = remaining.to_std().unwrap_or_default();
+    steps
+        .iter()
+        .rev()
+        .find(|(wait, _)| *wait <= remaining)
+        .or(steps.first())
+        .map(|(_, queue)| queue.clone())
+        .expect("the ladder has a 1 s step (amqp.deferral_longest_step_secs >= 1)")
+}
+
+/// When a job in the deferral ladder may be gated again, if it is one
+/// (its `x-sendgate-deferred-until` header, as sendgate wrote it).
+pub fn deferred_until(properties: &BasicProperties) -> Option<DateTime<Utc>> {
+    let text = header_text(properties, HEADER_DEFERRED_UNTIL)?;
+    DateTime::parse_from_rfc3339(&text)
+        .ok()
+        .map(|at| at.with_timezone(&Utc))
 }
 
 /// The properties an outgoing message keeps: an allow-list, never a copy.
@@ -262,6 +288,27 @@ pub fn header_text(properties: &BasicProperties, name: &str) -> Option<String> {
 
 #[cfg(test)]
 mod tests {
+    use super::deferral_step;
+
+    #[test]
+    fn a_deferred_job_takes_the_longest_step_that_does_not_pass_its_day() {
+        let mut settings = crate::config::Settings::load_from(None, [])
+            .expect("defaults")
+            .amqp;
+        settings.deferred_queue = "d".to_owned();
+        let step = |secs: i64| deferral_step(&settings, chrono::TimeDelta::seconds(secs));
+        assert_eq!(step(0), "d.1s");
+        assert_eq!(step(3), "d.1s");
+        assert_eq!(step(4), "d.4s");
+        assert_eq!(step(10 * 3600), "d.16384s");
+        assert_eq!(step(30 * 3600), "d.65536s");
+        settings.deferral_longest_step_secs = 100;
+        assert_eq!(
+            deferral_step(&settings, chrono::TimeDelta::hours(5)),
+            "d.64s"
+        );
+    }
+
     use lapin::protocol::basic::parse_properties;
 
     /// Properties with only a `message_id`, as raw bytes on the wire.

@@ -39,6 +39,9 @@ pub const HEADER_DAILY_REMAINING: &str = "x-sendgate-daily-remaining";
 pub const HEADER_REASON: &str = "x-sendgate-reason";
 pub const HEADER_DETAIL: &str = "x-sendgate-detail";
 pub const HEADER_RETRY_AFTER: &str = "x-sendgate-retry-after";
+/// On a deferred job in the deferral ladder: when it may be gated again
+/// (RFC 3339, milliseconds). Until then it only takes the next step.
+pub const HEADER_DEFERRED_UNTIL: &str = "x-sendgate-deferred-until";
 /// On a dead letter: when sendgate refused it (RFC 3339, milliseconds).
 pub const HEADER_DECIDED_AT: &str = "x-sendgate-decided-at";
 /// On a dead letter: what was refused, `job` or `report`. Redrive moves

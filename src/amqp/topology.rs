@@ -31,12 +31,20 @@ pub async fn declare_topology(channel: &Channel, settings: &AmqpSettings) -> lap
     )
     .await?;
     declare_quorum(channel, &settings.send_queue, limited_arguments(settings)).await?;
+    // Where earlier versions deferred jobs (per-message TTL): still
+    // declared, so what waits there returns as before.
     declare_quorum(
         channel,
         &settings.deferred_queue,
         returning_arguments(settings),
     )
     .await?;
+    for (wait, queue) in settings.deferral_steps() {
+        let mut arguments = returning_arguments(settings);
+        let ttl = i64::try_from(wait.as_millis()).expect("a step is at most a day");
+        arguments.insert("x-message-ttl".into(), AMQPValue::LongLongInt(ttl));
+        declare_quorum(channel, &queue, arguments).await?;
+    }
     declare_quorum(channel, &settings.wait_queue, returning_arguments(settings)).await?;
     // Threshold events: a topic exchange (routing key = type) and, unless
     // `events_queue` is empty, a queue keeping them for the product.
@@ -148,10 +156,11 @@ fn limited_arguments(settings: &AmqpSettings) -> FieldTable {
     arguments
 }
 
-/// The deferred and wait queues hold jobs for a while (per-message TTL:
-/// pro jobs over their daily limit until the account's next day, copies
-/// waiting for their charge's forward for `copy_wait_ms`), then
-/// dead-letter them back into the send queue, at least once.
+/// The deferral ladder and the wait queue hold jobs for a while (the
+/// ladder's steps by a queue-wide TTL, so a queue's messages expire in the
+/// order they came; copies waiting for their charge's forward by a
+/// per-message TTL that is the same for all), then dead-letter them back
+/// into the send queue, at least once.
 fn returning_arguments(settings: &AmqpSettings) -> FieldTable {
     let mut arguments = quorum_arguments();
     arguments

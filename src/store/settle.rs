@@ -72,6 +72,13 @@ impl Store {
         if !effects.settled.is_empty() {
             settle_write(&effects)
                 .bind(usage::bucket(now))
+                .bind(
+                    effects
+                        .given_back
+                        .iter()
+                        .map(AccountId::as_str)
+                        .collect::<Vec<_>>(),
+                )
                 .execute(&mut *tx)
                 .await?;
         }

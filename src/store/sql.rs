@@ -322,14 +322,14 @@ pub const HELD_READ: &str = "
 
 /// Everything settling writes, in one statement: new states ($1-$4),
 /// release ledger rows ($5-$8), balances ($9, $10), Pro usage ($11-$13) and
-/// the releases counted in the usage of bucket $14 (under no campaign).
+/// the releases that gave something back ($15, one account each) counted in
+/// the usage of bucket $14 (under no campaign).
 pub const SETTLE_WRITE: &str = "
     WITH usage_counted AS (
         INSERT INTO usage_pending (bucket, kind, account_ids, campaign_ids)
-        SELECT $14, 'released', array_agg(account_id), array_agg(''::text)
-        FROM unnest($1::text[], $3::text[]) AS s(account_id, state)
-        WHERE state = 'released'
-        HAVING count(*) > 0
+        SELECT $14, 'released', $15::text[],
+               array_fill(''::text, ARRAY[cardinality($15::text[])])
+        WHERE cardinality($15::text[]) > 0
     ), settled AS (
         UPDATE reservations r
         SET state = s.state, settled_at = now(), settle_detail = s.detail

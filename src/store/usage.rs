@@ -78,8 +78,10 @@ pub struct UsageRow {
     pub campaign_id: Option<String>,
     /// Sends charged (a credit, a daily slot, or unmetered).
     pub charged: i64,
-    /// Charges given back because the delivery failed (counted when
-    /// released; releases carry no campaign).
+    /// Charges given back because the delivery failed: a free credit, or
+    /// a pro daily slot while its day lasted (counted when released;
+    /// releases carry no campaign). A failed Scale send, or a Pro one
+    /// reported after its day, gives nothing back and is not counted.
     pub released: i64,
     /// Jobs refused, by dead-letter reason (a deferred Pro job counts under
     /// `daily_limit_reached` each time it is refused).

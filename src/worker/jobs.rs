@@ -27,6 +27,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use chrono::{DateTime, Utc};
 use futures_util::StreamExt;
 use futures_util::stream::{BoxStream, FuturesOrdered};
 use lapin::message::Delivery;
@@ -44,7 +45,7 @@ use super::{InFlight, Shared, Worker, held, isolate};
 use crate::amqp::confirm::{self, Confirms, Publication};
 use crate::amqp::message::{self, Outgoing};
 use crate::amqp::session::{Received, SessionError};
-use crate::domain::decision::Decision;
+use crate::domain::decision::{DeadLetter, Decision};
 use crate::domain::ids::JobKey;
 use crate::domain::job::{InvalidJob, Job};
 use crate::domain::plan::Reason;
@@ -66,6 +67,17 @@ struct Slot {
     decision: Decision,
     /// The message carrying the decision; none for a duplicate.
     outgoing: Option<Outgoing>,
+    /// A deferred job taking its next step of the deferral ladder: not
+    /// decided (it was counted when it was deferred).
+    step: bool,
+}
+
+/// What a delivery is, before deciding.
+enum Incoming {
+    Job(Job),
+    Invalid(InvalidJob),
+    /// In the deferral ladder before its day starts.
+    Deferred(DateTime<Utc>),
 }
 
 /// A decided batch, on its way to being published and acked.
@@ -266,20 +278,29 @@ impl JobsWorker {
             shared.settings.jobs.max_body_bytes,
             shared.settings.jobs.max_header_bytes,
         );
-        let parsed: Vec<Result<Job, InvalidJob>> = batch
+        let arrived = shared.clock.now();
+        let parsed: Vec<Incoming> = batch
             .iter()
             .map(|received| {
-                if let Some(detail) = message::oversized(&received.delivery.properties, max_headers)
-                {
-                    return Err(InvalidJob(detail));
+                let properties = &received.delivery.properties;
+                if let Some(detail) = message::oversized(properties, max_headers) {
+                    return Incoming::Invalid(InvalidJob(detail));
                 }
-                Job::parse(&received.delivery.data, received.message_id(), max_body)
+                if let Some(until) = message::deferred_until(properties).filter(|u| *u > arrived) {
+                    return Incoming::Deferred(until);
+                }
+                match Job::parse(&received.delivery.data, received.message_id(), max_body) {
+                    Ok(job) => Incoming::Job(job),
+                    Err(invalid) => Incoming::Invalid(invalid),
+                }
             })
             .collect();
         let jobs: Vec<Job> = parsed
             .iter()
-            .filter_map(|p| p.as_ref().ok())
-            .cloned()
+            .filter_map(|p| match p {
+                Incoming::Job(job) => Some(job.clone()),
+                _ => None,
+            })
             .collect();
         let started = Instant::now();
         let (decisions, forward_batches) = isolate(jobs.len(), |range| async {
@@ -309,8 +330,9 @@ impl JobsWorker {
         });
         let mut slots = Vec::with_capacity(batch.len());
         for (received, parsed) in batch.into_iter().zip(parsed) {
+            let step = matches!(parsed, Incoming::Deferred(_));
             let (key, decision) = match parsed {
-                Ok(job) => {
+                Incoming::Job(job) => {
                     // `isolate` answered every valid job.
                     let Some((decision, by_database)) = decisions.next() else {
                         return Err(self.held("jobs", "fewer decisions than valid jobs"));
@@ -325,7 +347,18 @@ impl JobsWorker {
                     }
                     (Some(job.into_key()), decision)
                 }
-                Err(invalid) => (None, Decision::dead_letter(Reason::InvalidJob, invalid.0)),
+                Incoming::Invalid(invalid) => {
+                    (None, Decision::dead_letter(Reason::InvalidJob, invalid.0))
+                }
+                // Not gated again before its day: the next step.
+                Incoming::Deferred(until) => (
+                    None,
+                    Decision::Defer(DeadLetter {
+                        reason: Reason::DailyLimitReached,
+                        detail: format!("deferred until {until}"),
+                        retry_after: Some(until),
+                    }),
+                ),
             };
             let message_id = key
                 .as_ref()
@@ -343,6 +376,7 @@ impl JobsWorker {
                 key,
                 decision,
                 outgoing,
+                step,
             });
         }
         self.record_refusals(&refused_by_database).await;
@@ -408,7 +442,7 @@ impl JobsWorker {
         debug!(worker = self.id, jobs = done.slots.len(), ?waited, decide = ?done.decide_time,
             publish = ?publish_time, send = ?send_time, "batch done");
         let level = self.shared.settings.log.decisions;
-        for slot in &done.slots {
+        for slot in done.slots.iter().filter(|slot| !slot.step) {
             JobDecided {
                 worker: self.id,
                 decision: &slot.decision,

@@ -108,6 +108,12 @@ impl TestEnv {
                 "SENDGATE__AMQP__DEFERRED_QUEUE".to_owned(),
                 format!("t.{id}.deferred"),
             ),
+            // Two steps of the deferral ladder (1 s and 4 s): fewer
+            // queues to declare and delete per test.
+            (
+                "SENDGATE__AMQP__DEFERRAL_LONGEST_STEP_SECS".to_owned(),
+                "4".to_owned(),
+            ),
             (
                 "SENDGATE__AMQP__WAIT_QUEUE".to_owned(),
                 format!("t.{id}.wait"),
@@ -225,6 +231,14 @@ impl TestEnv {
             return;
         };
         let broker = Broker::over(connection).await;
+        // Not through settings(): a test may have removed a file they read.
+        let longest = self
+            .var("SENDGATE__AMQP__DEFERRAL_LONGEST_STEP_SECS")
+            .parse()
+            .unwrap();
+        let ladder = sendgate::config::deferral_steps(&self.deferred_queue(), longest)
+            .into_iter()
+            .map(|(_, q)| q);
         for queue in [
             self.send_queue(),
             self.delivery_queue(),
@@ -233,7 +247,10 @@ impl TestEnv {
             self.deferred_queue(),
             self.wait_queue(),
             self.events_queue(),
-        ] {
+        ]
+        .into_iter()
+        .chain(ladder)
+        {
             let _ = broker
                 .channel
                 .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())

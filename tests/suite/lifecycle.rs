@@ -343,9 +343,9 @@ async fn deferred_pro_jobs_come_back_on_the_next_day_and_pass() {
     let later = broker
         .publish_job(&env.send_queue(), "dee", "tomorrow")
         .await;
-    // Held, not dead-lettered: nothing arrives for now.
+    // Held, not dead-lettered: it steps through the deferral ladder.
     eventually(WAIT, || async {
-        broker.depth_of(&format!("t.{}.deferred", env.id)).await == 1
+        broker.depth_of(&format!("t.{}.deferred.1s", env.id)).await == 1
     })
     .await;
     clock.set(utc("2026-03-02T00:00:00.500Z"));

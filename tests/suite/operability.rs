@@ -38,7 +38,14 @@ fn have(tool: &str) -> bool {
 }
 
 /// The `queue` label values of `sendgate_queue_messages` (docs/metrics.md).
-const QUEUES: [&str; 5] = ["send", "delivery", "dead_letter", "outcomes", "deferred"];
+const QUEUES: [&str; 6] = [
+    "send",
+    "delivery",
+    "dead_letter",
+    "outcomes",
+    "deferred",
+    "waiting",
+];
 
 /// A `sendgate run` process with a free account and 21 jobs gated through it.
 struct Running {

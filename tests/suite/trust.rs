@@ -373,3 +373,75 @@ async fn slow_and_idle_http_clients_are_cut_off_and_connections_are_capped() {
     gate.shutdown().await;
     env.cleanup().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deferred_jobs_return_at_their_own_day_start_whatever_was_deferred_before_them() {
+    let mut env = TestEnv::new();
+    env.set("SENDGATE__PLANS__PRO__DAILY_SENDS", "1")
+        .set("SENDGATE__PLANS__PRO__ON_LIMIT", "defer")
+        // Steps of a second, so the test moves its clock instead of
+        // waiting for hours: every step ends back at the gate, which asks
+        // its clock whether the job's day has started.
+        .set("SENDGATE__AMQP__DEFERRAL_LONGEST_STEP_SECS", "1");
+    let store = env.store().await;
+    // Deferred first, its day starts last; and the other way round.
+    store
+        .create_account(&id("pago"), Plan::Pro, "Pacific/Pago_Pago")
+        .await
+        .unwrap();
+    store
+        .create_account(&id("kiri"), Plan::Pro, "Pacific/Kiritimati")
+        .await
+        .unwrap();
+    // 09:30 UTC: 22:30 the day before in Pago Pago (UTC-11), whose next day
+    // starts at 11:00 UTC; 23:30 in Kiritimati (UTC+14), next day at 10:00.
+    let clock = manual_clock("2026-03-02T09:30:00Z");
+    let gate = env.start_gate(clock.clone()).await;
+    let broker = env.broker().await;
+    for account in ["pago", "kiri"] {
+        broker
+            .publish_job(&env.send_queue(), account, "today")
+            .await;
+        broker.take(&env.delivery_queue(), 1, WAIT).await;
+        broker
+            .publish_job(&env.send_queue(), account, "tomorrow")
+            .await;
+        eventually(WAIT, || async {
+            let refused: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM refusals WHERE account_id = $1 AND reason = 'daily_limit_reached'",
+            )
+            .bind(account)
+            .fetch_one(store.pool())
+            .await
+            .unwrap();
+            refused == 1
+        })
+        .await;
+    }
+
+    // Kiritimati's day starts: its job comes back, Pago Pago's waits on.
+    clock.set(utc("2026-03-02T10:00:01Z"));
+    let first = broker.take(&env.delivery_queue(), 1, WAIT).await;
+    let job: serde_json::Value = serde_json::from_slice(&first[0].data).unwrap();
+    assert_eq!(job["account_id"], "kiri");
+    assert!(
+        broker
+            .take_all(&env.delivery_queue(), Duration::from_secs(3))
+            .await
+            .is_empty(),
+        "Pago Pago's day has not started"
+    );
+    clock.set(utc("2026-03-02T11:00:01Z"));
+    let second = broker.take(&env.delivery_queue(), 1, WAIT).await;
+    let job: serde_json::Value = serde_json::from_slice(&second[0].data).unwrap();
+    assert_eq!(job["account_id"], "pago");
+    assert!(
+        broker
+            .take_all(&env.dead_queue(), Duration::ZERO)
+            .await
+            .is_empty()
+    );
+
+    gate.shutdown().await;
+    env.cleanup().await;
+}

@@ -212,6 +212,10 @@ pub struct SettleEffects {
     pub balances: Vec<BalanceChange>,
     /// Final usage of each (pro account, day) that got slots back.
     pub usage: Vec<UsageChange>,
+    /// The account of each release that gave something back (a credit, or
+    /// a daily slot of a day still in progress), for the usage counts: a
+    /// Scale release, or a Pro one after its day, gives nothing back.
+    pub given_back: Vec<AccountId>,
 }
 
 /// What releases in a batch have given back so far.
@@ -224,6 +228,7 @@ struct Released<'a, 'r> {
 impl<'r> Released<'_, 'r> {
     /// Gives a failed send's charge back: a free credit (with a ledger row),
     /// or a pro slot while its day lasts; nothing for an unmetered send.
+    /// Whether anything was given back.
     fn give_back(
         &mut self,
         report: &'r Report,
@@ -231,7 +236,7 @@ impl<'r> Released<'_, 'r> {
         account: &AccountState,
         usage: &HashMap<(AccountId, NaiveDate), i64>,
         now: DateTime<Utc>,
-    ) {
+    ) -> bool {
         let account_id = &report.account_id;
         match reservation.charge {
             Charge::Credit => {
@@ -246,22 +251,24 @@ impl<'r> Released<'_, 'r> {
                     idempotency_key: report.idempotency_key.clone(),
                     reservation_id: reservation.id,
                 });
+                true
             }
             Charge::DailySlot => {
                 // A slot comes back only while its day lasts.
                 let Some(day) = reservation.usage_day else {
-                    return;
+                    return false;
                 };
                 if day != local_day(now, account.timezone) {
-                    return;
+                    return false;
                 }
                 let slot = self
                     .used
                     .entry((account_id, day))
                     .or_insert_with(|| usage.get(&(account_id.clone(), day)).copied().unwrap_or(0));
                 *slot = (*slot - 1).max(0);
+                true
             }
-            Charge::Unmetered => {}
+            Charge::Unmetered => false,
         }
     }
 }
@@ -320,7 +327,9 @@ pub fn settle_batch(
                 used: &mut used,
                 releases: &mut effects.releases,
             };
-            released.give_back(report, reservation, account, usage, now);
+            if released.give_back(report, reservation, account, usage, now) {
+                effects.given_back.push(report.account_id.clone());
+            }
         }
     }
     effects.balances = balances
@@ -454,6 +463,38 @@ mod tests {
         let (results, effects) = settle(&[failed]);
         assert_eq!(results, vec![Settled::KeptForAnotherForward]);
         assert!(effects.settled.is_empty());
+    }
+
+    #[test]
+    fn only_a_release_that_gives_something_back_counts_as_given_back() {
+        let now = at("2026-01-02T12:00:00Z");
+        let reservations = HashMap::from([
+            (key("f", "k"), held(Charge::Credit, None)),
+            (key("s", "k"), held(Charge::Unmetered, None)),
+            (
+                key("p", "today"),
+                held(Charge::DailySlot, Some("2026-01-02")),
+            ),
+            (
+                key("p", "yesterday"),
+                held(Charge::DailySlot, Some("2026-01-01")),
+            ),
+        ]);
+        let accounts = HashMap::from([
+            (id("f"), account(Plan::Free, 3)),
+            (id("s"), account(Plan::Scale, 0)),
+            (id("p"), account(Plan::Pro, 0)),
+        ]);
+        let reports = [
+            report("f", "k", false),
+            report("s", "k", false),
+            report("p", "today", false),
+            report("p", "yesterday", false),
+        ];
+        let (results, effects) =
+            settle_batch(&reports, &reservations, &accounts, &HashMap::new(), now);
+        assert!(results.iter().all(|r| *r == Settled::Released));
+        assert_eq!(effects.given_back, vec![id("f"), id("p")]);
     }
 
     #[test]
