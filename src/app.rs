@@ -14,7 +14,6 @@ use tracing::{info, warn};
 use crate::amqp::session::Broker;
 use crate::clock::Clock;
 use crate::config::Settings;
-use crate::domain::plan::Limits;
 use crate::health::Health;
 use crate::retry;
 use crate::store::Store;
@@ -106,7 +105,6 @@ impl App {
             },
             stop.clone(),
         ));
-        crate::metrics::set_dedup_window(shared.settings.reservations.dedup_window());
         let sweeper = tokio::spawn(worker::sweep::sweep_expired_holds(
             shared.store.clone(),
             shared.settings.reservations.clone(),
@@ -215,9 +213,7 @@ impl Background {
 /// Creates and migrates the database (or, with `[database] migrate_on_start`
 /// off, checks that it is migrated), retrying while it is unreachable.
 async fn prepare_database(settings: &Settings, stop: &CancellationToken) -> anyhow::Result<Store> {
-    let store = Store::connect_lazy(&settings.database, limits(settings))?
-        .with_credit_thresholds(settings.events.thresholds())
-        .with_forward_lease(settings.gate.forward_lease());
+    let store = Store::for_settings(settings)?;
     let url = settings.database.url.redacted();
     let (store_ref, database_url) = (&store, settings.database.url.expose());
     let migrate = settings.database.migrate_on_start;
@@ -246,14 +242,5 @@ async fn prepare_database(settings: &Settings, stop: &CancellationToken) -> anyh
             })?;
             Ok(store)
         }
-    }
-}
-
-/// The plan limits from configuration.
-pub fn limits(settings: &Settings) -> Limits {
-    Limits {
-        signup_credits: i64::from(settings.plans.free.signup_credits),
-        daily_sends: i64::from(settings.plans.pro.daily_sends),
-        on_limit: settings.plans.pro.on_limit,
     }
 }

@@ -628,6 +628,15 @@ impl Settings {
         Ok(settings)
     }
 
+    /// The plan rules a batch is decided by.
+    pub fn limits(&self) -> crate::domain::plan::Limits {
+        crate::domain::plan::Limits {
+            signup_credits: i64::from(self.plans.free.signup_credits),
+            daily_sends: i64::from(self.plans.pro.daily_sends),
+            on_limit: self.plans.pro.on_limit,
+        }
+    }
+
     /// Checks what the types alone cannot.
     ///
     /// # Errors

@@ -494,8 +494,7 @@ async fn ctl(
 /// checked to be migrated (the runtime role may not migrate).
 async fn open_store(settings: &Settings, migrate: bool) -> anyhow::Result<Store> {
     let url = settings.database.url.redacted();
-    let store = Store::connect_lazy(&settings.database, sendgate::app::limits(settings))?
-        .with_credit_thresholds(settings.events.thresholds());
+    let store = Store::for_settings(settings)?;
     store.locate_primary().await;
     if !migrate {
         store.check_migrated().await.with_context(|| {

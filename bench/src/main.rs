@@ -998,7 +998,7 @@ async fn main() -> anyhow::Result<()> {
     Store::create_database_if_missing(&db_url).await?;
     let mut db_settings = settings.database.clone();
     db_settings.url = sendgate::config::Secret::new(db_url.clone());
-    let store = Store::connect_lazy(&db_settings, sendgate::app::limits(&settings))?;
+    let store = Store::connect_lazy(&db_settings, settings.limits())?;
     store.migrate().await?;
     let connection = Connection::connect(&amqp_url, ConnectionProperties::default()).await?;
     let channel = connection.create_channel().await?;

@@ -9,9 +9,11 @@
 --   false`: SELECT, INSERT and UPDATE on the tables the gate writes, SELECT
 --   and INSERT on the append-only credit ledger, DELETE on refusals,
 --   published events and confirmed forward batches past their retention,
---   EXECUTE on the two retention functions (rotate_reservation_ring,
---   remove_released_reservations), nothing else. It cannot create, alter or drop
---   anything, nor update or delete a ledger row.
+--   EXECUTE on the three retention functions (rotate_reservation_ring,
+--   remove_released_reservations, purge_released_kept), SELECT on the
+--   window `sendgate migrate` stores (retention_settings), nothing else. It
+--   cannot create, alter or drop anything, nor update or delete a ledger
+--   row, nor change the retention window.
 -- Idempotent: run it again to change nothing.
 
 \set ON_ERROR_STOP on

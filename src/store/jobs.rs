@@ -195,7 +195,8 @@ impl Store {
     ) -> Result<JobStatus, StoreError> {
         let charge = sqlx::query(
             "SELECT id, state, plan, charge, created_at, settled_at, settle_detail
-             FROM reservations WHERE account_id = $1 AND idempotency_key = $2",
+             FROM reservations WHERE account_id = $1 AND idempotency_key = $2
+             ORDER BY state = 'released' LIMIT 1",
         )
         .bind(account.as_str())
         .bind(key)

@@ -112,7 +112,14 @@ pub struct Store {
     /// How long a charge's forward is presumed on its way before a copy
     /// may forward it again (`[gate] forward_lease_secs`).
     forward_lease: Duration,
+    /// The deduplication window `migrate` stores in the database (`None`:
+    /// keep every charge).
+    dedup_window: Option<Duration>,
 }
+
+/// The deduplication window of a store nobody set one on: the default of
+/// `[reservations] dedup_window_secs`.
+const DEFAULT_DEDUP_WINDOW: Duration = Duration::from_secs(7 * 86_400);
 
 /// The forward lease of a store nobody set one on: the default of
 /// `[gate] forward_lease_secs`.
@@ -174,7 +181,29 @@ impl Store {
             primary,
             events: Arc::default(),
             forward_lease: DEFAULT_FORWARD_LEASE,
+            dedup_window: Some(DEFAULT_DEDUP_WINDOW),
         })
+    }
+
+    /// Sets the deduplication window `migrate` stores (`[reservations]
+    /// dedup_window_secs`; `None` keeps every charge).
+    #[must_use]
+    pub fn with_dedup_window(mut self, window: Option<Duration>) -> Self {
+        self.dedup_window = window;
+        self
+    }
+
+    /// [`Store::connect_lazy`] with everything else the settings say: the
+    /// plan limits, the `credits.low` thresholds, the forward lease and the
+    /// deduplication window.
+    ///
+    /// # Errors
+    /// An unparsable connection string.
+    pub fn for_settings(settings: &crate::config::Settings) -> Result<Self, StoreError> {
+        Ok(Self::connect_lazy(&settings.database, settings.limits())?
+            .with_credit_thresholds(settings.events.thresholds())
+            .with_forward_lease(settings.gate.forward_lease())
+            .with_dedup_window(settings.reservations.dedup_window()))
     }
 
     /// Sets how long a forward is presumed on its way (`[gate]
@@ -257,6 +286,15 @@ impl Store {
             other => StoreError::Migrate(other),
         })?;
         sqlx::raw_sql(sql::RUNTIME_GRANTS)
+            .execute(&self.pool)
+            .await?;
+        // Retention's authority is the owner's: the runtime role reads the
+        // window, never sets it.
+        sqlx::query(sql::SET_DEDUP_WINDOW)
+            .bind(
+                self.dedup_window
+                    .map(|w| format!("{} milliseconds", w.as_millis())),
+            )
             .execute(&self.pool)
             .await?;
         Ok(())

@@ -10,7 +10,8 @@ use super::{Store, StoreError, sql};
 
 impl Store {
     /// Empties the ring's other slot and makes it current, when the current
-    /// one has been current for `window`: every charge in the other slot is
+    /// one has been current for the stored window (`retention_settings`,
+    /// written by `migrate`): every charge in the other slot is
     /// then older than the window. Returns the slot emptied, if any. Safe
     /// with many processes: the ring's row is locked, and the one that
     /// comes second finds nothing due. Waits at most 2 s for the slot's
@@ -19,11 +20,38 @@ impl Store {
     /// # Errors
     /// [`StoreError::is_transient`] when it should be retried (the slot's
     /// lock was not had in time, among others).
-    pub async fn rotate_reservations(&self, window: Duration) -> Result<Option<i16>, StoreError> {
+    pub async fn rotate_reservations(&self) -> Result<Option<i16>, StoreError> {
         Ok(sqlx::query_scalar(sql::ROTATE_RING)
-            .bind(format!("{} milliseconds", window.as_millis()))
             .fetch_one(&self.pool)
             .await?)
+    }
+
+    /// The deduplication window the database holds (`None`: keep every
+    /// charge), as the last `migrate` stored it.
+    ///
+    /// # Errors
+    /// The database failed.
+    pub async fn dedup_window(&self) -> Result<Option<Duration>, StoreError> {
+        let secs: Option<f64> = sqlx::query_scalar(
+            "SELECT extract(epoch FROM dedup_window)::float8 FROM retention_settings",
+        )
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(secs.map(Duration::from_secs_f64))
+    }
+
+    /// Removes up to `limit` released Free charges older than the stored
+    /// window; returns how many.
+    ///
+    /// # Errors
+    /// [`StoreError::is_transient`] when it should be retried.
+    pub async fn purge_released_kept(&self, limit: i64) -> Result<u64, StoreError> {
+        let removed: i64 = sqlx::query_scalar(sql::PURGE_RELEASED_KEPT)
+            .bind(limit)
+            .fetch_one(&self.pool)
+            .await?;
+        // A row count: never negative.
+        Ok(removed.unsigned_abs())
     }
 
     /// How long the ring's current slot has been current.

@@ -10,7 +10,7 @@ use sqlx::PgConnection;
 use super::rows::{self, distinct_accounts, key_arrays};
 use super::{Query, Store, StoreError, bind_changes, sql, usage};
 use crate::domain::ids::{AccountId, JobKey};
-use crate::domain::settle::{Report, Reservation, SettleEffects, Settled, settle_batch};
+use crate::domain::settle::{Report, Reservation, SettleEffects, Settled, State, settle_batch};
 
 impl Store {
     /// Settles reservations with delivery outcomes, in one transaction;
@@ -123,7 +123,14 @@ async fn read_held(
         if let (Some(day), Some(used)) = (held.reservation.usage_day, held.used_that_day) {
             usage.insert((held.key.account_id.clone(), day), i64::from(used));
         }
-        reservations.insert(held.key, held.reservation);
+        // A released Free charge may be kept beside the key's charge on
+        // another plan: the one not released is the key's reservation.
+        let kept_released = reservations
+            .get(&held.key)
+            .is_some_and(|r: &Reservation| r.state != State::Released);
+        if !kept_released {
+            reservations.insert(held.key, held.reservation);
+        }
     }
     Ok(())
 }

@@ -47,7 +47,9 @@ macro_rules! reservation_lookup {
                         r.state, coalesce(r.forwarded_at, r.created_at) AS last_forward_at
                  FROM reservations r LEFT JOIN forward_batches b ON b.id = r.batch_id
                  WHERE r.account_id = k.account_id AND r.idempotency_key = k.idempotency_key
-                 OFFSET 0
+                 -- A released Free charge may be kept beside the key's
+                 -- charge on another plan: the one not released counts.
+                 ORDER BY r.state = 'released' LIMIT 1
              ) r"
         )
     };
@@ -336,6 +338,7 @@ pub const SETTLE_WRITE: &str = "
         FROM unnest($1::text[], $2::text[], $3::text[], $4::text[])
              AS s(account_id, idempotency_key, state, detail)
         WHERE r.account_id = s.account_id AND r.idempotency_key = s.idempotency_key
+          AND r.state = 'held'
     ), releases AS (
         INSERT INTO credit_ledger
             (account_id, delta, kind, balance_after, idempotency_key, reservation_id, note)
@@ -396,8 +399,10 @@ pub const RUNTIME_GRANTS: &str = "
             -- functions run as the owner; confirmed forward batches are
             -- removed.
             GRANT SELECT ON reservation_ring TO sendgate_app;
-            GRANT EXECUTE ON FUNCTION rotate_reservation_ring(interval),
-                remove_released_reservations(text[], text[]) TO sendgate_app;
+            GRANT EXECUTE ON FUNCTION rotate_reservation_ring(),
+                remove_released_reservations(text[], text[]),
+                purge_released_kept(bigint) TO sendgate_app;
+            GRANT SELECT ON retention_settings TO sendgate_app;
             GRANT DELETE ON forward_batches TO sendgate_app;
             -- Job status: the latest refusal per key, removed by retention.
             GRANT SELECT, INSERT, UPDATE, DELETE ON refusals TO sendgate_app;
@@ -462,10 +467,18 @@ pub const PURGE_USAGE_COUNTS: &str = "
         ORDER BY bucket LIMIT $2)";
 
 /// Empties the retention ring's other slot and makes it current, when the
-/// current one has been current for the deduplication window ($1);
-/// returns the slot emptied, or NULL. A function run as the schema's owner
+/// current one has been current for the deduplication window stored in
+/// `retention_settings`; returns the slot emptied, or NULL. A function run as the schema's owner
 /// (see its migration): the runtime role truncates nothing itself.
-pub const ROTATE_RING: &str = "SELECT rotate_reservation_ring($1::interval)";
+pub const ROTATE_RING: &str = "SELECT rotate_reservation_ring()";
+
+/// Removes up to $1 released Free charges older than the stored window
+/// (a function run as the schema's owner); returns how many.
+pub const PURGE_RELEASED_KEPT: &str = "SELECT purge_released_kept($1)";
+
+/// Stores the deduplication window ($1, an interval; NULL keeps every
+/// charge): run by `migrate`, as the owner.
+pub const SET_DEDUP_WINDOW: &str = "UPDATE retention_settings SET dedup_window = $1::interval";
 
 /// Removes confirmed forward batches with ids below $1 (UUIDv7, so: older
 /// than a time), at most $2, oldest first. A reservation whose batch row is

@@ -312,8 +312,7 @@ mod tests {
     #[tokio::test]
     async fn contention_is_retried_without_calling_the_database_down() {
         let settings = Settings::load_from(None, []).expect("defaults");
-        let store = Store::connect_lazy(&settings.database, crate::app::limits(&settings))
-            .expect("a lazy pool");
+        let store = Store::for_settings(&settings).expect("a lazy pool");
         let health = Arc::new(Health::new(1));
         health.set_database_ok(true);
         let shared = Shared {

@@ -2,8 +2,10 @@
 //! every sweep interval. Every process sweeps; `SKIP LOCKED` keeps them
 //! from doing the same rows twice. The same sweep applies retention: it
 //! empties the reservation ring's old slot once the current one has been
-//! current for `[reservations] dedup_window_secs` (one process does it, the
-//! ring's row is locked), and removes confirmed forward batches, refusals
+//! current for the dedup window (`[reservations] dedup_window_secs` as the
+//! last `migrate` stored it in the database; one process does it, the
+//! ring's row is locked), and removes released Free charges older than the
+//! window, confirmed forward batches, refusals
 //! past `[jobs] refusal_retention_days`, published events past
 //! `[events] retention_days` and usage counts past `[usage]
 //! retention_days`.
@@ -62,13 +64,15 @@ pub async fn sweep_expired_holds(
                 }
             }
         }
-        if let Some(window) = settings.dedup_window() {
-            rotate(&store, window).await;
-        }
+        rotate(&store).await;
         // Forward batches, refusals, published events and usage counts
         // past their retention, a chunk at a time.
         purge("forward batches", || {
             store.purge_forward_batches(FORWARD_BATCH_AGE, SWEEP_CHUNK)
+        })
+        .await;
+        purge("released free charges", || {
+            store.purge_released_kept(SWEEP_CHUNK)
         })
         .await;
         purge("refusals", || {
@@ -86,15 +90,18 @@ pub async fn sweep_expired_holds(
     }
 }
 
-/// Empties the ring's old slot when it is due, and reports the current
-/// slot's age.
-async fn rotate(store: &Store, window: std::time::Duration) {
-    match store.rotate_reservations(window).await {
+/// Empties the ring's old slot when it is due (by the window the database
+/// holds), and reports the window and the current slot's age.
+async fn rotate(store: &Store) {
+    match store.dedup_window().await {
+        Ok(window) => metrics::set_dedup_window(window),
+        Err(err) => metrics::db_error(err.kind()),
+    }
+    match store.rotate_reservations().await {
         Ok(Some(slot)) => {
             metrics::slot_emptied();
             info!(
                 slot,
-                window_secs = window.as_secs(),
                 "retention: emptied the reservation slot whose charges are all older than the dedup window; it is current now"
             );
         }

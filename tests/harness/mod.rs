@@ -202,10 +202,7 @@ impl TestEnv {
         Store::create_database_if_missing(&self.db_url)
             .await
             .unwrap();
-        let store = Store::connect_lazy(&settings.database, sendgate::app::limits(&settings))
-            .unwrap()
-            .with_credit_thresholds(settings.events.thresholds())
-            .with_forward_lease(settings.gate.forward_lease());
+        let store = Store::for_settings(&settings).unwrap();
         store.locate_primary().await;
         store.migrate().await.unwrap();
         store
@@ -773,7 +770,8 @@ pub async fn waiting_for_locks(store: &Store) -> i64 {
 /// The state of the reservation under (account, key).
 pub async fn reservation_state(store: &Store, account: &str, key: &str) -> String {
     sqlx::query_scalar(
-        "SELECT state FROM reservations WHERE account_id = $1 AND idempotency_key = $2",
+        "SELECT state FROM reservations WHERE account_id = $1 AND idempotency_key = $2
+         ORDER BY state = 'released' LIMIT 1",
     )
     .bind(account)
     .bind(key)

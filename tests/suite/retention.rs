@@ -59,7 +59,11 @@ async fn a_slot_is_emptied_only_after_the_other_was_current_for_the_window() {
     broker.take(&env.delivery_queue(), 2, WAIT).await;
     gate.shutdown().await;
 
-    let window = Duration::from_secs(3600);
+    // The window the owner's `migrate` stores (as a superuser here).
+    sqlx::query("UPDATE retention_settings SET dedup_window = interval '1 hour'")
+        .execute(store.pool())
+        .await
+        .unwrap();
     let first = current_slot(&store).await;
     assert_eq!(slot_of(&store, "ros", "r-1").await, [first]);
     assert_eq!(
@@ -68,7 +72,7 @@ async fn a_slot_is_emptied_only_after_the_other_was_current_for_the_window() {
         "free charges are kept"
     );
     assert_eq!(
-        store.rotate_reservations(window).await.unwrap(),
+        store.rotate_reservations().await.unwrap(),
         None,
         "the current slot is younger than the window"
     );
@@ -76,18 +80,15 @@ async fn a_slot_is_emptied_only_after_the_other_was_current_for_the_window() {
     // Current for the window: the other (empty) slot becomes current; the
     // charge stays, in the slot now out of use.
     age_current_slot(&store, "61 minutes").await;
-    let second = store.rotate_reservations(window).await.unwrap();
+    let second = store.rotate_reservations().await.unwrap();
     assert_eq!(second, Some(3 - first));
-    assert_eq!(store.rotate_reservations(window).await.unwrap(), None);
+    assert_eq!(store.rotate_reservations().await.unwrap(), None);
     assert_eq!(slot_of(&store, "ros", "r-1").await, [first]);
 
     // A window later the charge's slot, out of use for the window, is
     // emptied; the Free charge is not.
     age_current_slot(&store, "61 minutes").await;
-    assert_eq!(
-        store.rotate_reservations(window).await.unwrap(),
-        Some(first)
-    );
+    assert_eq!(store.rotate_reservations().await.unwrap(), Some(first));
     assert!(slot_of(&store, "ros", "r-1").await.is_empty());
     assert_eq!(slot_of(&store, "fen", "f-1").await, [0]);
     env.cleanup().await;
@@ -199,10 +200,7 @@ async fn a_key_released_in_one_slot_and_charged_in_the_next_keeps_one_row() {
     .await;
     let before = current_slot(&store).await;
     age_current_slot(&store, "8 days").await;
-    let now_current = store
-        .rotate_reservations(Duration::from_secs(7 * 86_400))
-        .await
-        .unwrap();
+    let now_current = store.rotate_reservations().await.unwrap();
     assert_eq!(now_current, Some(3 - before));
 
     broker.publish_job(&env.send_queue(), "pat", "p-1").await;
@@ -300,5 +298,70 @@ async fn usage_counts_past_their_retention_are_removed_by_the_sweep() {
     })
     .await;
     gate.shutdown().await;
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn released_free_charges_go_after_the_window_and_a_key_charged_on_another_plan_meanwhile_is_settled_right()
+ {
+    let env = TestEnv::new();
+    let store = env.store().await;
+    create(&store, "flo", Plan::Free).await;
+    let gate = env.start_gate(Arc::new(SystemClock)).await;
+    let broker = env.broker().await;
+    for key in ["gone", "kept"] {
+        broker.publish_job(&env.send_queue(), "flo", key).await;
+    }
+    let forwards = broker.take(&env.delivery_queue(), 2, WAIT).await;
+    let gone = forwards
+        .iter()
+        .find(|f| f.properties.message_id().as_ref().unwrap().as_str() == "gone")
+        .unwrap();
+    broker.report(&env, gone, "failed").await;
+    eventually(WAIT, || async {
+        reservation_state(&store, "flo", "gone").await == "released"
+    })
+    .await;
+
+    // Upgraded, and the failed job sent again: charged on the new plan, in
+    // a ring slot, while its released Free charge stays in the kept slot.
+    store.set_plan(&id("flo"), Plan::Scale).await.unwrap();
+    broker.publish_job(&env.send_queue(), "flo", "gone").await;
+    let again = broker.take(&env.delivery_queue(), 1, WAIT).await;
+    assert_eq!(
+        header(&again[0], "x-sendgate-plan").as_deref(),
+        Some("scale")
+    );
+    let mut slots = slot_of(&store, "flo", "gone").await;
+    slots.sort_unstable();
+    assert_eq!(slots.len(), 2);
+    assert_eq!(slots[0], 0);
+    // Its report settles the new charge (not stale against the old one).
+    broker.report(&env, &again[0], "delivered").await;
+    eventually(WAIT, || async {
+        reservation_state(&store, "flo", "gone").await == "committed"
+    })
+    .await;
+    gate.shutdown().await;
+
+    // Within the window nothing is removed; once the released Free charge
+    // is older than the window it goes, and the charge in use stays.
+    assert_eq!(store.purge_released_kept(100).await.unwrap(), 0);
+    sqlx::query("UPDATE retention_settings SET dedup_window = interval '1 hour'")
+        .execute(store.pool())
+        .await
+        .unwrap();
+    sqlx::query(
+        "UPDATE reservations SET settled_at = now() - interval '2 hours'
+         WHERE account_id = 'flo' AND state = 'released'",
+    )
+    .execute(store.pool())
+    .await
+    .unwrap();
+    assert_eq!(store.purge_released_kept(100).await.unwrap(), 1);
+    assert_eq!(slot_of(&store, "flo", "gone").await.len(), 1);
+    assert_eq!(reservation_state(&store, "flo", "gone").await, "committed");
+    assert_eq!(reservation_state(&store, "flo", "kept").await, "held");
+    assert_eq!(balance_and_ledger(&store, "flo").await, (19, 19));
     env.cleanup().await;
 }

@@ -130,6 +130,49 @@ async fn the_gate_runs_as_the_runtime_role_which_can_change_nothing_but_its_rows
         .await
         .unwrap();
     assert_eq!(balance, 19);
+
+    // Retention's authority is the owner's: the runtime role can neither
+    // shorten the window nor pass one of its own, nor delete a kept (Free)
+    // charge, even one it marked released.
+    let refused = sqlx::query("UPDATE retention_settings SET dedup_window = interval '1 second'")
+        .execute(&pool)
+        .await;
+    assert!(
+        matches!(&refused, Err(sqlx::Error::Database(db)) if db.code().as_deref() == Some("42501")),
+        "{refused:?}"
+    );
+    let refused = sqlx::query("SELECT rotate_reservation_ring(interval '0')")
+        .execute(&pool)
+        .await;
+    assert!(
+        refused.is_err(),
+        "a window of the caller's own: {refused:?}"
+    );
+    assert_eq!(
+        sqlx::query_scalar::<_, Option<i16>>("SELECT rotate_reservation_ring()")
+            .fetch_one(&pool)
+            .await
+            .unwrap(),
+        None,
+        "nothing is due within the stored window"
+    );
+    sqlx::query("UPDATE reservations SET state = 'released' WHERE account_id = 'rho'")
+        .execute(&pool)
+        .await
+        .unwrap();
+    sqlx::query("SELECT remove_released_reservations(ARRAY['rho'], ARRAY['r-1'])")
+        .execute(&pool)
+        .await
+        .unwrap();
+    let kept: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM reservations WHERE account_id = 'rho'")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert_eq!(
+        kept, 1,
+        "a kept charge is never deleted by the runtime role"
+    );
     pool.close().await;
 
     env.cleanup().await;
