@@ -207,6 +207,14 @@ enum AccountsCommand {
         /// Buckets of a day or an hour, or totals per campaign.
         #[arg(long, value_enum, default_value_t = By::Day)]
         by: By,
+        /// By campaign: the page after this campaign (the previous page's
+        /// `next after`).
+        #[arg(long)]
+        after: Option<String>,
+        /// By campaign: campaigns per page (1 to 1000).
+        #[arg(long, default_value_t = 100,
+              value_parser = clap::value_parser!(u16).range(1..=1000))]
+        limit: u16,
         /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
@@ -245,7 +253,7 @@ enum AccountsCommand {
 }
 
 /// How `accounts usage` groups.
-#[derive(Clone, Copy, clap::ValueEnum)]
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 enum By {
     Hour,
     Day,
@@ -628,15 +636,25 @@ async fn accounts(command: AccountsCommand, settings: &Settings) -> anyhow::Resu
             from,
             to,
             by,
+            after,
+            limit,
             json,
         } => {
+            if after.is_some() && by != By::Campaign {
+                return Err(
+                    Usage("--after pages campaigns: use it with --by campaign".into()).into(),
+                );
+            }
             let grouping = match by {
                 By::Hour => sendgate::store::Grouping::Hour,
                 By::Day => sendgate::store::Grouping::Day,
-                By::Campaign => sendgate::store::Grouping::Campaign,
+                By::Campaign => sendgate::store::Grouping::Campaign {
+                    after,
+                    limit: usize::from(limit),
+                },
             };
             let (from, to) =
-                sendgate::http::api::usage_range(from, to, grouping, SystemClock.now());
+                sendgate::http::api::usage_range(from, to, &grouping, SystemClock.now());
             let report = store.usage(&id, from, to, grouping).await?;
             if json {
                 serde_json::to_writer_pretty(&mut out, &report)?;
@@ -685,6 +703,9 @@ async fn accounts(command: AccountsCommand, settings: &Settings) -> anyhow::Resu
                     t.released,
                     refused(t)
                 )?;
+                if let Some(after) = &report.next_after {
+                    writeln!(out, "more campaigns: --after {after:?}")?;
+                }
             }
         }
         AccountsCommand::Holds { id, limit, json } => {

@@ -26,8 +26,8 @@ use crate::domain::ids::AccountId;
 use crate::domain::plan::{Plan, UnknownPlan, next_day_start, parse_timezone};
 use crate::health::Health;
 use crate::store::{
-    AccountSummary, Adjustment, Created, Grouping, JobStatus, LedgerEntry, Store, StoreError,
-    UsageReport,
+    AccountSummary, Adjustment, Created, DEFAULT_CAMPAIGNS_PER_PAGE, Grouping, JobStatus,
+    LedgerEntry, MAX_CAMPAIGNS_PER_PAGE, Store, StoreError, UsageReport,
 };
 
 #[derive(Clone)]
@@ -557,6 +557,12 @@ pub(super) struct UsageQuery {
     /// `campaign`; default `day`.
     #[param(inline, value_type = Option<UsageGranularity>)]
     granularity: Option<String>,
+    /// By campaign: the page after this campaign (the previous page's
+    /// `next_after`); default: the first page.
+    after: Option<String>,
+    /// By campaign: campaigns per page, 1 to 1000; default 100.
+    #[param(minimum = 1, maximum = 1000)]
+    limit: Option<u32>,
 }
 
 /// How a usage report is grouped.
@@ -591,16 +597,37 @@ pub(super) async fn usage(
 ) -> Result<Json<UsageReport>, ApiError> {
     if let Some(unknown) = query
         .keys()
-        .find(|k| !["from", "to", "granularity"].contains(&k.as_str()))
+        .find(|k| !["from", "to", "granularity", "after", "limit"].contains(&k.as_str()))
     {
         return Err(bad_request(format!("unknown query parameter `{unknown}`")));
     }
     let grouping = match query.get("granularity").map(String::as_str) {
         None | Some("day") => Grouping::Day,
         Some("hour") => Grouping::Hour,
-        Some("campaign") => Grouping::Campaign,
+        Some("campaign") => Grouping::Campaign {
+            after: query.get("after").cloned(),
+            limit: match query.get("limit") {
+                None => DEFAULT_CAMPAIGNS_PER_PAGE,
+                Some(v) => v
+                    .parse()
+                    .ok()
+                    .filter(|n| (1..=MAX_CAMPAIGNS_PER_PAGE).contains(n))
+                    .ok_or_else(|| {
+                        bad_request(format!(
+                            "`limit` must be a number from 1 to {MAX_CAMPAIGNS_PER_PAGE}"
+                        ))
+                    })?,
+            },
+        },
         Some(_) => return Err(bad_request("`granularity` must be hour, day or campaign")),
     };
+    if !matches!(grouping, Grouping::Campaign { .. })
+        && (query.contains_key("after") || query.contains_key("limit"))
+    {
+        return Err(bad_request(
+            "`after` and `limit` page campaigns: only with granularity=campaign",
+        ));
+    }
     let instant = |name: &str| -> Result<Option<DateTime<Utc>>, ApiError> {
         query
             .get(name)
@@ -612,7 +639,7 @@ pub(super) async fn usage(
             .transpose()
     };
     let (to, from) = (instant("to")?, instant("from")?);
-    let (from, to) = usage_range(from, to, grouping, state.clock.now());
+    let (from, to) = usage_range(from, to, &grouping, state.clock.now());
     let id = checked_id(id)?;
     Ok(Json(state.store.usage(&id, from, to, grouping).await?))
 }
@@ -623,13 +650,13 @@ pub(super) async fn usage(
 pub fn usage_range(
     from: Option<DateTime<Utc>>,
     to: Option<DateTime<Utc>>,
-    grouping: Grouping,
+    grouping: &Grouping,
     now: DateTime<Utc>,
 ) -> (DateTime<Utc>, DateTime<Utc>) {
     let to = to.unwrap_or(now);
     let default_span = match grouping {
         Grouping::Hour => chrono::Duration::days(1),
-        Grouping::Day | Grouping::Campaign => chrono::Duration::days(7),
+        Grouping::Day | Grouping::Campaign { .. } => chrono::Duration::days(7),
     };
     let earliest = to - crate::store::max_range(grouping);
     let from = from.unwrap_or(to - default_span).max(earliest);

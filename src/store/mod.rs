@@ -47,7 +47,9 @@ pub use events::{Backlog, Claimed, EventRules, OutboxEvent};
 pub use jobs::{ChargeStatus, Hold, JobStatus, Refusal, RefusalStatus};
 pub use marks::ConfirmedForward;
 pub use rows::LedgerEntry;
-pub use usage::{Grouping, UsageReport, UsageRow, max_range};
+pub use usage::{
+    DEFAULT_CAMPAIGNS_PER_PAGE, Grouping, MAX_CAMPAIGNS_PER_PAGE, UsageReport, UsageRow, max_range,
+};
 
 use crate::config::DatabaseSettings;
 use crate::domain::decision::{BalanceChange, UsageChange};

@@ -488,3 +488,35 @@ pub const PURGE_FORWARD_BATCHES: &str = "
         SELECT id FROM forward_batches
         WHERE id < $1 AND confirmed_at IS NOT NULL
         ORDER BY id LIMIT $2)";
+
+/// An account's usage ($1) from $2 to $3: per local `$4` (hour or day) in
+/// time zone $6, or, when $5, per campaign, only the campaigns after $7
+/// (all when NULL), in order, at most $8 of them; and the totals over the
+/// whole range (`total` rows, every campaign). The entries not rolled up
+/// yet are added from the same snapshot.
+pub const USAGE_READ: &str = "
+    WITH c AS (
+        SELECT bucket, campaign_id, kind, n FROM usage_counts
+        WHERE account_id = $1 AND bucket >= $2 AND bucket < $3
+        UNION ALL
+        SELECT p.bucket, u.campaign_id, coalesce(p.kind, u.kind), 1
+        FROM usage_pending p
+        CROSS JOIN LATERAL unnest(p.account_ids, p.campaign_ids, coalesce(p.kinds, '{}'))
+             AS u(account_id, campaign_id, kind)
+        WHERE p.bucket >= $2 AND p.bucket < $3 AND u.account_id = $1
+    ), grouped AS (
+        SELECT CASE WHEN $5 THEN NULL
+                    ELSE date_trunc($4, bucket AT TIME ZONE $6) END AS local_start,
+               CASE WHEN $5 THEN campaign_id END AS campaign_id,
+               kind, sum(n)::int8 AS n
+        FROM c GROUP BY 1, 2, 3
+    ), page AS (
+        SELECT DISTINCT campaign_id FROM grouped
+        WHERE $5 AND ($7::text IS NULL OR campaign_id > $7::text)
+        ORDER BY campaign_id LIMIT $8
+    )
+    SELECT false AS total, local_start, campaign_id, kind, n FROM grouped
+    WHERE NOT $5 OR campaign_id IN (SELECT campaign_id FROM page)
+    UNION ALL
+    SELECT true, NULL, NULL, kind, sum(n)::int8 FROM grouped GROUP BY kind
+    ORDER BY 1, 2, 3";

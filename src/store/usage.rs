@@ -55,15 +55,23 @@ pub(super) fn campaigns(jobs: &[Job], reservations: &[NewReservation]) -> Vec<St
 }
 
 /// How usage is grouped.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Grouping {
     /// Per local hour.
     Hour,
     /// Per local day.
     Day,
-    /// Per campaign, over the whole range.
-    Campaign,
+    /// Per campaign, over the whole range: a page of campaigns at a time,
+    /// in campaign order, those after `after` (all from the first when
+    /// `None`), at most `limit`.
+    Campaign { after: Option<String>, limit: usize },
 }
+
+/// Campaigns one usage page holds at most.
+pub const MAX_CAMPAIGNS_PER_PAGE: usize = 1000;
+
+/// Campaigns a usage page holds when the caller does not say.
+pub const DEFAULT_CAMPAIGNS_PER_PAGE: usize = 100;
 
 /// One bucket (or campaign) of usage.
 #[derive(Debug, Clone, Default, Serialize, utoipa::ToSchema)]
@@ -102,9 +110,15 @@ pub struct UsageReport {
     /// The range, inclusive start and exclusive end (RFC 3339, UTC).
     pub from: DateTime<Utc>,
     pub to: DateTime<Utc>,
-    /// Buckets with any usage, oldest first (or campaigns, by name).
+    /// Buckets with any usage, oldest first (or campaigns, by name: one
+    /// page of them).
     pub rows: Vec<UsageRow>,
+    /// Over the whole range (every campaign, whatever the page).
     pub totals: UsageRow,
+    /// By campaign: pass as `after` for the next page; null on the last
+    /// (and for hours and days).
+    #[schema(required = true)]
+    pub next_after: Option<String>,
 }
 
 impl Store {
@@ -125,39 +139,28 @@ impl Store {
             .await?
             .ok_or_else(|| StoreError::UnknownAccount(account.to_string()))?;
         let tz = rows::timezone(&timezone);
-        let unit = match grouping {
-            Grouping::Hour => "hour",
-            Grouping::Day | Grouping::Campaign => "day",
+        let (unit, campaigns) = match &grouping {
+            Grouping::Hour => ("hour", None),
+            Grouping::Day => ("day", None),
+            Grouping::Campaign { after, limit } => ("day", Some((after.clone(), *limit))),
         };
         // Buckets summed per local hour or day (the zone's wall clock), or
         // per campaign; the primary key serves the account and range. The
-        // entries not rolled up yet are added from the same snapshot.
-        let fetched = sqlx::query(
-            "SELECT CASE WHEN $5 THEN NULL
-                         ELSE date_trunc($4, bucket AT TIME ZONE $6) END AS local_start,
-                    CASE WHEN $5 THEN campaign_id END AS campaign_id,
-                    kind, sum(n)::int8 AS n
-             FROM (
-                 SELECT bucket, campaign_id, kind, n FROM usage_counts
-                 WHERE account_id = $1 AND bucket >= $2 AND bucket < $3
-                 UNION ALL
-                 SELECT p.bucket, u.campaign_id, coalesce(p.kind, u.kind), 1
-                 FROM usage_pending p
-                 CROSS JOIN LATERAL unnest(p.account_ids, p.campaign_ids,
-                                           coalesce(p.kinds, '{}'))
-                      AS u(account_id, campaign_id, kind)
-                 WHERE p.bucket >= $2 AND p.bucket < $3 AND u.account_id = $1
-             ) c
-             GROUP BY 1, 2, 3 ORDER BY 1, 2",
-        )
-        .bind(account.as_str())
-        .bind(from)
-        .bind(to)
-        .bind(unit)
-        .bind(grouping == Grouping::Campaign)
-        .bind(&timezone)
-        .fetch_all(&self.pool)
-        .await?;
+        // entries not rolled up yet are added from the same snapshot. By
+        // campaign, one page of campaigns is read (the database sums the
+        // rest for the totals), never every campaign of a year.
+        let (after, limit) = campaigns.clone().unwrap_or((None, 0));
+        let fetched = sqlx::query(sql::USAGE_READ)
+            .bind(account.as_str())
+            .bind(from)
+            .bind(to)
+            .bind(unit)
+            .bind(campaigns.is_some())
+            .bind(&timezone)
+            .bind(after)
+            .bind(i64::try_from(limit + 1).expect("a page of at most 1000 campaigns"))
+            .fetch_all(&self.pool)
+            .await?;
         let mut grouped: BTreeMap<(Option<NaiveDateTime>, Option<String>), UsageRow> =
             BTreeMap::new();
         let mut totals = UsageRow::default();
@@ -166,40 +169,52 @@ impl Store {
             let campaign: Option<String> = row.try_get("campaign_id")?;
             let kind: String = row.try_get("kind")?;
             let n: i64 = row.try_get("n")?;
-            let entry = grouped
-                .entry((start, campaign.clone()))
-                .or_insert_with(|| UsageRow {
-                    start: start.map(|local| {
-                        // The first instant of that wall-clock time (a
-                        // repeated hour of a DST change: its earlier one).
-                        tz.from_local_datetime(&local)
-                            .earliest()
-                            .map_or_else(|| local.to_string(), |at| at.to_rfc3339())
-                    }),
-                    campaign_id: campaign,
-                    ..UsageRow::default()
-                });
-            for target in [&mut *entry, &mut totals] {
-                match kind.as_str() {
-                    "charged" => target.charged += n,
-                    "released" => target.released += n,
-                    reason => *target.refused.entry(reason.to_owned()).or_default() += n,
-                }
+            let target = if row.try_get::<bool, _>("total")? {
+                &mut totals
+            } else {
+                grouped
+                    .entry((start, campaign.clone()))
+                    .or_insert_with(|| UsageRow {
+                        start: start.map(|local| {
+                            // The first instant of that wall-clock time (a
+                            // repeated hour of a DST change: its earlier one).
+                            tz.from_local_datetime(&local)
+                                .earliest()
+                                .map_or_else(|| local.to_string(), |at| at.to_rfc3339())
+                        }),
+                        campaign_id: campaign,
+                        ..UsageRow::default()
+                    })
+            };
+            match kind.as_str() {
+                "charged" => target.charged += n,
+                "released" => target.released += n,
+                reason => *target.refused.entry(reason.to_owned()).or_default() += n,
             }
         }
+        let mut rows: Vec<UsageRow> = grouped.into_values().collect();
+        // One campaign more than the page was read: there is a next page.
+        let next_after = match campaigns {
+            Some((_, limit)) if rows.len() > limit => {
+                rows.truncate(limit);
+                rows.last().and_then(|r| r.campaign_id.clone())
+            }
+            _ => None,
+        };
         Ok(UsageReport {
             account_id: account.to_string(),
             timezone,
             granularity: match grouping {
                 Grouping::Hour => "hour",
                 Grouping::Day => "day",
-                Grouping::Campaign => "campaign",
+                Grouping::Campaign { .. } => "campaign",
             }
             .to_owned(),
             from,
             to,
-            rows: grouped.into_values().collect(),
+            rows,
             totals,
+            next_after,
         })
     }
 }
@@ -238,10 +253,10 @@ impl Store {
 const ROLLUP_CHUNK: i64 = 500;
 
 /// The widest range one report covers: a year of days, a month of hours.
-pub fn max_range(grouping: Grouping) -> Duration {
+pub fn max_range(grouping: &Grouping) -> Duration {
     match grouping {
         Grouping::Hour => Duration::days(31),
-        Grouping::Day | Grouping::Campaign => Duration::days(366),
+        Grouping::Day | Grouping::Campaign { .. } => Duration::days(366),
     }
 }
 

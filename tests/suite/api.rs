@@ -840,6 +840,31 @@ async fn usage_counts_every_plan_per_day_and_per_campaign() {
             ("spring".to_owned(), 2)
         ]
     );
+    assert!(by_campaign["next_after"].is_null());
+    // A page at a time, in campaign order; the totals cover every campaign.
+    let first = usage("/v1/accounts/sc/usage?granularity=campaign&limit=2").await;
+    let names = |page: &Value| -> Vec<String> {
+        page["rows"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r["campaign_id"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    assert_eq!(names(&first), ["", "autumn"]);
+    assert_eq!(first["next_after"], "autumn");
+    assert_eq!(first["totals"]["charged"], 4);
+    let second = usage("/v1/accounts/sc/usage?granularity=campaign&limit=2&after=autumn").await;
+    assert_eq!(names(&second), ["spring"]);
+    assert!(second["next_after"].is_null());
+    for bad in [
+        "/v1/accounts/sc/usage?granularity=campaign&limit=0",
+        "/v1/accounts/sc/usage?granularity=campaign&limit=1001",
+        "/v1/accounts/sc/usage?granularity=day&after=x",
+    ] {
+        let (code, body) = http_request(http, "GET", bad, t, None).await;
+        assert_eq!(code, 400, "{bad}: {body}");
+    }
     let free = usage("/v1/accounts/fr/usage?granularity=hour").await;
     assert_eq!(free["totals"]["charged"], 1, "{free}");
     assert_eq!(free["totals"]["released"], 1, "{free}");
