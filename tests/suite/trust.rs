@@ -80,19 +80,6 @@ async fn copies_published_back_to_back_across_two_processes_are_forwarded_once_e
     env.cleanup().await;
 }
 
-/// A delivery worker's report on `forward`.
-fn report_on(forward: &lapin::message::Delivery, outcome: &str) -> Vec<u8> {
-    let job: serde_json::Value = serde_json::from_slice(&forward.data).unwrap();
-    serde_json::json!({
-        "account_id": job["account_id"],
-        "idempotency_key": job["idempotency_key"],
-        "reservation_id": header(forward, "x-sendgate-reservation-id").unwrap(),
-        "outcome": outcome,
-    })
-    .to_string()
-    .into_bytes()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_charge_forwarded_twice_is_never_refunded_whichever_report_comes_first() {
     let env = TestEnv::new();
@@ -138,28 +125,14 @@ async fn a_charge_forwarded_twice_is_never_refunded_whichever_report_comes_first
     assert_eq!(balance_and_ledger(&store, "twice").await, (17, 17));
 
     let (a, b) = &forwards[0];
-    broker
-        .publish(&env.outcomes_queue(), &report_on(a, "failed"), None)
-        .await;
-    broker
-        .publish(&env.outcomes_queue(), &report_on(b, "delivered"), None)
-        .await;
+    broker.report(&env, a, "failed").await;
+    broker.report(&env, b, "delivered").await;
     let (a, b) = &forwards[1];
-    broker
-        .publish(&env.outcomes_queue(), &report_on(a, "delivered"), None)
-        .await;
-    broker
-        .publish(&env.outcomes_queue(), &report_on(b, "failed"), None)
-        .await;
+    broker.report(&env, a, "delivered").await;
+    broker.report(&env, b, "failed").await;
     // Reports are settled in the order they arrive: once the sentinel's is,
     // every report before it was.
-    broker
-        .publish(
-            &env.outcomes_queue(),
-            &report_on(&sentinel[0], "delivered"),
-            None,
-        )
-        .await;
+    broker.report(&env, &sentinel[0], "delivered").await;
     eventually(WAIT, || async {
         reservation_state(&store, "twice", "sentinel").await == "committed"
     })
