@@ -558,9 +558,10 @@ pub(super) struct UsageQuery {
     #[param(inline, value_type = Option<UsageGranularity>)]
     granularity: Option<String>,
     /// By campaign: the page after this campaign (the previous page's
-    /// `next_after`); default: the first page.
+    /// `next_after`); default: the first page. Not used by hour or day.
     after: Option<String>,
-    /// By campaign: campaigns per page, 1 to 1000; default 100.
+    /// By campaign: campaigns per page, 1 to 1000; default 100. Not used
+    /// by hour or day.
     #[param(minimum = 1, maximum = 1000)]
     limit: Option<u32>,
 }
@@ -601,33 +602,29 @@ pub(super) async fn usage(
     {
         return Err(bad_request(format!("unknown query parameter `{unknown}`")));
     }
+    let limit = match query.get("limit") {
+        None => DEFAULT_CAMPAIGNS_PER_PAGE,
+        Some(v) => v
+            .parse()
+            .ok()
+            .filter(|n| (1..=MAX_CAMPAIGNS_PER_PAGE).contains(n))
+            .ok_or_else(|| {
+                bad_request(format!(
+                    "`limit` must be a number from 1 to {MAX_CAMPAIGNS_PER_PAGE}"
+                ))
+            })?,
+    };
+    // `after` and `limit` page campaigns; hours and days need no pages
+    // (a range holds at most a month of hours, a year of days).
     let grouping = match query.get("granularity").map(String::as_str) {
         None | Some("day") => Grouping::Day,
         Some("hour") => Grouping::Hour,
         Some("campaign") => Grouping::Campaign {
             after: query.get("after").cloned(),
-            limit: match query.get("limit") {
-                None => DEFAULT_CAMPAIGNS_PER_PAGE,
-                Some(v) => v
-                    .parse()
-                    .ok()
-                    .filter(|n| (1..=MAX_CAMPAIGNS_PER_PAGE).contains(n))
-                    .ok_or_else(|| {
-                        bad_request(format!(
-                            "`limit` must be a number from 1 to {MAX_CAMPAIGNS_PER_PAGE}"
-                        ))
-                    })?,
-            },
+            limit,
         },
         Some(_) => return Err(bad_request("`granularity` must be hour, day or campaign")),
     };
-    if !matches!(grouping, Grouping::Campaign { .. })
-        && (query.contains_key("after") || query.contains_key("limit"))
-    {
-        return Err(bad_request(
-            "`after` and `limit` page campaigns: only with granularity=campaign",
-        ));
-    }
     let instant = |name: &str| -> Result<Option<DateTime<Utc>>, ApiError> {
         query
             .get(name)

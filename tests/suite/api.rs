@@ -860,7 +860,7 @@ async fn usage_counts_every_plan_per_day_and_per_campaign() {
     for bad in [
         "/v1/accounts/sc/usage?granularity=campaign&limit=0",
         "/v1/accounts/sc/usage?granularity=campaign&limit=1001",
-        "/v1/accounts/sc/usage?granularity=day&after=x",
+        "/v1/accounts/sc/usage?granularity=day&limit=x",
     ] {
         let (code, body) = http_request(http, "GET", bad, t, None).await;
         assert_eq!(code, 400, "{bad}: {body}");
