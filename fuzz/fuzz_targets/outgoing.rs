@@ -9,7 +9,7 @@ use lapin::types::AMQPValue;
 use libfuzzer_sys::fuzz_target;
 use sendgate::amqp::message::outgoing;
 use sendgate::config::{AmqpSettings, Settings};
-use sendgate_core::decision::{DeadLetter, Decision, Forward};
+use sendgate_core::decision::{DeadLetter, Decision, Forward, Wait};
 use sendgate_core::plan::{Charge, Plan, Reason};
 
 fn settings() -> &'static AmqpSettings {
@@ -38,7 +38,10 @@ fuzz_target!(|data: &[u8]| {
         Decision::Defer(DeadLetter {
             reason: Reason::DailyLimitReached,
             detail: "tomorrow".to_owned(),
-            retry_after: Some(now),
+            retry_after: Some(now + chrono::TimeDelta::hours(5)),
+        }),
+        Decision::Wait(Wait {
+            reservation_id: uuid::Uuid::nil(),
         }),
     ];
     for decision in &decisions {
@@ -46,10 +49,18 @@ fuzz_target!(|data: &[u8]| {
             .expect("a message for every decision but a duplicate");
         let p = &message.properties;
         assert!(p.user_id().is_none() && p.priority().is_none() && p.cluster_id().is_none());
+        // Only a waiting copy expires by itself (a deferred job waits in
+        // a step of the deferral ladder, whose queue has the TTL).
         assert_eq!(
             p.expiration().is_some(),
-            matches!(decision, Decision::Defer(_))
+            matches!(decision, Decision::Wait(_))
         );
+        if matches!(decision, Decision::Defer(_)) {
+            assert_eq!(
+                message.routing_key.as_str(),
+                format!("{}.16384s", settings().deferred_queue)
+            );
+        }
         assert_eq!(p.delivery_mode(), &Some(2));
         let headers = p.headers().as_ref().expect("sendgate's headers");
         // Only sendgate's own headers for this decision, never the job's.
