@@ -6,12 +6,17 @@ use std::time::Duration;
 
 use serde_json::Value;
 
-/// What to ask of the running process.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// What to ask of the running process (`sendgate ctl ACTION`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::Subcommand)]
 pub enum Action {
-    Status,
+    /// Stop taking jobs: the batches in hand finish, prefetched jobs go back
+    /// to the send queue; delivery reports are still applied. This process
+    /// only, until resumed or restarted.
     Pause,
+    /// Take jobs again.
     Resume,
+    /// Whether it takes jobs: consuming, pausing or paused.
+    Status,
 }
 
 /// Why a call failed.

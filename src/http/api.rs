@@ -23,11 +23,11 @@ use super::auth::{Tokens, require_token};
 use super::openapi::{BadRequest, ErrorBody, Forbidden, NotFound, Unauthorized, Unavailable};
 use crate::clock::Clock;
 use crate::domain::ids::AccountId;
-use crate::domain::plan::{Plan, UnknownPlan, next_day_start, parse_timezone};
+use crate::domain::plan::{Capacity, Plan, UnknownPlan, parse_timezone};
 use crate::health::Health;
 use crate::store::{
-    AccountSummary, Adjustment, Created, DEFAULT_CAMPAIGNS_PER_PAGE, Grouping, JobStatus,
-    LedgerEntry, MAX_CAMPAIGNS_PER_PAGE, Store, StoreError, UsageReport,
+    Adjustment, Created, DEFAULT_CAMPAIGNS_PER_PAGE, Granularity, JobStatus, LedgerEntry,
+    MAX_CAMPAIGNS_PER_PAGE, Store, StoreError, UsageReport,
 };
 
 #[derive(Clone)]
@@ -130,45 +130,6 @@ pub(super) struct AccountView {
     next_slot_at: Option<DateTime<Utc>>,
 }
 
-/// How many sends would pass right now.
-#[derive(Serialize, ToSchema)]
-pub struct Capacity {
-    /// Sends that would pass right now; null when unlimited.
-    #[schema(example = 17, required = true)]
-    pub sends_available: Option<i64>,
-    pub unlimited: bool,
-    /// When more become available, if ever; null when some are available
-    /// now or none will ever come (a free account's credits never refresh).
-    #[schema(required = true)]
-    pub next_available_at: Option<DateTime<Utc>>,
-}
-
-/// How many sends `summary`'s account could make at `now` (the API's
-/// `/capacity` and `accounts capacity`).
-pub fn capacity_of(summary: &AccountSummary, now: DateTime<Utc>) -> Capacity {
-    let tz = parse_timezone(&summary.timezone).unwrap_or(chrono_tz::Tz::UTC);
-    match summary.plan {
-        Plan::Scale => Capacity {
-            sends_available: None,
-            unlimited: true,
-            next_available_at: None,
-        },
-        Plan::Free => Capacity {
-            sends_available: Some(summary.credit_balance),
-            unlimited: false,
-            next_available_at: None,
-        },
-        Plan::Pro => {
-            let left = (summary.limit_today.unwrap_or(0) - summary.sends_today).max(0);
-            Capacity {
-                sends_available: Some(left),
-                unlimited: false,
-                next_available_at: (left == 0).then(|| next_day_start(now, tz)),
-            }
-        }
-    }
-}
-
 /// The account id in a path.
 #[derive(IntoParams)]
 #[into_params(parameter_in = Path)]
@@ -210,11 +171,11 @@ pub async fn method_not_allowed() -> ApiError {
 async fn view(state: &ApiState, id: &AccountId) -> Result<AccountView, ApiError> {
     let now = state.clock.now();
     let summary = state.store.account_summary(id, now, 0).await?;
-    let next_slot_at = capacity_of(&summary, now).next_available_at;
+    let next_slot_at = summary.capacity(now).next_available_at;
     Ok(AccountView {
         id: summary.id.into(),
         plan: summary.plan,
-        timezone: summary.timezone,
+        timezone: summary.timezone.name().to_owned(),
         credit_balance: summary.credit_balance,
         today: Today {
             date: summary.today.to_string(),
@@ -426,7 +387,7 @@ pub(super) async fn capacity(
         .store
         .account_summary(&checked_id(id)?, now, 0)
         .await?;
-    Ok(Json(capacity_of(&summary, now)))
+    Ok(Json(summary.capacity(now)))
 }
 
 /// A support correction: credits added (or taken, negative) by hand.
@@ -616,15 +577,12 @@ pub(super) async fn usage(
     };
     // `after` and `limit` page campaigns; hours and days need no pages
     // (a range holds at most a month of hours, a year of days).
-    let grouping = match query.get("granularity").map(String::as_str) {
-        None | Some("day") => Grouping::Day,
-        Some("hour") => Grouping::Hour,
-        Some("campaign") => Grouping::Campaign {
-            after: query.get("after").cloned(),
-            limit,
-        },
-        Some(_) => return Err(bad_request("`granularity` must be hour, day or campaign")),
+    let granularity = match query.get("granularity") {
+        None => Granularity::Day,
+        Some(name) => Granularity::parse(name)
+            .ok_or_else(|| bad_request("`granularity` must be hour, day or campaign"))?,
     };
+    let grouping = granularity.grouping(query.get("after").cloned(), limit);
     let instant = |name: &str| -> Result<Option<DateTime<Utc>>, ApiError> {
         query
             .get(name)
@@ -636,28 +594,9 @@ pub(super) async fn usage(
             .transpose()
     };
     let (to, from) = (instant("to")?, instant("from")?);
-    let (from, to) = usage_range(from, to, &grouping, state.clock.now());
+    let (from, to) = grouping.range(from, to, state.clock.now());
     let id = checked_id(id)?;
     Ok(Json(state.store.usage(&id, from, to, grouping).await?))
-}
-
-/// The range a usage report covers: `to` defaults to now, `from` to a week
-/// (a day by hour) before it, and no range is longer than
-/// [`crate::store::max_range`].
-pub fn usage_range(
-    from: Option<DateTime<Utc>>,
-    to: Option<DateTime<Utc>>,
-    grouping: &Grouping,
-    now: DateTime<Utc>,
-) -> (DateTime<Utc>, DateTime<Utc>) {
-    let to = to.unwrap_or(now);
-    let default_span = match grouping {
-        Grouping::Hour => chrono::Duration::days(1),
-        Grouping::Day | Grouping::Campaign { .. } => chrono::Duration::days(7),
-    };
-    let earliest = to - crate::store::max_range(grouping);
-    let from = from.unwrap_or(to - default_span).max(earliest);
-    (from, to)
 }
 
 /// A job key in a path.

@@ -8,7 +8,8 @@ use super::rows::{self, LedgerEntry};
 use super::{Store, StoreError, events};
 use crate::domain::events::{Event, EventData};
 use crate::domain::ids::AccountId;
-use crate::domain::plan::{Plan, local_day, next_day_start, parse_timezone};
+use crate::domain::plan::{Capacity, Plan, capacity, local_day, next_day_start, parse_timezone};
+use chrono_tz::Tz;
 
 /// What `accounts create` did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -24,7 +25,8 @@ pub enum Created {
 pub struct AccountSummary {
     pub id: AccountId,
     pub plan: Plan,
-    pub timezone: String,
+    /// The zone of the account's calendar day (its IANA name in JSON).
+    pub timezone: Tz,
     pub credit_balance: i64,
     /// Sum of the ledger; always equals `credit_balance`.
     pub ledger_sum: i64,
@@ -33,6 +35,21 @@ pub struct AccountSummary {
     /// The daily limit on pro, the balance on free, none on scale.
     pub limit_today: Option<i64>,
     pub recent_ledger: Vec<LedgerEntry>,
+}
+
+impl AccountSummary {
+    /// How many sends would pass at `now` (the API's `/capacity`, `accounts
+    /// capacity`, and an account's next free slot).
+    pub fn capacity(&self, now: DateTime<Utc>) -> Capacity {
+        capacity(
+            self.plan,
+            self.credit_balance,
+            self.sends_today,
+            self.limit_today,
+            self.timezone,
+            now,
+        )
+    }
 }
 
 impl Store {
@@ -210,8 +227,7 @@ impl Store {
         .await?
         .ok_or_else(|| StoreError::UnknownAccount(id.to_string()))?;
         let plan = rows::plan(&row, "plan")?;
-        let timezone: String = row.try_get("timezone")?;
-        let tz = rows::timezone(&timezone);
+        let tz = rows::timezone(row.try_get("timezone")?)?;
         let credit_balance: i64 = row.try_get("credit_balance")?;
         let today = local_day(now, tz);
         let (sends_today, limit_today) = match plan {
@@ -225,7 +241,7 @@ impl Store {
         Ok(AccountSummary {
             id: id.clone(),
             plan,
-            timezone,
+            timezone: tz,
             credit_balance,
             ledger_sum: row.try_get("ledger_sum")?,
             today,

@@ -7,7 +7,12 @@
 //! - [`settle`]: delivery reports settled, expired holds committed;
 //! - [`marks`]: confirmed forwards recorded;
 //! - [`accounts`]: creating, changing and showing accounts;
-//! - [`events`]: the outbox of threshold events, and its relay's reads.
+//! - [`events`]: the outbox of threshold events, and its relay's reads;
+//! - [`adjust`]: credits added or taken by hand, audited;
+//! - [`jobs`]: what happened to a job, and an account's held charges;
+//! - [`usage`]: usage counts, rolled up and read per hour, day or campaign;
+//! - [`retention`]: the sweep's removals of what outlived its window;
+//! - [`primary`]: finding the writable primary among the database hosts.
 //!
 //! A batch of jobs is decided in one transaction: lock the batch's metered
 //! accounts in one order (so workers never deadlock), read their Pro usage
@@ -48,7 +53,8 @@ pub use jobs::{ChargeStatus, Hold, JobStatus, Refusal, RefusalStatus};
 pub use marks::ConfirmedForward;
 pub use rows::LedgerEntry;
 pub use usage::{
-    DEFAULT_CAMPAIGNS_PER_PAGE, Grouping, MAX_CAMPAIGNS_PER_PAGE, UsageReport, UsageRow, max_range,
+    DEFAULT_CAMPAIGNS_PER_PAGE, Granularity, Grouping, MAX_CAMPAIGNS_PER_PAGE, UsageReport,
+    UsageRow, max_range,
 };
 
 use crate::config::DatabaseSettings;

@@ -40,17 +40,18 @@ pub(super) fn job_key(row: &PgRow) -> Result<JobKey, StoreError> {
     })
 }
 
-/// Time zones are validated on the way in; UTC is the safe fallback for a
-/// row edited by hand (the day boundary moves, no charge is lost).
-pub(super) fn timezone(name: &str) -> Tz {
-    parse_timezone(name).unwrap_or(Tz::UTC)
+/// An account's time zone. Validated on the way in, so a name that does not
+/// parse is a row edited by hand: an error that names it, never a quiet
+/// change of the account's day.
+pub(super) fn timezone(name: &str) -> Result<Tz, StoreError> {
+    parse_timezone(name).map_err(|err| StoreError::corrupt("accounts.timezone", err))
 }
 
 /// An account row (`plan`, `timezone`, `credit_balance`) as a batch sees it
 /// at `now`; Pro usage is filled in later.
 pub(super) fn account_state(row: &PgRow, now: DateTime<Utc>) -> Result<AccountState, StoreError> {
     let zone: String = row.try_get("timezone")?;
-    let tz = timezone(&zone);
+    let tz = timezone(&zone)?;
     Ok(AccountState {
         plan: plan(row, "plan")?,
         timezone: tz,

@@ -54,6 +54,32 @@ pub(super) fn campaigns(jobs: &[Job], reservations: &[NewReservation]) -> Vec<St
         .collect()
 }
 
+/// The unit a usage report is grouped by (`accounts usage --by`, the API's
+/// `granularity`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Granularity {
+    Hour,
+    Day,
+    Campaign,
+}
+
+impl Granularity {
+    /// The API's spelling; `None` for any other.
+    pub fn parse(name: &str) -> Option<Granularity> {
+        <Granularity as clap::ValueEnum>::from_str(name, false).ok()
+    }
+
+    /// The grouping by this unit; `after` and `limit` page campaigns and are
+    /// not used by hour or day.
+    pub fn grouping(self, after: Option<String>, limit: usize) -> Grouping {
+        match self {
+            Granularity::Hour => Grouping::Hour,
+            Granularity::Day => Grouping::Day,
+            Granularity::Campaign => Grouping::Campaign { after, limit },
+        }
+    }
+}
+
 /// How usage is grouped.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Grouping {
@@ -138,7 +164,7 @@ impl Store {
             .fetch_optional(&self.pool)
             .await?
             .ok_or_else(|| StoreError::UnknownAccount(account.to_string()))?;
-        let tz = rows::timezone(&timezone);
+        let tz = rows::timezone(&timezone)?;
         let (unit, campaigns) = match &grouping {
             Grouping::Hour => ("hour", None),
             Grouping::Day => ("day", None),
@@ -251,6 +277,25 @@ impl Store {
 
 /// Pending rows (statements) one rollup statement moves at most.
 const ROLLUP_CHUNK: i64 = 500;
+
+impl Grouping {
+    /// The range a report covers: `to` defaults to `now`, `from` to a week
+    /// (a day by hour) before it, and no range is longer than [`max_range`].
+    pub fn range(
+        &self,
+        from: Option<DateTime<Utc>>,
+        to: Option<DateTime<Utc>>,
+        now: DateTime<Utc>,
+    ) -> (DateTime<Utc>, DateTime<Utc>) {
+        let to = to.unwrap_or(now);
+        let default_span = match self {
+            Grouping::Hour => Duration::days(1),
+            Grouping::Day | Grouping::Campaign { .. } => Duration::days(7),
+        };
+        let from = from.unwrap_or(to - default_span).max(to - max_range(self));
+        (from, to)
+    }
+}
 
 /// The widest range one report covers: a year of days, a month of hours.
 pub fn max_range(grouping: &Grouping) -> Duration {

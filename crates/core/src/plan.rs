@@ -177,6 +177,54 @@ pub fn parse_timezone(name: &str) -> Result<Tz, String> {
     })
 }
 
+/// How many sends would pass right now.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct Capacity {
+    /// Sends that would pass right now; null when unlimited.
+    #[cfg_attr(feature = "openapi", schema(example = 17, required = true))]
+    pub sends_available: Option<i64>,
+    pub unlimited: bool,
+    /// When more become available, if ever; null when some are available
+    /// now or none will ever come (a free account's credits never refresh).
+    #[cfg_attr(feature = "openapi", schema(required = true))]
+    pub next_available_at: Option<DateTime<Utc>>,
+}
+
+/// The capacity at `now` of an account on `plan` with `credit_balance`, that
+/// has made `sends_today` sends of its day in `tz` and may make
+/// `limit_today` (pro).
+pub fn capacity(
+    plan: Plan,
+    credit_balance: i64,
+    sends_today: i64,
+    limit_today: Option<i64>,
+    tz: Tz,
+    now: DateTime<Utc>,
+) -> Capacity {
+    match plan {
+        Plan::Scale => Capacity {
+            sends_available: None,
+            unlimited: true,
+            next_available_at: None,
+        },
+        Plan::Free => Capacity {
+            sends_available: Some(credit_balance),
+            unlimited: false,
+            next_available_at: None,
+        },
+        Plan::Pro => {
+            let limit = limit_today.expect("a pro account has a daily limit");
+            let left = (limit - sends_today).max(0);
+            Capacity {
+                sends_available: Some(left),
+                unlimited: false,
+                next_available_at: (left == 0).then(|| next_day_start(now, tz)),
+            }
+        }
+    }
+}
+
 /// The calendar day that `now` falls on in `tz`.
 pub fn local_day(now: DateTime<Utc>, tz: Tz) -> NaiveDate {
     now.with_timezone(&tz).date_naive()
