@@ -4,8 +4,8 @@
 //! publishes send jobs to a RabbitMQ queue; sendgate charges each job to its
 //! account's plan exactly once (in Postgres, under the job's idempotency
 //! key), forwards the jobs that pass to the delivery queue, and dead-letters
-//! the rest with a machine-readable reason. SPEC.md (shipped as the README's
-//! contract) is the source of truth.
+//! the rest with a machine-readable reason. `docs/contract.md` states what it
+//! promises; the code follows it.
 //!
 //! ## Layout: where a change goes
 //!
@@ -46,6 +46,8 @@ pub mod amqp;
 pub mod app;
 pub mod clock;
 pub mod config;
+#[cfg(test)]
+mod contract;
 pub mod ctl;
 pub mod endpoints;
 pub mod health;

@@ -1,4 +1,4 @@
-//! The message that carries each outcome (SPEC §3): where it goes, and its
+//! The message that carries each outcome (docs/contract.md#3-outcomes): where it goes, and its
 //! properties and headers. The body is always the original bytes and is not
 //! part of [`Outgoing`].
 

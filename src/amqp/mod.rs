@@ -1,6 +1,6 @@
 //! RabbitMQ: everything that speaks AMQP.
 //!
-//! - [`topology`]: the exchange and queues of SPEC §4, declared idempotently;
+//! - [`topology`]: the exchange and queues of docs/contract.md#6-queues-and-exchanges, declared idempotently;
 //! - [`message`]: the messages that carry each outcome, and their headers;
 //! - [`session`]: the process's shared connection, and a worker's channels
 //!   and consumers on it;

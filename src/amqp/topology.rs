@@ -1,4 +1,4 @@
-//! The topology of SPEC §4. Declaring it again after a broker restart or a
+//! The topology of docs/contract.md#6-queues-and-exchanges. Declaring it again after a broker restart or a
 //! deleted queue brings it back; declaring what exists changes nothing.
 
 use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};

@@ -70,7 +70,7 @@ pub struct DeadLetter {
     pub retry_after: Option<DateTime<Utc>>,
 }
 
-/// The one outcome of a job (SPEC §3).
+/// The one outcome of a job (docs/contract.md#3-outcomes).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Decision {
     Forward(Forward),
@@ -650,7 +650,7 @@ mod tests {
     }
 
     /// An in-memory store that applies [`Effects`] as the SQL does, and
-    /// checks the invariants of SPEC §8 after every batch.
+    /// checks the invariants of docs/contract.md#10-invariants after every batch.
     struct Model {
         accounts: HashMap<String, (Plan, Tz, i64)>,
         usage: HashMap<(String, NaiveDate), i64>,

@@ -1,4 +1,4 @@
-//! The send job as the scheduler publishes it (SPEC §2), parsed and validated
+//! The send job as the scheduler publishes it (docs/contract.md#2-the-job-and-how-it-is-published), parsed and validated
 //! once. Pure: no I/O, so every rule is unit-tested here.
 //!
 //! Only `account_id` and `idempotency_key` matter to the gate; every other

@@ -7,12 +7,12 @@
 //! `sendgate::domain`.
 //!
 //! - [`ids`]: `AccountId`, `IdempotencyKey` and `JobKey`, validated once.
-//! - [`job`]: a send job's body and `message_id`, parsed (SPEC §2).
+//! - [`job`]: a send job's body and `message_id`, parsed (docs/contract.md#2-the-job-and-how-it-is-published).
 //! - [`json`]: bodies read as JSON objects whose keys appear once.
 //! - [`plan`]: plans, charges, refusal reasons, limits, and an account's
-//!   calendar day in its time zone (SPEC §1).
+//!   calendar day in its time zone (docs/contract.md#1-plans).
 //! - [`decision`]: a batch of jobs against its accounts' state: forward,
-//!   dead-letter, defer or drop as a duplicate, and what to write (SPEC §3).
+//!   dead-letter, defer or drop as a duplicate, and what to write (docs/contract.md#3-outcomes).
 //! - [`settle`]: delivery reports against reservations: commit or release.
 //! - [`events`]: the threshold events a change of credits, usage or plan makes.
 

@@ -7,7 +7,7 @@ use std::str::FromStr;
 use chrono::{DateTime, Duration, NaiveDate, TimeZone, Utc};
 use chrono_tz::Tz;
 
-/// An account's plan (SPEC §1).
+/// An account's plan (docs/contract.md#1-plans).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[cfg_attr(

@@ -1,5 +1,5 @@
 //! A model of a charge's whole life, checked against the invariants of
-//! SPEC §8: any interleaving of jobs (new, repeated, conflicting), delivery
+//! docs/contract.md#10-invariants: any interleaving of jobs (new, repeated, conflicting), delivery
 //! reports (delivered or failed, on the current forward or a stale one, any
 //! number of times), re-sends after a release, hold expiry, plan changes and
 //! days passing, in time zones with a daylight-saving change. The model
