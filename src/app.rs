@@ -54,6 +54,7 @@ impl App {
     ) -> anyhow::Result<App> {
         crate::metrics::install();
         let store = prepare_database(&settings, stop).await?;
+        crate::amqp::topology::declare_at_start(&settings.amqp).await?;
         let listener = TcpListener::bind(settings.http.listen)
             .await
             .with_context(|| format!("cannot listen on http.listen = {}", settings.http.listen))?;

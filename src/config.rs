@@ -363,10 +363,14 @@ pub struct AmqpSettings {
     /// A PEM file of CA certificates to verify an `amqps://` broker with
     /// (empty: the system's roots).
     pub ca_file: String,
+    /// Jobs published through the default exchange (the older way).
     pub send_queue: String,
-    /// A fanout exchange bound to the send queue, for schedulers whose
-    /// broker user may publish there and nowhere else.
+    /// Jobs in: a fanout exchange feeding the consistent-hash exchange
+    /// `{jobs_exchange}.partitions`, which spreads accounts (the routing
+    /// key) over the partitions.
     pub jobs_exchange: String,
+    /// How many partitions: quorum queues `{send_queue}.0` … `.{n-1}`.
+    pub partitions: u16,
     pub delivery_queue: String,
     /// A fanout exchange bound to the outcomes queue, for delivery workers
     /// likewise.
@@ -897,6 +901,18 @@ impl Settings {
                 "must be at most 255 bytes long",
             ));
         }
+        // Room for the partitions' suffixes (`.partitions`, `.1023`).
+        for (setting, name) in [
+            ("amqp.send_queue", &self.amqp.send_queue),
+            ("amqp.jobs_exchange", &self.amqp.jobs_exchange),
+        ] {
+            if name.len() > 240 {
+                return Err(invalid(setting, "must be at most 240 bytes long"));
+            }
+        }
+        if !(1..=1024).contains(&self.amqp.partitions) {
+            return Err(invalid("amqp.partitions", "must be 1 to 1024"));
+        }
         if self.amqp.send_queue == self.amqp.delivery_queue {
             return Err(invalid(
                 "amqp.delivery_queue",
@@ -944,6 +960,27 @@ impl AmqpSettings {
 
     pub fn publish_timeout(&self) -> Duration {
         Duration::from_millis(self.publish_timeout_ms)
+    }
+
+    /// The partitions' queues, in partition order.
+    pub fn partition_queues(&self) -> Vec<String> {
+        (0..self.partitions)
+            .map(|i| format!("{}.{i}", self.send_queue))
+            .collect()
+    }
+
+    /// Every queue jobs are taken from: the send queue (jobs published the
+    /// older way, and jobs coming back from the wait queue and the deferral
+    /// ladder), then the partitions.
+    pub fn job_queues(&self) -> Vec<String> {
+        std::iter::once(self.send_queue.clone())
+            .chain(self.partition_queues())
+            .collect()
+    }
+
+    /// The consistent-hash exchange behind `jobs_exchange`.
+    pub fn partitions_exchange(&self) -> String {
+        format!("{}.partitions", self.jobs_exchange)
     }
 }
 

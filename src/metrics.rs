@@ -27,6 +27,9 @@ pub const DB_PRIMARY_CHANGES: &str = "sendgate_db_primary_changes_total";
 pub const DB_ERRORS: &str = "sendgate_db_errors_total";
 pub const PUBLISH_FAILURES: &str = "sendgate_publish_failures_total";
 pub const QUEUE_MESSAGES: &str = "sendgate_queue_messages";
+pub const PARTITION_MESSAGES: &str = "sendgate_partition_messages";
+pub const PARTITION_DRAWN: &str = "sendgate_partition_jobs_drawn_total";
+pub const PARTITION_FORWARDED: &str = "sendgate_partition_jobs_forwarded_total";
 pub const OUTCOMES: &str = "sendgate_outcomes_total";
 pub const OUTCOMES_STALE: &str = "sendgate_outcomes_stale_total";
 pub const HOLDS_EXPIRED: &str = "sendgate_holds_expired_total";
@@ -200,10 +203,40 @@ pub const CATALOGUE: &[MetricDoc] = &[
         kind: Kind::Gauge,
         labels: &[(
             "queue",
-            "send, delivery, dead_letter, outcomes, deferred, waiting",
+            "send (the send queue and every partition), delivery, dead_letter, outcomes, deferred, waiting",
         )],
         unit: "messages",
         help: "Messages ready in each queue, polled with a passive declare.",
+    },
+    MetricDoc {
+        name: PARTITION_MESSAGES,
+        kind: Kind::Gauge,
+        labels: &[(
+            "partition",
+            "0 … `[amqp] partitions` - 1, and `unpartitioned` (the send queue)",
+        )],
+        unit: "messages",
+        help: "Jobs ready in each partition of the send queue, polled with the queue depths; one far above the others is a hot account.",
+    },
+    MetricDoc {
+        name: PARTITION_DRAWN,
+        kind: Kind::Counter,
+        labels: &[(
+            "partition",
+            "0 … `[amqp] partitions` - 1, and `unpartitioned`",
+        )],
+        unit: "jobs",
+        help: "Jobs the fair draw took into batches from each partition (redeliveries included): its share of the gate is this rate over their sum.",
+    },
+    MetricDoc {
+        name: PARTITION_FORWARDED,
+        kind: Kind::Counter,
+        labels: &[(
+            "partition",
+            "0 … `[amqp] partitions` - 1, and `unpartitioned`",
+        )],
+        unit: "jobs",
+        help: "Jobs forwarded and acknowledged, by the partition they came from.",
     },
     MetricDoc {
         name: OUTCOMES,
@@ -601,6 +634,35 @@ pub fn slot_emptied() {
 /// A queue's depth; `role` is `send`, `delivery` or `dead_letter`.
 pub fn queue_messages(role: &'static str, messages: u32) {
     gauge!(QUEUE_MESSAGES, "queue" => role).set(f64::from(messages));
+}
+
+/// The label of the job queue at `index` of [`AmqpSettings::job_queues`]:
+/// the send queue, then the partitions.
+///
+/// [`AmqpSettings::job_queues`]: crate::config::AmqpSettings::job_queues
+pub fn partition_label(index: usize) -> String {
+    match index {
+        0 => "unpartitioned".to_owned(),
+        n => (n - 1).to_string(),
+    }
+}
+
+pub fn partition_messages(index: usize, messages: u32) {
+    gauge!(PARTITION_MESSAGES, "partition" => partition_label(index)).set(f64::from(messages));
+}
+
+/// `counts[i]`: jobs of the job queue at index `i` drawn into a batch.
+pub fn partitions_drawn(counts: &[u64]) {
+    for (index, n) in counts.iter().enumerate().filter(|(_, n)| **n > 0) {
+        counter!(PARTITION_DRAWN, "partition" => partition_label(index)).increment(*n);
+    }
+}
+
+/// `counts[i]`: jobs of the job queue at index `i` forwarded.
+pub fn partitions_forwarded(counts: &[u64]) {
+    for (index, n) in counts.iter().enumerate().filter(|(_, n)| **n > 0) {
+        counter!(PARTITION_FORWARDED, "partition" => partition_label(index)).increment(*n);
+    }
 }
 
 pub fn set_ready(ready: bool) {

@@ -172,7 +172,8 @@ pub async fn publish_confirmed(
 
 /// Acks a whole batch: one `multiple` ack per channel its deliveries came
 /// on, at its last delivery there. Batches complete in the order they were
-/// gathered, so every earlier delivery on that channel belongs to an earlier
+/// gathered and the fair draw takes each channel's deliveries in order, so
+/// every earlier delivery on that channel belongs to an earlier
 /// batch, already acked: each ack covers exactly this batch's deliveries.
 /// Nothing is ever handed back: a dependency's trouble holds the batch, and
 /// what the data causes is dead-lettered alone.

@@ -1,7 +1,9 @@
-//! Queue depths for dashboards and alerts: every queue sendgate owns (send,
-//! delivery, dead-letter, outcomes, the deferral ladder, wait) is polled with passive declares (cheap: no consumer,
-//! no message moves) on a connection of their own, so a slow or failing
-//! poll never touches the gate's channels.
+//! Queue depths for dashboards and alerts: every queue sendgate owns (the
+//! send queue and its partitions, delivery, dead-letter, outcomes, the
+//! deferral ladder, wait) is polled with passive declares (cheap: no
+//! consumer, no message moves) on a connection of their own, so a slow or
+//! failing poll never touches the gate's channels. The partitions are also
+//! reported one by one.
 
 use std::time::Duration;
 
@@ -19,8 +21,9 @@ pub async fn poll(settings: AmqpSettings, interval: Duration, stop: Cancellation
     // versions deferred to.
     let mut deferred = vec![settings.deferred_queue.clone()];
     deferred.extend(settings.deferral_steps().into_iter().map(|(_, q)| q));
+    let job_queues = settings.job_queues();
     let queues = [
-        ("send", vec![settings.send_queue.clone()]),
+        ("send", job_queues.clone()),
         ("delivery", vec![settings.delivery_queue.clone()]),
         ("dead_letter", vec![settings.dead_letter_queue.clone()]),
         ("outcomes", vec![settings.outcomes_queue.clone()]),
@@ -50,7 +53,7 @@ pub async fn poll(settings: AmqpSettings, interval: Duration, stop: Cancellation
         };
         'roles: for (role, names) in &queues {
             let mut messages = 0u32;
-            for name in names {
+            for (index, name) in names.iter().enumerate() {
                 let declared = channel
                     .queue_declare(
                         name.as_str().into(),
@@ -62,7 +65,12 @@ pub async fn poll(settings: AmqpSettings, interval: Duration, stop: Cancellation
                     )
                     .await;
                 match declared {
-                    Ok(queue) => messages = messages.saturating_add(queue.message_count()),
+                    Ok(queue) => {
+                        messages = messages.saturating_add(queue.message_count());
+                        if *role == "send" {
+                            crate::metrics::partition_messages(index, queue.message_count());
+                        }
+                    }
                     Err(err) => {
                         debug!(queue = %name, error = %err, "queue depth: cannot read");
                         break 'roles;

@@ -204,10 +204,17 @@ pub async fn run(
             continue;
         }
         if move_them {
+            // Back through the jobs exchange to its account's partition; a
+            // job whose account could not be read goes to the send queue.
+            let account = info.account_id.as_ref().filter(|a| a.len() <= 255);
+            let (exchange, routing_key) = match account {
+                Some(account) => (settings.jobs_exchange.as_str(), account.as_str()),
+                None => ("", settings.send_queue.as_str()),
+            };
             let confirmation = channel
                 .basic_publish(
-                    ShortString::from(""),
-                    settings.send_queue.as_str().into(),
+                    ShortString::from(exchange),
+                    routing_key.into(),
                     BasicPublishOptions {
                         mandatory: true,
                         ..BasicPublishOptions::default()
@@ -220,7 +227,11 @@ pub async fn run(
             if !matches!(confirmation, Confirmation::Ack(None)) {
                 anyhow::bail!(
                     "the broker did not accept a job for {}; it stays in {}",
-                    settings.send_queue,
+                    if exchange.is_empty() {
+                        routing_key
+                    } else {
+                        exchange
+                    },
                     settings.dead_letter_queue
                 );
             }

@@ -142,25 +142,30 @@ impl Broker {
         }
     }
 
-    /// Opens `count` channels consuming `queue`, tagged `tag-N`; the first
-    /// one declares the topology first.
+    /// Opens `per_queue` channels consuming each of `queues`, tagged
+    /// `tag-N`, channel by channel in the order of `queues`; the first one
+    /// declares the topology first.
     ///
     /// # Errors
     /// The broker is unreachable or refused a channel; no consumer is left
     /// behind then.
     pub async fn open_session(
         &self,
-        queue: &str,
-        count: usize,
+        queues: &[String],
+        per_queue: usize,
         tag: &str,
     ) -> lapin::Result<Session> {
         let connection = self.connection().await?;
+        let count = queues.len() * per_queue;
         let mut session = Session {
             connection,
             channels: Vec::with_capacity(count),
             consumers: Vec::with_capacity(count),
         };
-        for i in 0..count {
+        let each = queues
+            .iter()
+            .flat_map(|q| std::iter::repeat_n(q, per_queue));
+        for (i, queue) in each.enumerate() {
             match self
                 .open_channel(&session.connection, queue, format!("{tag}-{i}"), i == 0)
                 .await

@@ -1,7 +1,9 @@
 //! The topology of docs/contract.md#6-queues-and-exchanges. Declaring it again after a broker restart or a
 //! deleted queue brings it back; declaring what exists changes nothing.
 
-use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
+use lapin::options::{
+    ExchangeBindOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
+};
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{Channel, ExchangeKind};
 
@@ -31,6 +33,7 @@ pub async fn declare_topology(channel: &Channel, settings: &AmqpSettings) -> lap
     )
     .await?;
     declare_quorum(channel, &settings.send_queue, limited_arguments(settings)).await?;
+    declare_partitions(channel, settings).await?;
     // Where earlier versions deferred jobs (per-message TTL): still
     // declared, so what waits there returns as before.
     declare_quorum(
@@ -59,7 +62,7 @@ pub async fn declare_topology(channel: &Channel, settings: &AmqpSettings) -> lap
         events_queue.map(|q| (q, "#")),
     )
     .await?;
-    declare_entrance(channel, &settings.jobs_exchange, &settings.send_queue).await?;
+    declare_jobs_entrance(channel, settings).await?;
     declare_entrance(
         channel,
         &settings.reports_exchange,
@@ -67,6 +70,114 @@ pub async fn declare_topology(channel: &Channel, settings: &AmqpSettings) -> lap
     )
     .await?;
     Ok(())
+}
+
+/// The name of RabbitMQ's consistent-hash exchange type, and the plugin
+/// that provides it.
+pub const CONSISTENT_HASH: &str = "x-consistent-hash";
+pub const CONSISTENT_HASH_PLUGIN: &str = "rabbitmq_consistent_hash_exchange";
+
+/// The partitions and the consistent-hash exchange that spreads accounts
+/// over them, each bound with the same weight, in partition order.
+async fn declare_partitions(channel: &Channel, settings: &AmqpSettings) -> lapin::Result<()> {
+    let exchange = settings.partitions_exchange();
+    channel
+        .exchange_declare(
+            exchange.as_str().into(),
+            ExchangeKind::Custom(CONSISTENT_HASH.into()),
+            ExchangeDeclareOptions {
+                durable: true,
+                ..ExchangeDeclareOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await?;
+    for queue in settings.partition_queues() {
+        let mut arguments = limited_arguments(settings);
+        // Leaders spread over a cluster's nodes, so the partitions' work is.
+        arguments.insert("x-queue-leader-locator".into(), long_string("balanced"));
+        declare_quorum(channel, &queue, arguments).await?;
+        // The binding key of a consistent-hash exchange is the queue's weight.
+        channel
+            .queue_bind(
+                queue.as_str().into(),
+                exchange.as_str().into(),
+                "1".into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+    }
+    Ok(())
+}
+
+/// The jobs entrance: a fanout exchange (what a scheduler's broker user is
+/// allowed to publish to) bound to the partitions' exchange, which hashes
+/// the routing key it keeps. Versions before partitions bound the fanout
+/// to the send queue: that binding is removed after the new one exists, so
+/// no job published meanwhile is lost (one published in between may reach
+/// both, and is charged once, like any copy).
+async fn declare_jobs_entrance(channel: &Channel, settings: &AmqpSettings) -> lapin::Result<()> {
+    declare_exchange(channel, &settings.jobs_exchange, ExchangeKind::Fanout, None).await?;
+    channel
+        .exchange_bind(
+            settings.partitions_exchange().as_str().into(),
+            settings.jobs_exchange.as_str().into(),
+            "".into(),
+            ExchangeBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    channel
+        .queue_unbind(
+            settings.send_queue.as_str().into(),
+            settings.jobs_exchange.as_str().into(),
+            "".into(),
+            FieldTable::default(),
+        )
+        .await
+}
+
+/// Declares the topology once at start-up, before anything polls or
+/// consumes it. A broker that cannot be reached is left to the workers,
+/// which wait for it; one without the consistent-hash exchange type stops
+/// start-up with the command that enables it.
+///
+/// # Errors
+/// The broker lacks the plugin, or refused the topology (an existing queue
+/// with other arguments).
+pub async fn declare_at_start(settings: &AmqpSettings) -> anyhow::Result<()> {
+    let connection = match super::connect(settings, "sendgate start-up").await {
+        Ok(connection) => connection,
+        Err(err) => {
+            tracing::warn!(error = %err, url = %settings.url.redacted(),
+                "cannot reach the broker yet; the workers will wait for it");
+            return Ok(());
+        }
+    };
+    let declared = match connection.create_channel().await {
+        Ok(channel) => declare_topology(&channel, settings).await,
+        Err(err) => Err(err),
+    };
+    let _ = connection.close(200, "declared".into()).await;
+    match declared {
+        Ok(()) => Ok(()),
+        Err(err) if err.to_string().contains("unknown exchange type") => anyhow::bail!(
+            "the broker at {} has no `{CONSISTENT_HASH}` exchange type, which the job \
+             partitions ([amqp] partitions) need: enable RabbitMQ's bundled plugin with \
+             `rabbitmq-plugins enable {CONSISTENT_HASH_PLUGIN}` (it restarts nothing)",
+            settings.url.redacted()
+        ),
+        Err(err) if err.to_string().contains("PRECONDITION_FAILED") => Err(anyhow::Error::new(err)
+            .context(format!(
+                "cannot declare the queues and exchanges at {} (amqp.url / AMQP_URL)",
+                settings.url.redacted()
+            ))),
+        Err(err) => {
+            tracing::warn!(error = %err, "cannot declare the topology yet; the workers will retry");
+            Ok(())
+        }
+    }
 }
 
 /// A durable exchange and, when `bound` names one, that (declared) queue

@@ -62,7 +62,10 @@ pub async fn execute(command: DeadLettersCommand, settings: &Settings) -> anyhow
         writeln!(out, "\n], \"{action}\": {chosen}}}")?;
         return Ok(());
     }
-    let (send, dead) = (&settings.amqp.send_queue, &settings.amqp.dead_letter_queue);
+    let (send, dead) = (
+        &settings.amqp.jobs_exchange,
+        &settings.amqp.dead_letter_queue,
+    );
     if move_them {
         writeln!(out, "moved {chosen} dead letter(s) from {dead} to {send}")?;
     } else if dry_run {

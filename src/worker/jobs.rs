@@ -38,7 +38,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, warn};
 use uuid::Uuid;
 
-use super::batcher::Batcher;
+use super::batcher::{Batcher, Sizes};
 use super::marks::{self, Confirmed};
 use super::record::JobDecided;
 use super::{InFlight, Shared, Worker, held, isolate};
@@ -133,8 +133,8 @@ impl DecidedBatch {
 }
 
 impl Worker for JobsWorker {
-    fn queue(&self) -> &str {
-        &self.shared.settings.amqp.send_queue
+    fn queues(&self) -> Vec<String> {
+        self.shared.settings.amqp.job_queues()
     }
 
     fn pausable(&self) -> bool {
@@ -199,7 +199,13 @@ impl JobsWorker {
         let tags: Vec<_> = consumers.iter().map(Consumer::tag).collect();
         let mut deliveries = merge(consumers);
         let gate = &self.shared.settings.gate;
-        let mut batcher = Batcher::new(gate.batch_size, gate.batch_wait(), gate.concurrent_batches);
+        let mut batcher = Batcher::new(Sizes {
+            batch_size: gate.batch_size,
+            wait: gate.batch_wait(),
+            concurrent: gate.concurrent_batches,
+            sources: channels.len(),
+            capacity: channels.len() * usize::from(self.shared.settings.amqp.prefetch),
+        });
         let mut deciding = FuturesOrdered::new();
         let mut stopping = false;
         loop {
@@ -264,6 +270,18 @@ impl JobsWorker {
         Ok(())
     }
 
+    /// How many of `channels` (the channels deliveries came on) came from
+    /// each job queue, in the order of `AmqpSettings::job_queues`.
+    fn per_queue(&self, channels: impl Iterator<Item = usize>) -> Vec<u64> {
+        let settings = &self.shared.settings;
+        let per_queue = settings.gate.consumers;
+        let mut counts = vec![0u64; usize::from(settings.amqp.partitions) + 1];
+        for channel in channels {
+            counts[channel / per_queue] += 1;
+        }
+        counts
+    }
+
     /// Parses a batch and decides it in one transaction (more, only when the
     /// database refuses a job and the batch is split to find it).
     ///
@@ -273,6 +291,7 @@ impl JobsWorker {
     async fn decide_batch(&self, batch: Vec<Received>) -> Result<DecidedBatch, SessionError> {
         let in_flight = InFlight::new(batch.len());
         metrics::jobs_received(batch.len());
+        metrics::partitions_drawn(&self.per_queue(batch.iter().map(|r| r.channel)));
         let shared = &*self.shared;
         let (max_body, max_headers) = (
             shared.settings.jobs.max_body_bytes,
@@ -434,6 +453,12 @@ impl JobsWorker {
         // Marked before the ack, so no later copy is forwarded again.
         marks::record(&self.shared, &done.confirmed()).await;
         confirm::ack(done.slots.iter().map(|s| &s.received)).await?;
+        let forwarded = done
+            .slots
+            .iter()
+            .filter(|slot| matches!(slot.decision, Decision::Forward(_)))
+            .map(|slot| slot.received.channel);
+        metrics::partitions_forwarded(&self.per_queue(forwarded));
         let waited = done.slots[0]
             .received
             .at

@@ -3,6 +3,7 @@
 //! - [`jobs`]: the send queue, through the decide/publish/ack pipeline;
 //! - [`outcomes`]: delivery reports, settled in batches;
 //! - [`batcher`]: when gathered jobs become a batch (pure);
+//! - [`fair`]: which jobs make a batch: round-robin over the queues (pure);
 //! - [`marks`]: confirmed forwards recorded before the ack;
 //! - [`record`]: a decided job's log line and metrics, as one event;
 //! - [`sweep`]: holds that never got a report, committed;
@@ -14,6 +15,7 @@
 
 pub mod batcher;
 pub mod events;
+pub mod fair;
 pub mod jobs;
 pub mod marks;
 pub mod outcomes;
@@ -94,7 +96,9 @@ pub const JOBS_WORKERS: usize = 1;
 /// One kind of worker: which queue it consumes, on how many channels, and
 /// what it does with a session until `stop` (then `Ok`) or a broker failure.
 pub(crate) trait Worker {
-    fn queue(&self) -> &str;
+    /// The queues it consumes; the session has [`Worker::channels`]
+    /// channels on each, one consumer per channel.
+    fn queues(&self) -> Vec<String>;
     /// Whether `sendgate ctl pause` stops this worker: the jobs worker.
     /// Delivery reports keep being applied while paused, so a hold is never
     /// committed by the sweep while its failure report waits.
@@ -120,6 +124,7 @@ pub(crate) async fn run(worker: impl Worker, stop: CancellationToken) {
     let mut backoff = Backoff::new();
     let mut connected_before = false;
     let mut pause = worker.pausable().then(|| shared.health.pause_requests());
+    let queues = worker.queues();
     while !stop.is_cancelled() {
         if let Some(pause) = &mut pause
             && *pause.borrow_and_update()
@@ -138,7 +143,7 @@ pub(crate) async fn run(worker: impl Worker, stop: CancellationToken) {
         }
         let opened = tokio::select! {
             _ = stop.cancelled() => return,
-            opened = shared.broker.open_session(worker.queue(), worker.channels(), &tag) => opened,
+            opened = shared.broker.open_session(&queues, worker.channels(), &tag) => opened,
         };
         let mut session = match opened {
             Ok(session) => session,
@@ -156,7 +161,7 @@ pub(crate) async fn run(worker: impl Worker, stop: CancellationToken) {
             metrics::amqp_reconnected();
             info!(worker = id, "reconnected to the broker");
         } else {
-            info!(worker = id, queue = worker.queue(), "consuming");
+            info!(worker = id, queues = queues.len(), first = %queues[0], "consuming");
         }
         connected_before = true;
         backoff.reset();

@@ -37,8 +37,8 @@ struct Verdict {
 }
 
 impl Worker for OutcomesWorker {
-    fn queue(&self) -> &str {
-        &self.shared.settings.amqp.outcomes_queue
+    fn queues(&self) -> Vec<String> {
+        vec![self.shared.settings.amqp.outcomes_queue.clone()]
     }
 
     fn channels(&self) -> usize {

@@ -248,23 +248,24 @@ async fn create_accounts(store: &Store, workload: &Workload) {
 
 // ---------------------------------------------------------------- broker side
 
-/// Publishes every job with confirms, reconnecting and publishing the
+/// Publishes every job through the jobs exchange (routing key = its
+/// account) with confirms, reconnecting and publishing the
 /// unconfirmed chunk again when the broker goes away (so a job may reach the
 /// send queue twice, as with a real scheduler's retries).
-async fn publish_all(queue: String, jobs: Vec<(String, String, Vec<u8>)>) -> usize {
+async fn publish_all(exchange: String, jobs: Vec<(String, String, Vec<u8>)>) -> usize {
     let mut published = 0;
     for chunk in jobs.chunks(100) {
         loop {
             let attempt = async {
                 let broker = Broker::connect_checked().await?;
                 let mut confirms = Vec::new();
-                for (_, _, body) in chunk {
+                for (account, _, body) in chunk {
                     confirms.push(
                         broker
                             .channel
                             .basic_publish(
-                                "".into(),
-                                queue.as_str().into(),
+                                exchange.as_str().into(),
+                                account.as_str().into(),
                                 lapin::options::BasicPublishOptions::default(),
                                 body,
                                 lapin::BasicProperties::default()
@@ -311,10 +312,10 @@ impl Broker {
     }
 }
 
-/// Jobs waiting in the send queue right now (0 if the broker is away).
+/// Jobs waiting in the job queues right now (0 if the broker is away).
 async fn backlog(fleet: &Fleet) -> u32 {
     match Broker::connect_checked_to(&fleet.client).await {
-        Ok(broker) => broker.depth_of(&fleet.env.send_queue()).await,
+        Ok(broker) => broker.depth_of_all(&fleet.env.job_queues()).await,
         Err(_) => 0,
     }
 }
@@ -338,7 +339,7 @@ async fn settle(fleet: &Fleet, timeout: Duration) {
             }
         };
         // Copies waiting for a forward's lease come back to the send queue.
-        let send = broker.depth_of(&fleet.env.send_queue()).await
+        let send = broker.depth_of_all(&fleet.env.job_queues()).await
             + broker.depth_of(&fleet.env.wait_queue()).await;
         let out = (
             broker.depth_of(&fleet.env.delivery_queue()).await,
@@ -651,7 +652,10 @@ async fn begin_with_consumers(
     workload: &Workload,
 ) -> (Fleet, Store, tokio::task::JoinHandle<usize>) {
     let (fleet, store) = ready_fleet_with_consumers(workers, consumers, workload).await;
-    let publisher = tokio::spawn(publish_all(fleet.env.send_queue(), workload.jobs.clone()));
+    let publisher = tokio::spawn(publish_all(
+        fleet.env.jobs_exchange(),
+        workload.jobs.clone(),
+    ));
     (fleet, store, publisher)
 }
 
@@ -775,10 +779,12 @@ async fn broker_connections_closed_and_broker_restarted_mid_run() {
         .lines()
         .filter(|l| l.starts_with(&fleet.env.send_queue()))
         .collect();
+    let settings = fleet.env.settings();
+    let channels = 2 * settings.amqp.job_queues().len() * settings.gate.consumers;
     assert_eq!(
         ours.len(),
-        4,
-        "both processes consume again on both channels: {listing}"
+        channels,
+        "both processes consume every job queue again: {listing}"
     );
     for line in ours {
         assert!(
@@ -867,7 +873,10 @@ async fn a_hot_row_locked_past_the_statement_timeout_only_delays_work() {
     let mut fleet = Fleet::new(env, 2);
     fleet.start_all();
     fleet.wait_ready(WAIT).await;
-    let publisher = tokio::spawn(publish_all(fleet.env.send_queue(), workload.jobs.clone()));
+    let publisher = tokio::spawn(publish_all(
+        fleet.env.jobs_exchange(),
+        workload.jobs.clone(),
+    ));
     tokio::time::sleep(Duration::from_secs(4)).await;
     let timeouts: f64 = {
         let mut total = 0.0;
@@ -940,7 +949,10 @@ async fn a_deleted_delivery_queue_is_recreated_and_nothing_is_acked_unrouted() {
         .await
         .unwrap();
     assert_eq!(removed, 0);
-    let publisher = tokio::spawn(publish_all(fleet.env.send_queue(), workload.jobs.clone()));
+    let publisher = tokio::spawn(publish_all(
+        fleet.env.jobs_exchange(),
+        workload.jobs.clone(),
+    ));
     publisher.await.unwrap();
     settle(&fleet, Duration::from_secs(90)).await;
     let mut failures = 0.0;
@@ -982,7 +994,7 @@ async fn keys_published_twice_and_with_changed_payloads_are_charged_once() {
             changed.insert(key.clone());
         }
     }
-    publish_all(fleet.env.send_queue(), jobs).await;
+    publish_all(fleet.env.jobs_exchange(), jobs).await;
     settle(&fleet, Duration::from_secs(90)).await;
     fleet.stop_all().await;
     let report = check(
@@ -1109,7 +1121,10 @@ async fn outcomes_the_sweep_and_redrive_run_while_workers_are_killed() {
         fleet.env.send_queue(),
     );
     let downstream = tokio::spawn(deliver(queues, done.clone()));
-    let publisher = tokio::spawn(publish_all(fleet.env.send_queue(), workload.jobs.clone()));
+    let publisher = tokio::spawn(publish_all(
+        fleet.env.jobs_exchange(),
+        workload.jobs.clone(),
+    ));
 
     // Kill a worker twice while jobs, reports and the sweep are all moving;
     // between the kills, upgrade a free account and redrive its refusals.
@@ -1255,14 +1270,14 @@ async fn an_accounts_midnight_passes_while_postgres_restarts() {
     // The first half is decided before midnight; then midnight passes and
     // Postgres restarts at that moment, while the second half arrives.
     let (before, after) = workload.jobs.split_at(90);
-    publish_all(env.send_queue(), before.to_vec()).await;
+    publish_all(env.jobs_exchange(), before.to_vec()).await;
     let broker = Broker::connect().await;
     let decided = || async {
         broker.depth_of(&env.delivery_queue()).await + broker.depth_of(&env.dead_queue()).await
     };
     eventually(WAIT, || async { decided().await >= 90 }).await;
     clock.set(utc("2026-03-02T18:30:05Z"));
-    let publisher = tokio::spawn(publish_all(env.send_queue(), after.to_vec()));
+    let publisher = tokio::spawn(publish_all(env.jobs_exchange(), after.to_vec()));
     postgres.restart();
     publisher.await.unwrap();
     eventually(Duration::from_secs(90), || async { decided().await >= 180 }).await;

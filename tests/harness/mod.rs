@@ -65,6 +65,8 @@ pub struct TestEnv {
     pub id: String,
     pub db_url: String,
     pub env: Vec<(String, String)>,
+    /// Whether its database and queues are gone (else dropping removes them).
+    cleaned: bool,
 }
 
 impl TestEnv {
@@ -133,6 +135,8 @@ impl TestEnv {
                 "SENDGATE__AMQP__JOBS_EXCHANGE".to_owned(),
                 format!("t.{id}.jobs"),
             ),
+            // Four partitions: fewer queues to declare and delete per test.
+            ("SENDGATE__AMQP__PARTITIONS".to_owned(), "4".to_owned()),
             (
                 "SENDGATE__AMQP__EVENTS_EXCHANGE".to_owned(),
                 format!("t.{id}.events"),
@@ -151,7 +155,12 @@ impl TestEnv {
             ),
             ("SENDGATE__LOG__LEVEL".to_owned(), "warn".to_owned()),
         ];
-        TestEnv { id, db_url, env }
+        TestEnv {
+            id,
+            db_url,
+            env,
+            cleaned: false,
+        }
     }
 
     /// Adds or replaces a `SENDGATE__…` setting.
@@ -217,8 +226,23 @@ impl TestEnv {
         Broker::connect().await
     }
 
-    /// Removes the test's queues and database.
-    pub async fn cleanup(self) {
+    /// Removes the test's queues and database (dropping it does too, so a
+    /// test that fails leaves nothing behind).
+    pub async fn cleanup(mut self) {
+        self.remove().await;
+        self.cleaned = true;
+    }
+
+    pub fn jobs_exchange(&self) -> String {
+        self.var("SENDGATE__AMQP__JOBS_EXCHANGE")
+    }
+
+    /// The job queues: the send queue, then the partitions.
+    pub fn job_queues(&self) -> Vec<String> {
+        self.settings().amqp.job_queues()
+    }
+
+    async fn remove(&self) {
         let _ = sqlx::Postgres::force_drop_database(&self.db_url).await;
         // The queues go on the broker this test used (not reachable with a
         // plain client when it speaks TLS: a private node, dropped anyway).
@@ -236,6 +260,9 @@ impl TestEnv {
         let ladder = sendgate::config::deferral_steps(&self.deferred_queue(), longest)
             .into_iter()
             .map(|(_, q)| q);
+        let partitions: u16 = self.var("SENDGATE__AMQP__PARTITIONS").parse().unwrap();
+        let send = self.send_queue();
+        let partitions = (0..partitions).map(|i| format!("{send}.{i}"));
         for queue in [
             self.send_queue(),
             self.delivery_queue(),
@@ -247,6 +274,7 @@ impl TestEnv {
         ]
         .into_iter()
         .chain(ladder)
+        .chain(partitions)
         {
             let _ = broker
                 .channel
@@ -256,6 +284,7 @@ impl TestEnv {
         for exchange in [
             self.var("SENDGATE__AMQP__DEAD_LETTER_EXCHANGE"),
             self.var("SENDGATE__AMQP__JOBS_EXCHANGE"),
+            format!("{}.partitions", self.var("SENDGATE__AMQP__JOBS_EXCHANGE")),
             self.var("SENDGATE__AMQP__REPORTS_EXCHANGE"),
             self.var("SENDGATE__AMQP__EVENTS_EXCHANGE"),
         ] {
@@ -264,6 +293,30 @@ impl TestEnv {
                 .exchange_delete(exchange.as_str().into(), ExchangeDeleteOptions::default())
                 .await;
         }
+    }
+}
+
+impl Drop for TestEnv {
+    fn drop(&mut self) {
+        if self.cleaned {
+            return;
+        }
+        // A test that panicked (or returned early): its own runtime may be
+        // gone, so the removal runs on a thread with one of its own.
+        let env = TestEnv {
+            id: self.id.clone(),
+            db_url: self.db_url.clone(),
+            env: self.env.clone(),
+            cleaned: true,
+        };
+        let _ = std::thread::spawn(move || {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("a runtime")
+                .block_on(env.remove());
+        })
+        .join();
     }
 }
 
@@ -358,6 +411,30 @@ impl Broker {
             properties = properties.with_message_id(id.into());
         }
         self.publish_with(queue, body, properties).await;
+    }
+
+    /// Publishes a job as the scheduler does since partitions: through the
+    /// jobs `exchange` with its account as routing key, waiting for the
+    /// broker's confirm.
+    pub async fn publish_for(&self, exchange: &str, account: &str, body: &[u8]) {
+        let confirmation = self
+            .channel
+            .basic_publish(
+                exchange.into(),
+                account.into(),
+                BasicPublishOptions {
+                    mandatory: true,
+                    ..BasicPublishOptions::default()
+                },
+                body,
+                job_properties(),
+            )
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+        assert!(confirmation.is_ack(), "job was not accepted by the broker");
+        assert!(confirmation.take_message().is_none(), "job was unroutable");
     }
 
     /// Publishes with the given properties, waiting for the broker's confirm.
@@ -598,6 +675,15 @@ impl Broker {
     }
 
     /// Messages ready in `queue` (0 when it does not exist).
+    /// The depths of `queues`, summed.
+    pub async fn depth_of_all(&self, queues: &[String]) -> u32 {
+        let mut total = 0;
+        for queue in queues {
+            total += self.depth_of(queue).await;
+        }
+        total
+    }
+
     pub async fn depth_of(&self, queue: &str) -> u32 {
         self.declared(queue).await.map_or(0, |q| q.message_count())
     }

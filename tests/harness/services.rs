@@ -256,7 +256,12 @@ impl PrivateRabbit {
         let _ = std::fs::remove_dir_all(dir);
         std::fs::create_dir_all(dir.join("mnesia")).unwrap();
         std::fs::create_dir_all(dir.join("log")).unwrap();
-        std::fs::write(dir.join("enabled_plugins"), "[].\n").unwrap();
+        // The consistent-hash exchange the job partitions need; no listener.
+        std::fs::write(
+            dir.join("enabled_plugins"),
+            "[rabbitmq_consistent_hash_exchange].\n",
+        )
+        .unwrap();
         std::fs::write(dir.join("rabbitmq.conf"), conf(port)).unwrap();
         std::fs::write(
             dir.join("rabbitmq-env.conf"),

@@ -1,8 +1,6 @@
 //! The account API over real HTTP, against the real Postgres (and a gate on
 //! the real RabbitMQ for traffic).
 
-#![allow(clippy::unwrap_used)]
-
 use std::sync::Arc;
 use std::time::Duration;
 

@@ -1,8 +1,6 @@
 //! The real `sendgate` binary as a user runs it: the account commands, the
 //! metrics it exports, and a SIGTERM drain.
 
-#![allow(clippy::unwrap_used)]
-
 use std::time::{Duration, Instant};
 
 use crate::harness::*;

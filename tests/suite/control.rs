@@ -2,8 +2,6 @@
 //! pausing stops taking jobs and resuming takes them again, while delivery
 //! reports keep being applied. The real binary, Postgres and RabbitMQ.
 
-#![allow(clippy::unwrap_used)]
-
 use std::process::Output;
 
 use crate::harness::*;

@@ -2,8 +2,6 @@
 //! relayed to the events exchange with confirms, once per crossing, kept in
 //! the outbox while no queue takes them. Real RabbitMQ and Postgres.
 
-#![allow(clippy::unwrap_used)]
-
 use std::sync::Arc;
 
 use crate::harness::*;

@@ -1,8 +1,6 @@
 //! The gate end to end, against the real RabbitMQ and Postgres: each test
 //! runs sendgate in-process on its own database and queues.
 
-#![allow(clippy::unwrap_used)]
-
 use std::collections::HashSet;
 use std::sync::Arc;
 

@@ -4,8 +4,6 @@
 //! that turns read-only. Each runs against the real broker and database,
 //! through the real binary where the case is about the process.
 
-#![allow(clippy::unwrap_used)]
-
 use std::sync::Arc;
 use std::time::Duration;
 

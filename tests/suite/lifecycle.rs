@@ -1,8 +1,6 @@
 //! Reservations after the forward: delivery outcomes commit or release
 //! them, and holds without an outcome expire. Real RabbitMQ and Postgres.
 
-#![allow(clippy::unwrap_used)]
-
 use std::sync::Arc;
 use std::time::Duration;
 

@@ -3,6 +3,9 @@
 //! run side by side. The fault suite, which stops and restarts services, is
 //! its own binary (`tests/faults`).
 
+// Tests unwrap what must work: a failure is the test failing.
+#![allow(clippy::unwrap_used)]
+
 mod api;
 mod binary;
 mod control;
@@ -13,6 +16,7 @@ mod hardening;
 mod harness;
 mod lifecycle;
 mod operability;
+mod partitions;
 mod permissions;
 mod retention;
 mod roles;

@@ -8,8 +8,6 @@
 //! which `.ci/run` installs. Where they are missing outside CI these tests
 //! say so and skip; under CI a missing tool fails them.
 
-#![allow(clippy::unwrap_used)]
-
 use std::collections::BTreeSet;
 use std::io::Write;
 use std::process::{Command, Stdio};

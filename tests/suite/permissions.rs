@@ -3,8 +3,6 @@
 //! own queue names. The scheduler may only publish jobs, a delivery worker
 //! may only read forwards and publish reports, sendgate owns its topology.
 
-#![allow(clippy::unwrap_used)]
-
 use lapin::BasicProperties;
 use lapin::options::{BasicGetOptions, BasicPublishOptions};
 use sendgate::domain::plan::Plan;

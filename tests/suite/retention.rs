@@ -3,8 +3,6 @@
 //! survive, and a key released in one slot and charged in another keeps
 //! one row. Real RabbitMQ and Postgres.
 
-#![allow(clippy::unwrap_used)]
-
 use std::sync::Arc;
 use std::time::Duration;
 

@@ -4,8 +4,6 @@
 //! nothing more. On the tests' own Postgres cluster (roles are cluster-wide),
 //! never the machine's.
 
-#![allow(clippy::unwrap_used)]
-
 use std::time::Duration;
 
 use crate::harness::services::{PrivatePostgres, private_postgres};

@@ -1,8 +1,6 @@
 //! Deciding batches against the real Postgres, without the broker: the
 //! unlocked path for scale accounts, and how it hands over to the locked one.
 
-#![allow(clippy::unwrap_used)]
-
 use std::collections::HashMap;
 
 use crate::harness::*;

@@ -3,8 +3,6 @@
 //! tests make (openssl); sendgate connects with `sslmode=verify-full` and
 //! that CA as `sslrootcert`, and with `amqps://` and `[amqp] ca_file`.
 
-#![allow(clippy::unwrap_used)]
-
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;

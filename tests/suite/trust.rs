@@ -2,8 +2,6 @@
 //! job is published twice, and settling a charge that was forwarded more
 //! than once. Real binaries, broker and database.
 
-#![allow(clippy::unwrap_used)]
-
 use std::collections::HashMap;
 use std::time::Duration;
 
