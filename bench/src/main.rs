@@ -23,6 +23,8 @@
 //! (per-account charges and queue totals match the plans). Results go to
 //! `bench/results/` as Markdown and JSON.
 
+mod fairness;
+
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -89,6 +91,15 @@ struct Args {
     /// each number given (`--processes 2,4`); invariants checked each run.
     #[arg(long, value_delimiter = ',', value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=16))]
     processes: Vec<usize>,
+    /// How the throughput runs' jobs are published: through the jobs
+    /// exchange into the partitions (`exchange`), or all to the send queue
+    /// (`queue`, one FIFO, as before partitions); a list runs each in turn.
+    #[arg(long, value_enum, value_delimiter = ',', default_value = "exchange")]
+    route: Vec<Route>,
+    /// Run only the fairness comparison, with a backlog of this many jobs
+    /// (60000 for the figures in the README), and write its table.
+    #[arg(long)]
+    fairness: Option<usize>,
     /// G again after adding this many reservations of history to the
     /// database (generated with SQL: the G accounts' own, 40-character
     /// keys), next to G on the database as the runs left it.
@@ -111,8 +122,34 @@ fn parse_setting(setting: &str) -> Result<(String, String), String> {
     Ok((key.to_owned(), value.to_owned()))
 }
 
+/// How jobs reach the gate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+enum Route {
+    /// Through the default exchange to the send queue.
+    Queue,
+    /// Through the jobs exchange, routing key = account: the partitions.
+    Exchange,
+}
+
+impl Route {
+    fn name(self) -> &'static str {
+        match self {
+            Route::Queue => "queue",
+            Route::Exchange => "exchange",
+        }
+    }
+
+    fn describe(self) -> &'static str {
+        match self {
+            Route::Queue => "to the send queue (one FIFO)",
+            Route::Exchange => "through the jobs exchange (partitions)",
+        }
+    }
+}
+
 struct Names {
     send: String,
+    jobs: String,
     delivery: String,
     dead: String,
     p_in: String,
@@ -131,6 +168,8 @@ struct Bench {
     channel: Channel,
     _connection: Connection,
     store: Store,
+    /// The gate's `[amqp] partitions`.
+    partitions: u16,
 }
 
 /// Whose jobs a gate run carries.
@@ -183,6 +222,18 @@ struct Samples {
     /// Retention emptying the old slot after the history runs: rows,
     /// bytes freed, WAL bytes, seconds.
     removal: Option<(i64, i64, i64, f64)>,
+    /// G, H, H_m and F again for every further `--route`, same rounds.
+    other_routes: Vec<RouteSamples>,
+}
+
+/// G, H, H_m and F of the rounds, for one way of publishing.
+#[derive(Debug, Clone, serde::Serialize)]
+struct RouteSamples {
+    route: Route,
+    g: Vec<f64>,
+    h: Vec<f64>,
+    h_m: Vec<f64>,
+    f: Vec<f64>,
 }
 
 /// Bytes written per job by a run: growth of every relation (heap, indexes,
@@ -502,6 +553,42 @@ impl Bench {
         Ok(())
     }
 
+    /// The partitions' queues, as the gate names them.
+    fn partition_queues(&self) -> Vec<String> {
+        (0..self.partitions)
+            .map(|i| format!("{}.{i}", self.names.send))
+            .collect()
+    }
+
+    /// Publishes `(account, body)` jobs as `route` says, with confirms, 500
+    /// in flight at a time.
+    async fn preload_routed(&self, route: Route, jobs: &[(String, Vec<u8>)]) -> anyhow::Result<()> {
+        for chunk in jobs.chunks(500) {
+            let mut confirms = Vec::with_capacity(chunk.len());
+            for (account, b) in chunk {
+                let (exchange, key) = match route {
+                    Route::Queue => ("", self.names.send.as_str()),
+                    Route::Exchange => (self.names.jobs.as_str(), account.as_str()),
+                };
+                confirms.push(
+                    self.channel
+                        .basic_publish(
+                            exchange.into(),
+                            key.into(),
+                            BasicPublishOptions::default(),
+                            b,
+                            persistent(),
+                        )
+                        .await?,
+                );
+            }
+            for c in confirms {
+                ensure!(c.await?.is_ack(), "preload publish was nacked");
+            }
+        }
+        Ok(())
+    }
+
     /// Publishes bodies with confirms, 500 in flight at a time.
     async fn preload(&self, queue: &str, bodies: &[Vec<u8>]) -> anyhow::Result<()> {
         for chunk in bodies.chunks(500) {
@@ -564,6 +651,7 @@ impl Bench {
             .env("AMQP_URL", &self.amqp_url)
             .env("SENDGATE__HTTP__LISTEN", format!("127.0.0.1:{port}"))
             .env("SENDGATE__AMQP__SEND_QUEUE", &self.names.send)
+            .env("SENDGATE__AMQP__JOBS_EXCHANGE", &self.names.jobs)
             .env("SENDGATE__AMQP__DELIVERY_QUEUE", &self.names.delivery)
             .env("SENDGATE__AMQP__DEAD_LETTER_EXCHANGE", &self.names.dead)
             .env("SENDGATE__AMQP__DEAD_LETTER_QUEUE", &self.names.dead)
@@ -724,6 +812,18 @@ impl Bench {
     /// G or H: preload, start sendgate (`processes` of them on the same
     /// queue), time, check, stop.
     async fn run_gate(&self, run: &str, mix: Mix, processes: usize) -> anyhow::Result<GateRun> {
+        self.run_gate_via(self.args.route[0], run, mix, processes)
+            .await
+    }
+
+    /// A gate run whose jobs are published as `route` says.
+    async fn run_gate_via(
+        &self,
+        route: Route,
+        run: &str,
+        mix: Mix,
+        processes: usize,
+    ) -> anyhow::Result<GateRun> {
         let n = self.args.jobs;
         let hot = |plan: Plan| async move {
             self.store
@@ -748,14 +848,17 @@ impl Bench {
             }
         };
         let mut per_account: HashMap<&str, usize> = HashMap::new();
-        let bodies: Vec<Vec<u8>> = (0..n)
+        let jobs: Vec<(String, Vec<u8>)> = (0..n)
             .map(|i| {
                 let (id, _) = &accounts[i % accounts.len()];
                 *per_account.entry(id.as_str()).or_default() += 1;
-                body(id, &job_key(run, i, self.args.key_length), 0)
+                (
+                    id.clone(),
+                    body(id, &job_key(run, i, self.args.key_length), 0),
+                )
             })
             .collect();
-        self.preload(&self.names.send, &bodies).await?;
+        self.preload_routed(route, &jobs).await?;
 
         let (bytes_before, wal_before) = self.storage_now().await?;
         let before = CpuTicks::now();
@@ -986,6 +1089,7 @@ async fn main() -> anyhow::Result<()> {
     let amqp_url = settings.amqp.url.expose().to_owned();
     let names = Names {
         send: format!("bench.{id}.send"),
+        jobs: format!("bench.{id}.jobs"),
         delivery: format!("bench.{id}.delivery"),
         dead: format!("bench.{id}.dead"),
         p_in: format!("bench.{id}.p-in"),
@@ -1005,6 +1109,15 @@ async fn main() -> anyhow::Result<()> {
     channel
         .confirm_select(ConfirmSelectOptions::default())
         .await?;
+    // The gate's partitions: its own setting, unless `--set` changes it.
+    let partitions = match args
+        .set
+        .iter()
+        .find(|(k, _)| k == "SENDGATE__AMQP__PARTITIONS")
+    {
+        Some((_, value)) => value.parse().context("SENDGATE__AMQP__PARTITIONS")?,
+        None => settings.amqp.partitions,
+    };
     let bench = Bench {
         args,
         names,
@@ -1013,6 +1126,7 @@ async fn main() -> anyhow::Result<()> {
         channel,
         _connection: connection,
         store,
+        partitions,
     };
 
     // sendgate declares its own topology; declare it once up front so the
@@ -1020,6 +1134,8 @@ async fn main() -> anyhow::Result<()> {
     sendgate::amqp::declare_topology(&bench.channel, &{
         let mut a = settings.amqp.clone();
         a.send_queue = bench.names.send.clone();
+        a.jobs_exchange = bench.names.jobs.clone();
+        a.partitions = bench.partitions;
         a.delivery_queue = bench.names.delivery.clone();
         a.dead_letter_exchange = bench.names.dead.clone();
         a.dead_letter_queue = bench.names.dead.clone();
@@ -1058,7 +1174,19 @@ async fn main() -> anyhow::Result<()> {
             .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
             .await;
     }
-    for exchange in [&bench.names.dead, &bench.names.events] {
+    for q in bench.partition_queues() {
+        let _ = bench
+            .channel
+            .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
+            .await;
+    }
+    let partitions = format!("{}.partitions", bench.names.jobs);
+    for exchange in [
+        &bench.names.dead,
+        &bench.names.events,
+        &bench.names.jobs,
+        &partitions,
+    ] {
         let _ = bench
             .channel
             .exchange_delete(
@@ -1073,6 +1201,9 @@ async fn main() -> anyhow::Result<()> {
 }
 
 async fn run_all(bench: &Bench) -> anyhow::Result<()> {
+    if let Some(backlog) = bench.args.fairness {
+        return run_fairness(bench, backlog).await;
+    }
     let mut s = Samples::default();
     let runs = bench.args.runs;
     let throughput_runs = if bench.args.latency_rate.is_some() {
@@ -1118,6 +1249,31 @@ async fn run_all(bench: &Bench) -> anyhow::Result<()> {
         s.h.push(h);
         s.h_m.push(h_m);
         s.rss_mib.push(rss_g.max(rss_h).max(rss_h_m));
+        for (i, &route) in bench.args.route.iter().enumerate().skip(1) {
+            let rates = other_routes(bench, route, round).await?;
+            eprintln!(
+                "    {}: G {:.0}/s  H {:.0}/s  H_m {:.0}/s  F {:.0}/s",
+                route.describe(),
+                rates[0],
+                rates[1],
+                rates[2],
+                rates[3]
+            );
+            if s.other_routes.len() < i {
+                s.other_routes.push(RouteSamples {
+                    route,
+                    g: Vec::new(),
+                    h: Vec::new(),
+                    h_m: Vec::new(),
+                    f: Vec::new(),
+                });
+            }
+            let samples = &mut s.other_routes[i - 1];
+            samples.g.push(rates[0]);
+            samples.h.push(rates[1]);
+            samples.h_m.push(rates[2]);
+            samples.f.push(rates[3]);
+        }
         for &processes in &bench.args.processes {
             let run = bench
                 .run_gate(&format!("g{round}x{processes}"), Mix::Mixed, processes)
@@ -1227,6 +1383,73 @@ async fn run_all(bench: &Bench) -> anyhow::Result<()> {
         return Ok(());
     }
     write_results(bench, &s).await
+}
+
+/// G, H, H_m and F for each way the jobs were published, against P, from
+/// the same rounds.
+fn routes_table(bench: &Bench, s: &Samples) -> String {
+    let p = median(&s.p);
+    let mut rows = vec![(bench.args.route[0], &s.g, &s.h, &s.h_m, &s.f)];
+    rows.extend(
+        s.other_routes
+            .iter()
+            .map(|r| (r.route, &r.g, &r.h, &r.h_m, &r.f)),
+    );
+    let mut table = format!(
+        "\n## By way of publishing ({} partitions)\n\n| jobs published | G | G/P | H | H/P | H_m | H_m/P | F |\n|---|---|---|---|---|---|---|---|\n",
+        bench.partitions
+    );
+    for (route, g, h, h_m, f) in rows {
+        let (g, h, h_m, f) = (median(g), median(h), median(h_m), median(f));
+        table.push_str(&format!(
+            "| {} | {g:.0} | {:.2} | {h:.0} | {:.2} | {h_m:.0} | {:.2} | {f:.0} |\n",
+            route.describe(),
+            g / p,
+            h / p,
+            h_m / p
+        ));
+    }
+    table
+}
+
+/// The fairness comparison: both ways of publishing, one after the other.
+async fn run_fairness(bench: &Bench, backlog: usize) -> anyhow::Result<()> {
+    let mut runs = Vec::new();
+    for route in [Route::Queue, Route::Exchange] {
+        eprintln!("fairness: backlog of {backlog}, {}", route.describe());
+        let run = bench.fairness(route, backlog).await?;
+        bench.purge(&bench.names.delivery).await?;
+        runs.push(run);
+    }
+    let postgres: String = sqlx::query_scalar("SHOW server_version")
+        .fetch_one(bench.store.pool())
+        .await?;
+    let table = format!(
+        "# sendgate fairness\n\n{}\n\nOne scale account's backlog queued first, then one job each for 20 other \
+         scale accounts, then `sendgate run` started ({} partitions, prefetch {}); times from the \
+         gate's start (its start-up included) to each forward's arrival downstream.\n\n{}",
+        machine(&postgres),
+        bench.partitions,
+        bench.args.prefetch,
+        fairness::report(&runs)
+    );
+    eprintln!("{table}");
+    std::fs::create_dir_all(&bench.args.out)?;
+    let stamp = chrono::Utc::now().format("%Y%m%dT%H%M%SZ").to_string();
+    std::fs::write(bench.args.out.join(format!("{stamp}-fairness.md")), &table)?;
+    Ok(())
+}
+
+/// G, H, H_m and F of one round, published as `route` says.
+async fn other_routes(bench: &Bench, route: Route, round: usize) -> anyhow::Result<[f64; 4]> {
+    let name = route.name();
+    let mut rates = [0.0; 4];
+    let mixes = [Mix::Mixed, Mix::HotScale, Mix::HotPro, Mix::FreeHeavy];
+    for (i, (mix, letter)) in mixes.into_iter().zip(["g", "h", "m", "f"]).enumerate() {
+        let run = format!("{letter}{round}{name}");
+        rates[i] = bench.run_gate_via(route, &run, mix, 1).await?.rate;
+    }
+    Ok(rates)
 }
 
 /// Lets the work of the throughput runs finish before latency is measured:
@@ -1384,6 +1607,8 @@ CPU time per 1,000 jobs, medians, in ms, summed over the machine's cores:\n\n\
         gl50 = median(&s.lat_g_p50),
         gl99 = median(&s.lat_g_p99),
     );
+    let mut table = table;
+    table.push_str(&routes_table(bench, s));
     std::fs::create_dir_all(&bench.args.out)?;
     let stamp = chrono::Utc::now().format("%Y%m%dT%H%M%SZ").to_string();
     let md = bench.args.out.join(format!("{stamp}.md"));

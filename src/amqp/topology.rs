@@ -156,7 +156,14 @@ pub async fn declare_at_start(settings: &AmqpSettings) -> anyhow::Result<()> {
         }
     };
     let declared = match connection.create_channel().await {
-        Ok(channel) => declare_topology(&channel, settings).await,
+        Ok(channel) => {
+            let declared = declare_topology(&channel, settings).await;
+            // Closed before the connection, so lapin has nothing to log.
+            if channel.status().connected() {
+                let _ = channel.close(200, "declared".into()).await;
+            }
+            declared
+        }
         Err(err) => Err(err),
     };
     let _ = connection.close(200, "declared".into()).await;

@@ -246,9 +246,10 @@ impl TestEnv {
         let _ = sqlx::Postgres::force_drop_database(&self.db_url).await;
         // The queues go on the broker this test used (not reachable with a
         // plain client when it speaks TLS: a private node, dropped anyway).
-        let url = self.var("AMQP_URL");
-        let Ok(connection) = Connection::connect(&url, ConnectionProperties::default()).await
-        else {
+        // A cluster's list of nodes: any one of them will do.
+        let urls = self.var("AMQP_URL");
+        let url = urls.split(',').next().unwrap_or_default();
+        let Ok(connection) = Connection::connect(url, ConnectionProperties::default()).await else {
             return;
         };
         let broker = Broker::over(connection).await;

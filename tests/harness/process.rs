@@ -80,6 +80,14 @@ impl Process {
         }
     }
 
+    /// Its whole log file (empty when its log goes to the test's stderr).
+    pub fn log_text(&self) -> String {
+        self.log
+            .as_ref()
+            .map(|path| std::fs::read_to_string(path).unwrap_or_default())
+            .unwrap_or_default()
+    }
+
     /// The last lines of its log file, for a failure message.
     pub fn log_tail(&self) -> String {
         let Some(path) = &self.log else {

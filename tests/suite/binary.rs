@@ -264,3 +264,33 @@ fn completions_and_the_manual_page_need_no_settings() {
         "an unknown shell is a usage error"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_first_start_and_stop_log_no_error_and_no_warning() {
+    // A database and queue names never used: the first start of a new
+    // deployment, which pages nobody who alerts on ERROR or WARN lines.
+    let mut env = TestEnv::new();
+    env.set("SENDGATE__LOG__LEVEL", "info")
+        .set("SENDGATE__AMQP__DEPTH_POLL_SECS", "1");
+    let mut process = Process::spawn(&env, false);
+    process.wait_ready(Duration::from_secs(60)).await;
+    // A round of the queue depth poll has read every queue.
+    let addr = process.addr();
+    eventually(Duration::from_secs(30), || async move {
+        http_get(addr, "/metrics")
+            .await
+            .is_ok_and(|(_, text)| text.contains("sendgate_partition_messages{partition=\"3\"}"))
+    })
+    .await;
+    process.terminate();
+    let status = process.wait_for_exit(Duration::from_secs(30)).await;
+    assert!(status.success(), "{status:?}");
+    let log = process.log_text();
+    assert!(log.contains("sendgate started"), "{log}");
+    let loud: Vec<&str> = log
+        .lines()
+        .filter(|line| line.contains("ERROR") || line.contains("WARN"))
+        .collect();
+    assert!(loud.is_empty(), "{loud:#?}");
+    env.cleanup().await;
+}
