@@ -106,7 +106,7 @@ impl App {
             },
             stop.clone(),
         ));
-        let sweeper = tokio::spawn(worker::sweep::sweep_expired_holds(
+        let sweeper = tokio::spawn(worker::sweep::upkeep(
             shared.store.clone(),
             shared.settings.reservations.clone(),
             worker::sweep::Retention {

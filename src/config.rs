@@ -5,6 +5,7 @@
 //! Every section denies unknown keys and [`Settings::validate`] checks ranges,
 //! so a typo or a bad value stops start-up with a message naming the setting.
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::fmt;
 use std::net::SocketAddr;
@@ -29,9 +30,9 @@ fn within_bounds(bounds: &[(&'static str, u64, u64, u64)]) -> Result<(), ConfigE
     Ok(())
 }
 
-fn invalid(setting: &'static str, problem: impl Into<String>) -> ConfigError {
+fn invalid(setting: impl Into<Cow<'static, str>>, problem: impl Into<String>) -> ConfigError {
     ConfigError::Invalid {
-        setting,
+        setting: setting.into(),
         problem: problem.into(),
     }
 }
@@ -46,7 +47,8 @@ pub enum ConfigError {
     Load(#[from] config::ConfigError),
     #[error("configuration: setting `{setting}` {problem}")]
     Invalid {
-        setting: &'static str,
+        /// The setting's name, as written in the file (`section.key`).
+        setting: Cow<'static, str>,
         problem: String,
     },
 }
@@ -201,7 +203,7 @@ impl ApiSettings {
     fn read_token_files(&mut self) -> Result<(), ConfigError> {
         for (name, t) in &mut self.tokens {
             let Some(path) = &t.token_file else { continue };
-            let setting = leak(format!("api.tokens.{name}.token_file"));
+            let setting = format!("api.tokens.{name}.token_file");
             if !t.token.is_empty() {
                 return Err(invalid(setting, "is set together with the token; set one"));
             }
@@ -231,12 +233,12 @@ impl ApiSettings {
                     .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
             {
                 return Err(invalid(
-                    leak(format!("api.tokens.{name}")),
+                    format!("api.tokens.{name}"),
                     "names are letters, digits, `-` and `_`",
                 ));
             }
             if short(&t.token) {
-                let setting = leak(format!("api.tokens.{name}.token"));
+                let setting = format!("api.tokens.{name}.token");
                 return Err(invalid(
                     setting,
                     format!("must be at least {MIN_TOKEN_CHARS} characters (or set token_file)"),
@@ -265,11 +267,6 @@ impl ApiSettings {
         ];
         within_bounds(&bounds)
     }
-}
-
-/// A setting's name built at run time (a token's), kept for the error.
-fn leak(name: String) -> &'static str {
-    Box::leak(name.into_boxed_str())
 }
 
 /// The account API's bearer token: never printed, compared in constant time.

@@ -21,7 +21,8 @@ use lapin::options::{
 use lapin::types::{AMQPValue, FieldTable, ShortString};
 
 use super::message::{carried_headers, carried_properties};
-use lapin::{BasicProperties, Confirmation};
+use lapin::message::Delivery;
+use lapin::{BasicProperties, Channel, Confirmation};
 
 use crate::amqp::{
     self, HEADER_DECIDED_AT, HEADER_DETAIL, HEADER_REASON, HEADER_SOURCE, header_text,
@@ -152,6 +153,52 @@ fn as_sent(properties: &BasicProperties) -> BasicProperties {
     sent
 }
 
+/// Publishes a dead-lettered job back through the jobs exchange to its
+/// account's partition (a job whose account could not be read goes to the
+/// send queue), then acks it from the dead-letter queue once the broker
+/// confirmed the publish.
+///
+/// # Errors
+/// The broker refused or returned the publish (the job stays where it
+/// is), or the channel failed.
+async fn move_back(
+    channel: &Channel,
+    settings: &AmqpSettings,
+    delivery: &Delivery,
+    info: &DeadLetterInfo,
+) -> anyhow::Result<()> {
+    let account = info.account_id.as_ref().filter(|a| a.len() <= 255);
+    let (exchange, routing_key, to) = match account {
+        Some(account) => (
+            settings.jobs_exchange.as_str(),
+            account.as_str(),
+            &settings.jobs_exchange,
+        ),
+        None => ("", settings.send_queue.as_str(), &settings.send_queue),
+    };
+    let confirmation = channel
+        .basic_publish(
+            ShortString::from(exchange),
+            routing_key.into(),
+            BasicPublishOptions {
+                mandatory: true,
+                ..BasicPublishOptions::default()
+            },
+            &delivery.data,
+            as_sent(&delivery.properties),
+        )
+        .await?
+        .await?;
+    if !matches!(confirmation, Confirmation::Ack(None)) {
+        anyhow::bail!(
+            "the broker did not accept a job for {to}; it stays in {}",
+            settings.dead_letter_queue
+        );
+    }
+    delivery.ack(BasicAckOptions::default()).await?;
+    Ok(())
+}
+
 /// Lists (`move_them` false) or moves the dead letters matching `filter`,
 /// at most `limit`, handing each to `each` as it goes; returns how many.
 ///
@@ -204,38 +251,7 @@ pub async fn run(
             continue;
         }
         if move_them {
-            // Back through the jobs exchange to its account's partition; a
-            // job whose account could not be read goes to the send queue.
-            let account = info.account_id.as_ref().filter(|a| a.len() <= 255);
-            let (exchange, routing_key) = match account {
-                Some(account) => (settings.jobs_exchange.as_str(), account.as_str()),
-                None => ("", settings.send_queue.as_str()),
-            };
-            let confirmation = channel
-                .basic_publish(
-                    ShortString::from(exchange),
-                    routing_key.into(),
-                    BasicPublishOptions {
-                        mandatory: true,
-                        ..BasicPublishOptions::default()
-                    },
-                    &delivery.data,
-                    as_sent(&delivery.properties),
-                )
-                .await?
-                .await?;
-            if !matches!(confirmation, Confirmation::Ack(None)) {
-                anyhow::bail!(
-                    "the broker did not accept a job for {}; it stays in {}",
-                    if exchange.is_empty() {
-                        routing_key
-                    } else {
-                        exchange
-                    },
-                    settings.dead_letter_queue
-                );
-            }
-            delivery.ack(BasicAckOptions::default()).await?;
+            move_back(&channel, settings, &delivery, &info).await?;
         }
         each(&info)?;
         chosen += 1;

@@ -6,7 +6,8 @@
 //! - [`fair`]: which jobs make a batch: round-robin over the queues (pure);
 //! - [`marks`]: confirmed forwards recorded before the ack;
 //! - [`record`]: a decided job's log line and metrics, as one event;
-//! - [`sweep`]: holds that never got a report, committed;
+//! - [`sweep`]: the database's upkeep: expired holds committed, the
+//!   reservation ring rotated, rows past their retention removed;
 //! - [`events`]: the outbox's threshold events relayed to the broker.
 //!
 //! This module is the session loop both workers share: connect, consume,

@@ -1,14 +1,21 @@
-//! Holds that got no delivery report within the hold time are committed,
-//! every sweep interval. Every process sweeps; `SKIP LOCKED` keeps them
-//! from doing the same rows twice. The same sweep applies retention: it
-//! empties the reservation ring's old slot once the current one has been
-//! current for the dedup window (`[reservations] dedup_window_secs` as the
-//! last `migrate` stored it in the database; one process does it, the
-//! ring's row is locked), and removes released Free charges older than the
-//! window, confirmed forward batches, refusals
-//! past `[jobs] refusal_retention_days`, published events past
-//! `[events] retention_days` and usage counts past `[usage]
-//! retention_days`.
+//! The periodic upkeep of the database, every `[reservations]
+//! sweep_interval_secs`, in three duties ([`upkeep`] runs them in turn):
+//!
+//! 1. [`commit_expired_holds`]: holds that got no delivery report within
+//!    the hold time are committed;
+//! 2. [`rotate_reservation_ring`]: the reservation ring's old slot is
+//!    emptied once the current one has been current for the dedup window
+//!    (`[reservations] dedup_window_secs` as the last `migrate` stored it
+//!    in the database; one process does it, the ring's row is locked);
+//! 3. [`remove_expired_rows`]: released Free charges older than the window,
+//!    confirmed forward batches, refusals past `[jobs]
+//!    refusal_retention_days`, published events past `[events]
+//!    retention_days` and usage counts past `[usage] retention_days` are
+//!    removed, a chunk at a time.
+//!
+//! Every process runs it; `SKIP LOCKED` and row locks keep them from doing
+//! the same rows twice. The usage roll-up ([`roll_up_usage`]) runs apart,
+//! every second.
 
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
@@ -33,8 +40,8 @@ pub struct Retention {
     pub usage_counts: std::time::Duration,
 }
 
-/// Sweeps until `stop`.
-pub async fn sweep_expired_holds(
+/// Runs the three duties every sweep interval until `stop`.
+pub async fn upkeep(
     store: Store,
     settings: ReservationSettings,
     retention: Retention,
@@ -47,52 +54,61 @@ pub async fn sweep_expired_holds(
             _ = stop.cancelled() => return,
             _ = tick.tick() => {}
         }
-        loop {
-            match store.expire_holds(settings.hold(), SWEEP_CHUNK).await {
-                Ok(0) => break,
-                Ok(n) => {
-                    metrics::holds_expired(n);
-                    info!(committed = n, "expired holds committed");
-                    if n < SWEEP_CHUNK as u64 {
-                        break;
-                    }
-                }
-                Err(err) => {
-                    metrics::db_error(err.kind());
-                    warn!(error = %err, "cannot sweep expired holds; trying again next interval");
-                    break;
+        commit_expired_holds(&store, &settings).await;
+        rotate_reservation_ring(&store).await;
+        remove_expired_rows(&store, &retention).await;
+    }
+}
+
+/// Commits the holds past `[reservations] hold_secs`, a chunk at a time.
+async fn commit_expired_holds(store: &Store, settings: &ReservationSettings) {
+    loop {
+        match store.expire_holds(settings.hold(), SWEEP_CHUNK).await {
+            Ok(0) => return,
+            Ok(n) => {
+                metrics::holds_expired(n);
+                info!(committed = n, "expired holds committed");
+                if n < SWEEP_CHUNK as u64 {
+                    return;
                 }
             }
+            Err(err) => {
+                metrics::db_error(err.kind());
+                warn!(error = %err, "cannot sweep expired holds; trying again next interval");
+                return;
+            }
         }
-        rotate(&store).await;
-        // Forward batches, refusals, published events and usage counts
-        // past their retention, a chunk at a time.
-        purge("forward batches", || {
-            store.purge_forward_batches(FORWARD_BATCH_AGE, SWEEP_CHUNK)
-        })
-        .await;
-        purge("released free charges", || {
-            store.purge_released_kept(SWEEP_CHUNK)
-        })
-        .await;
-        purge("refusals", || {
-            store.purge_refusals(retention.refusals, SWEEP_CHUNK)
-        })
-        .await;
-        purge("events", || {
-            store.purge_events(retention.events, SWEEP_CHUNK)
-        })
-        .await;
-        purge("usage counts", || {
-            store.purge_usage_counts(retention.usage_counts, SWEEP_CHUNK)
-        })
-        .await;
     }
+}
+
+/// Removes forward batches, released Free charges, refusals, published
+/// events and usage counts past their retention.
+async fn remove_expired_rows(store: &Store, retention: &Retention) {
+    purge("forward batches", || {
+        store.purge_forward_batches(FORWARD_BATCH_AGE, SWEEP_CHUNK)
+    })
+    .await;
+    purge("released free charges", || {
+        store.purge_released_kept(SWEEP_CHUNK)
+    })
+    .await;
+    purge("refusals", || {
+        store.purge_refusals(retention.refusals, SWEEP_CHUNK)
+    })
+    .await;
+    purge("events", || {
+        store.purge_events(retention.events, SWEEP_CHUNK)
+    })
+    .await;
+    purge("usage counts", || {
+        store.purge_usage_counts(retention.usage_counts, SWEEP_CHUNK)
+    })
+    .await;
 }
 
 /// Empties the ring's old slot when it is due (by the window the database
 /// holds), and reports the window and the current slot's age.
-async fn rotate(store: &Store) {
+async fn rotate_reservation_ring(store: &Store) {
     match store.dedup_window().await {
         Ok(window) => metrics::set_dedup_window(window),
         Err(err) => metrics::db_error(err.kind()),

@@ -191,8 +191,10 @@ async fn a_fanout_jobs_exchange_of_an_earlier_version_is_upgraded_without_losing
     }
     assert_eq!(broker.depth_of(&env.send_queue()).await, 100);
 
-    // The new version starts on it, while the scheduler keeps publishing.
-    let gate = env.start_gate(Arc::new(SystemClock)).await;
+    // The new version starts on it (a process of its own, so its metrics
+    // are its own), while the scheduler keeps publishing.
+    let mut gate = Process::spawn(&env, false);
+    gate.wait_ready(WAIT).await;
     for k in 0..100 {
         let body = job_body("upgrader", &format!("after-{k}"));
         broker
@@ -221,7 +223,7 @@ async fn a_fanout_jobs_exchange_of_an_earlier_version_is_upgraded_without_losing
         .await;
     broker.take(&env.delivery_queue(), 1, WAIT).await;
     assert_eq!(broker.depth_of(&env.send_queue()).await, 0);
-    let text = http_get(gate.http, "/metrics").await.unwrap().1;
+    let text = http_get(gate.addr(), "/metrics").await.unwrap().1;
     let unpartitioned = series(
         &text,
         "sendgate_partition_jobs_forwarded_total",
@@ -231,7 +233,8 @@ async fn a_fanout_jobs_exchange_of_an_earlier_version_is_upgraded_without_losing
         unpartitioned, 100.0,
         "the 100 queued before came from the send queue"
     );
-    gate.shutdown().await;
+    gate.terminate();
+    assert!(gate.wait_for_exit(WAIT).await.success());
     // Declaring again changes nothing (the exchange-to-exchange binding is
     // idempotent, the old binding stays gone).
     declare(&env, &broker).await;
