@@ -22,6 +22,8 @@ RUN touch src/main.rs src/lib.rs crates/core/src/lib.rs \
     && cargo build --release --locked --bin sendgate
 
 # Runtime stage: a small Debian with the binary, run as an unprivileged user.
+# sendgate writes no file (logs go to stderr), so the container runs with a
+# read-only root filesystem (compose: `read_only: true`).
 FROM debian:bookworm-slim
 # CA certificates: amqps:// and verify-full Postgres to servers with public
 # certificates.

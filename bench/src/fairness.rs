@@ -14,7 +14,10 @@ use lapin::options::{BasicConsumeOptions, BasicPublishOptions};
 use lapin::types::FieldTable;
 use sendgate::domain::plan::Plan;
 
-use crate::{Bench, Route, account_id, body, free_port, median, persistent, terminate};
+use crate::report::median;
+use crate::services::{free_port, terminate};
+use crate::workloads::{account_id, body, persistent};
+use crate::{Bench, Route};
 
 /// Accounts with one job each.
 const QUIET: usize = 20;
@@ -64,16 +67,9 @@ impl Bench {
         Ok(depths)
     }
 
-    pub async fn fairness(&self, route: Route, backlog: usize) -> anyhow::Result<Fairness> {
-        let run = format!("fair-{}", route.name());
-        let big = format!("{run}-big");
-        self.store
-            .create_account(&account_id(&big)?, Plan::Scale, "UTC")
-            .await?;
-        let jobs: Vec<(String, Vec<u8>)> = (0..backlog)
-            .map(|i| (big.clone(), body(&big, &format!("{run}-b{i}"), 0)))
-            .collect();
-        self.preload_routed(route, &jobs).await?;
+    /// Publishes one job for each quiet account; returns how many of them
+    /// landed in the backlog's partition (the fullest).
+    async fn publish_quiet(&self, route: Route, run: &str) -> anyhow::Result<usize> {
         let before = self.fullest_partition().await?;
         let mut sharing = 0;
         for q in 0..QUIET {
@@ -91,6 +87,20 @@ impl Bench {
                 sharing += 1;
             }
         }
+        Ok(sharing)
+    }
+
+    pub async fn fairness(&self, route: Route, backlog: usize) -> anyhow::Result<Fairness> {
+        let run = format!("fair-{}", route.name());
+        let big = format!("{run}-big");
+        self.store
+            .create_account(&account_id(&big)?, Plan::Scale, "UTC")
+            .await?;
+        let jobs: Vec<(String, Vec<u8>)> = (0..backlog)
+            .map(|i| (big.clone(), body(&big, &format!("{run}-b{i}"), 0)))
+            .collect();
+        self.preload_routed(route, &jobs).await?;
+        let sharing = self.publish_quiet(route, &run).await?;
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
         let consumer = self
             .channel
