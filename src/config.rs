@@ -975,6 +975,33 @@ impl AmqpSettings {
             .collect()
     }
 
+    /// The deferral ladder jobs take now: queues `{deferred_queue}.p.{secs}s`
+    /// that return each job through the jobs exchange to its account's
+    /// partition. ([`AmqpSettings::deferral_steps`] are the ladder of
+    /// versions before partitions, which returns to the send queue: still
+    /// declared, so what waits there comes back.)
+    pub fn partition_ladder(&self) -> Vec<(Duration, String)> {
+        deferral_steps(
+            &format!("{}.p", self.deferred_queue),
+            self.deferral_longest_step_secs,
+        )
+    }
+
+    /// Where copies wait now: returns them to their account's partition
+    /// (`wait_queue` itself returns to the send queue, as before
+    /// partitions).
+    pub fn partition_wait_queue(&self) -> String {
+        format!("{}.p", self.wait_queue)
+    }
+
+    /// The headers exchange that puts a job into the wait queue or a step
+    /// of the ladder (header `sendgate-hold` = the queue) while keeping
+    /// its account as routing key, which the queue's dead-lettering keeps
+    /// when it returns the job through the jobs exchange.
+    pub fn hold_exchange(&self) -> String {
+        format!("{}.hold", self.jobs_exchange)
+    }
+
     /// The consistent-hash exchange behind `jobs_exchange`.
     pub fn partitions_exchange(&self) -> String {
         format!("{}.partitions", self.jobs_exchange)

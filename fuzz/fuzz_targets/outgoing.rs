@@ -45,7 +45,7 @@ fuzz_target!(|data: &[u8]| {
         }),
     ];
     for decision in &decisions {
-        let message = outgoing(settings(), &properties, Some("k"), decision, now)
+        let message = outgoing(settings(), &properties, Some("k"), Some("acct"), decision, now)
             .expect("a message for every decision but a duplicate");
         let p = &message.properties;
         assert!(p.user_id().is_none() && p.priority().is_none() && p.cluster_id().is_none());
@@ -55,11 +55,11 @@ fuzz_target!(|data: &[u8]| {
             p.expiration().is_some(),
             matches!(decision, Decision::Wait(_))
         );
-        if matches!(decision, Decision::Defer(_)) {
-            assert_eq!(
-                message.routing_key.as_str(),
-                format!("{}.16384s", settings().deferred_queue)
-            );
+        // A held job goes through the hold exchange, its account as
+        // routing key, its queue in `sendgate-hold`.
+        if matches!(decision, Decision::Defer(_) | Decision::Wait(_)) {
+            assert_eq!(message.exchange.as_str(), settings().hold_exchange());
+            assert_eq!(message.routing_key.as_str(), "acct");
         }
         assert_eq!(p.delivery_mode(), &Some(2));
         let headers = p.headers().as_ref().expect("sendgate's headers");

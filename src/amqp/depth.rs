@@ -17,10 +17,12 @@ use crate::config::AmqpSettings;
 /// Polls every `interval` until `stop`; reconnects quietly when the broker
 /// goes away (the gate's workers already log and count that).
 pub async fn poll(settings: AmqpSettings, interval: Duration, stop: CancellationToken) {
-    // The deferred role is the whole deferral ladder, and the queue older
-    // versions deferred to.
+    // The deferred role is the whole deferral ladder (the partitions' and
+    // the one before them), and the queue older versions deferred to; the
+    // waiting role both wait queues.
     let mut deferred = vec![settings.deferred_queue.clone()];
     deferred.extend(settings.deferral_steps().into_iter().map(|(_, q)| q));
+    deferred.extend(settings.partition_ladder().into_iter().map(|(_, q)| q));
     let job_queues = settings.job_queues();
     let queues = [
         ("send", job_queues.clone()),
@@ -28,7 +30,10 @@ pub async fn poll(settings: AmqpSettings, interval: Duration, stop: Cancellation
         ("dead_letter", vec![settings.dead_letter_queue.clone()]),
         ("outcomes", vec![settings.outcomes_queue.clone()]),
         ("deferred", deferred),
-        ("waiting", vec![settings.wait_queue.clone()]),
+        (
+            "waiting",
+            vec![settings.wait_queue.clone(), settings.partition_wait_queue()],
+        ),
     ];
     let mut tick = tokio::time::interval(interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);

@@ -13,7 +13,7 @@ use lapin::types::{AMQPValue, FieldTable, ShortString};
 
 use super::{
     HEADER_CHARGE, HEADER_CREDITS_REMAINING, HEADER_DAILY_REMAINING, HEADER_DECIDED_AT,
-    HEADER_DECISION, HEADER_DEFERRED_UNTIL, HEADER_DETAIL, HEADER_PLAN, HEADER_REASON,
+    HEADER_DECISION, HEADER_DEFERRED_UNTIL, HEADER_DETAIL, HEADER_HOLD, HEADER_PLAN, HEADER_REASON,
     HEADER_RESERVATION_ID, HEADER_RETRY_AFTER, HEADER_SOURCE, long_string,
 };
 use crate::config::AmqpSettings;
@@ -31,14 +31,25 @@ pub struct Outgoing {
 /// Builds the message for a decision (none for a duplicate, which is only
 /// acked), from an allow-list of the original's properties and headers
 /// ([`carried_properties`], [`carried_headers`]); `now` dates a deferral's
-/// expiry.
+/// expiry. A held job (waiting or deferred) goes through the hold exchange
+/// with `account` as routing key, so it returns to its partition.
+///
+/// # Panics
+/// A waiting or deferred decision without an account (only a parsed job
+/// is held: a bug of the caller).
 pub fn outgoing(
     settings: &AmqpSettings,
     original: &BasicProperties,
     idempotency_key: Option<&str>,
+    account: Option<&str>,
     decision: &Decision,
     now: DateTime<Utc>,
 ) -> Option<Outgoing> {
+    let held = |headers: &mut FieldTable, queue: String| {
+        headers.insert(HEADER_HOLD.into(), long_string(&queue));
+        let account = account.expect("a held job has its account");
+        (settings.hold_exchange(), account.to_owned())
+    };
     let mut headers = carried_headers(original);
     let mut properties = carried_properties(original);
     let (exchange, routing_key) = match decision {
@@ -62,7 +73,7 @@ pub fn outgoing(
             // Back to the send queue after the wait, decided again there.
             headers.insert(HEADER_DECISION.into(), long_string("waiting"));
             properties = properties.with_expiration(settings.copy_wait_ms.to_string().into());
-            (String::new(), settings.wait_queue.clone())
+            held(&mut headers, settings.partition_wait_queue())
         }
         Decision::Defer(dead) => {
             // The longest step of the ladder that does not pass the
@@ -76,7 +87,7 @@ pub fn outgoing(
                     HEADER_DEFERRED_UNTIL.into(),
                     long_string(&until.to_rfc3339_opts(SecondsFormat::Millis, true)),
                 );
-            (String::new(), deferral_step(settings, until - now))
+            held(&mut headers, deferral_step(settings, until - now))
         }
     };
     properties = properties.with_headers(headers);
@@ -98,7 +109,7 @@ pub fn outgoing(
 /// The queue of the longest deferral step no longer than `remaining` (the
 /// shortest when even that is longer).
 pub fn deferral_step(settings: &AmqpSettings, remaining: chrono::TimeDelta) -> String {
-    let steps = settings.deferral_steps();
+    let steps = settings.partition_ladder();
     let remaining = remaining.to_std().unwrap_or_default();
     steps
         .iter()
@@ -152,7 +163,8 @@ pub fn carried_properties(original: &BasicProperties) -> BasicProperties {
 }
 
 /// The publisher's own headers, which travel on. Never sendgate's
-/// (`x-sendgate-*`: set afresh, a publisher's are not trusted), never `CC`
+/// (`x-sendgate-*` and `sendgate-hold`: set afresh, a publisher's are not
+/// trusted), never `CC`
 /// or `BCC` (the broker would route copies to other queues), and never the
 /// broker's own bookkeeping (`x-death`, `x-first-death-*`,
 /// `x-last-death-*`, `x-delivery-count`).
@@ -171,6 +183,7 @@ pub fn carried_headers(original: &BasicProperties) -> FieldTable {
 fn is_carried(name: &str) -> bool {
     let lower = name.to_ascii_lowercase();
     !(lower.starts_with("x-sendgate-")
+        || lower == HEADER_HOLD
         || lower == "cc"
         || lower == "bcc"
         || lower == "x-death"
@@ -297,15 +310,15 @@ mod tests {
             .amqp;
         settings.deferred_queue = "d".to_owned();
         let step = |secs: i64| deferral_step(&settings, chrono::TimeDelta::seconds(secs));
-        assert_eq!(step(0), "d.1s");
-        assert_eq!(step(3), "d.1s");
-        assert_eq!(step(4), "d.4s");
-        assert_eq!(step(10 * 3600), "d.16384s");
-        assert_eq!(step(30 * 3600), "d.65536s");
+        assert_eq!(step(0), "d.p.1s");
+        assert_eq!(step(3), "d.p.1s");
+        assert_eq!(step(4), "d.p.4s");
+        assert_eq!(step(10 * 3600), "d.p.16384s");
+        assert_eq!(step(30 * 3600), "d.p.65536s");
         settings.deferral_longest_step_secs = 100;
         assert_eq!(
             deferral_step(&settings, chrono::TimeDelta::hours(5)),
-            "d.64s"
+            "d.p.64s"
         );
     }
 

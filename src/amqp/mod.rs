@@ -44,6 +44,10 @@ pub const HEADER_RETRY_AFTER: &str = "x-sendgate-retry-after";
 pub const HEADER_DEFERRED_UNTIL: &str = "x-sendgate-deferred-until";
 /// On a dead letter: when sendgate refused it (RFC 3339, milliseconds).
 pub const HEADER_DECIDED_AT: &str = "x-sendgate-decided-at";
+/// Which queue a held job (waiting, or deferred) goes to through the hold
+/// exchange. Not `x-` like the others: a headers exchange ignores headers
+/// whose names begin with `x-` when it matches.
+pub const HEADER_HOLD: &str = "sendgate-hold";
 /// On a dead letter: what was refused, `job` or `report`. Redrive moves
 /// only jobs.
 pub const HEADER_SOURCE: &str = "x-sendgate-source";

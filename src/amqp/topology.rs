@@ -49,6 +49,7 @@ pub async fn declare_topology(channel: &Channel, settings: &AmqpSettings) -> lap
         declare_quorum(channel, &queue, arguments).await?;
     }
     declare_quorum(channel, &settings.wait_queue, returning_arguments(settings)).await?;
+    declare_holds(channel, settings).await?;
     // Threshold events: a topic exchange (routing key = type) and, unless
     // `events_queue` is empty, a queue keeping them for the product.
     let events_queue = Some(settings.events_queue.as_str()).filter(|q| !q.is_empty());
@@ -105,6 +106,44 @@ async fn declare_partitions(channel: &Channel, settings: &AmqpSettings) -> lapin
                 "1".into(),
                 QueueBindOptions::default(),
                 FieldTable::default(),
+            )
+            .await?;
+    }
+    Ok(())
+}
+
+/// The ladder and the wait queue that return jobs to their partitions,
+/// each bound to the hold exchange by its name in `sendgate-hold` (not `x-`: a headers exchange ignores those).
+async fn declare_holds(channel: &Channel, settings: &AmqpSettings) -> lapin::Result<()> {
+    let exchange = settings.hold_exchange();
+    declare_exchange(channel, &exchange, ExchangeKind::Headers, None).await?;
+    let mut holds: Vec<(String, FieldTable)> = settings
+        .partition_ladder()
+        .into_iter()
+        .map(|(wait, queue)| {
+            let mut arguments = to_partition_arguments(settings);
+            let ttl = i64::try_from(wait.as_millis()).expect("a step is at most a day");
+            arguments.insert("x-message-ttl".into(), AMQPValue::LongLongInt(ttl));
+            (queue, arguments)
+        })
+        .collect();
+    holds.push((
+        settings.partition_wait_queue(),
+        to_partition_arguments(settings),
+    ));
+    for (queue, arguments) in holds {
+        declare_quorum(channel, &queue, arguments).await?;
+        let mut matching = FieldTable::default();
+        matching
+            .insert("x-match".into(), long_string("all"))
+            .insert(super::HEADER_HOLD.into(), long_string(&queue));
+        channel
+            .queue_bind(
+                queue.as_str().into(),
+                exchange.as_str().into(),
+                "".into(),
+                QueueBindOptions::default(),
+                matching,
             )
             .await?;
     }
@@ -274,7 +313,26 @@ fn limited_arguments(settings: &AmqpSettings) -> FieldTable {
     arguments
 }
 
-/// The deferral ladder and the wait queue hold jobs for a while (the
+/// The partitions' ladder and wait queue: like [`returning_arguments`], but
+/// back through the jobs exchange with the routing key the job was held
+/// with (its account), so to its partition.
+fn to_partition_arguments(settings: &AmqpSettings) -> FieldTable {
+    let mut arguments = quorum_arguments();
+    arguments
+        .insert(
+            "x-dead-letter-exchange".into(),
+            long_string(&settings.jobs_exchange),
+        )
+        .insert(
+            "x-dead-letter-strategy".into(),
+            long_string("at-least-once"),
+        )
+        .insert("x-overflow".into(), long_string("reject-publish"));
+    arguments
+}
+
+/// The deferral ladder and the wait queue of versions before partitions
+/// hold jobs for a while (the
 /// ladder's steps by a queue-wide TTL, so a queue's messages expire in the
 /// order they came; copies waiting for their charge's forward by a
 /// per-message TTL that is the same for all), then dead-letter them back

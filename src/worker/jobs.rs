@@ -77,7 +77,9 @@ enum Incoming {
     Job(Job),
     Invalid(InvalidJob),
     /// In the deferral ladder before its day starts.
-    Deferred(DateTime<Utc>),
+    /// In the deferral ladder before its day starts: its key (the account
+    /// routes its next step back to its partition), and when.
+    Deferred(JobKey, DateTime<Utc>),
 }
 
 /// A decided batch, on its way to being published and acked.
@@ -305,11 +307,12 @@ impl JobsWorker {
                 if let Some(detail) = message::oversized(properties, max_headers) {
                     return Incoming::Invalid(InvalidJob(detail));
                 }
-                if let Some(until) = message::deferred_until(properties).filter(|u| *u > arrived) {
-                    return Incoming::Deferred(until);
-                }
+                let until = message::deferred_until(properties).filter(|u| *u > arrived);
                 match Job::parse(&received.delivery.data, received.message_id(), max_body) {
-                    Ok(job) => Incoming::Job(job),
+                    Ok(job) => match until {
+                        Some(until) => Incoming::Deferred(job.into_key(), until),
+                        None => Incoming::Job(job),
+                    },
                     Err(invalid) => Incoming::Invalid(invalid),
                 }
             })
@@ -349,7 +352,7 @@ impl JobsWorker {
         });
         let mut slots = Vec::with_capacity(batch.len());
         for (received, parsed) in batch.into_iter().zip(parsed) {
-            let step = matches!(parsed, Incoming::Deferred(_));
+            let step = matches!(parsed, Incoming::Deferred(..));
             let (key, decision) = match parsed {
                 Incoming::Job(job) => {
                     // `isolate` answered every valid job.
@@ -370,8 +373,8 @@ impl JobsWorker {
                     (None, Decision::dead_letter(Reason::InvalidJob, invalid.0))
                 }
                 // Not gated again before its day: the next step.
-                Incoming::Deferred(until) => (
-                    None,
+                Incoming::Deferred(key, until) => (
+                    Some(key),
                     Decision::Defer(DeadLetter {
                         reason: Reason::DailyLimitReached,
                         detail: format!("deferred until {until}"),
@@ -387,6 +390,7 @@ impl JobsWorker {
                 &shared.settings.amqp,
                 &message::bounded(&received.delivery.properties, max_headers),
                 message_id,
+                key.as_ref().map(|k| k.account_id.as_str()),
                 &decision,
                 now,
             );

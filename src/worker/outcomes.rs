@@ -219,6 +219,7 @@ impl OutcomesWorker {
                 settings,
                 &message::bounded(&received.delivery.properties, max_headers),
                 received.message_id(),
+                None,
                 &decision,
                 now,
             )

@@ -340,7 +340,10 @@ async fn settle(fleet: &Fleet, timeout: Duration) {
         };
         // Copies waiting for a forward's lease come back to the send queue.
         let send = broker.depth_of_all(&fleet.env.job_queues()).await
-            + broker.depth_of(&fleet.env.wait_queue()).await;
+            + broker.depth_of(&fleet.env.wait_queue()).await
+            + broker
+                .depth_of(&format!("{}.p", fleet.env.wait_queue()))
+                .await;
         let out = (
             broker.depth_of(&fleet.env.delivery_queue()).await,
             broker.depth_of(&fleet.env.dead_queue()).await,

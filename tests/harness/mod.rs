@@ -258,8 +258,10 @@ impl TestEnv {
             .var("SENDGATE__AMQP__DEFERRAL_LONGEST_STEP_SECS")
             .parse()
             .unwrap();
+        let held = format!("{}.p", self.deferred_queue());
         let ladder = sendgate::config::deferral_steps(&self.deferred_queue(), longest)
             .into_iter()
+            .chain(sendgate::config::deferral_steps(&held, longest))
             .map(|(_, q)| q);
         let partitions: u16 = self.var("SENDGATE__AMQP__PARTITIONS").parse().unwrap();
         let send = self.send_queue();
@@ -271,6 +273,7 @@ impl TestEnv {
             self.outcomes_queue(),
             self.deferred_queue(),
             self.wait_queue(),
+            format!("{}.p", self.wait_queue()),
             self.events_queue(),
         ]
         .into_iter()
@@ -286,6 +289,7 @@ impl TestEnv {
             self.var("SENDGATE__AMQP__DEAD_LETTER_EXCHANGE"),
             self.var("SENDGATE__AMQP__JOBS_EXCHANGE"),
             format!("{}.partitions", self.var("SENDGATE__AMQP__JOBS_EXCHANGE")),
+            format!("{}.hold", self.var("SENDGATE__AMQP__JOBS_EXCHANGE")),
             self.var("SENDGATE__AMQP__REPORTS_EXCHANGE"),
             self.var("SENDGATE__AMQP__EVENTS_EXCHANGE"),
         ] {

@@ -343,7 +343,10 @@ async fn deferred_pro_jobs_come_back_on_the_next_day_and_pass() {
         .await;
     // Held, not dead-lettered: it steps through the deferral ladder.
     eventually(WAIT, || async {
-        broker.depth_of(&format!("t.{}.deferred.1s", env.id)).await == 1
+        broker
+            .depth_of(&format!("t.{}.deferred.p.1s", env.id))
+            .await
+            == 1
     })
     .await;
     clock.set(utc("2026-03-02T00:00:00.500Z"));

@@ -315,3 +315,75 @@ async fn a_redriven_job_goes_back_through_the_jobs_exchange_to_its_accounts_part
     store.close().await;
     env.cleanup().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deferred_and_waiting_jobs_are_held_with_their_account_and_return_to_its_partition() {
+    let env = TestEnv::new();
+    let broker = env.broker().await;
+    declare(&env, &broker).await;
+    let settings = env.settings().amqp;
+    let queues = env.job_queues();
+    let home = partition_of(&env, &broker, "held", "probe").await;
+    broker.take_all(&queues[1 + home], Duration::ZERO).await;
+
+    // Held as the gate holds them: through the hold exchange, the account
+    // as routing key, the queue named in `sendgate-hold`.
+    let now = chrono::Utc::now();
+    let decisions = [
+        sendgate::domain::decision::Decision::Defer(sendgate::domain::decision::DeadLetter {
+            reason: sendgate::domain::plan::Reason::DailyLimitReached,
+            detail: "tomorrow".to_owned(),
+            retry_after: Some(now + chrono::TimeDelta::milliseconds(500)),
+        }),
+        sendgate::domain::decision::Decision::Wait(sendgate::domain::decision::Wait {
+            reservation_id: uuid::Uuid::nil(),
+        }),
+    ];
+    for (i, decision) in decisions.iter().enumerate() {
+        let key = format!("k{i}");
+        let message = sendgate::amqp::message::outgoing(
+            &settings,
+            &job_properties(),
+            Some(&key),
+            Some("held"),
+            decision,
+            now,
+        )
+        .unwrap();
+        let confirmation = broker
+            .channel
+            .basic_publish(
+                message.exchange,
+                message.routing_key,
+                lapin::options::BasicPublishOptions {
+                    mandatory: true,
+                    ..Default::default()
+                },
+                &job_body("held", &key),
+                message.properties,
+            )
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+        assert!(confirmation.is_ack() && confirmation.take_message().is_none());
+    }
+    let ladder = &settings.partition_ladder()[0].1;
+    assert_eq!(broker.depth_of(ladder).await, 1, "deferred into {ladder}");
+    assert_eq!(broker.depth_of(&settings.partition_wait_queue()).await, 1);
+
+    // After the 1 s step and the copy wait (200 ms here): both in the
+    // account's partition, none in the send queue.
+    let partition = queues[1 + home].clone();
+    eventually(WAIT, || {
+        let (broker, partition) = (&broker, &partition);
+        async move { broker.depth_of(partition).await == 2 }
+    })
+    .await;
+    assert_eq!(broker.depth_of(&env.send_queue()).await, 0);
+    let back = broker.take(&partition, 2, WAIT).await;
+    for delivery in &back {
+        assert_eq!(delivery.routing_key.as_str(), "held");
+    }
+    env.cleanup().await;
+}
