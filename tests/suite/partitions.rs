@@ -387,3 +387,41 @@ async fn deferred_and_waiting_jobs_are_held_with_their_account_and_return_to_its
     }
     env.cleanup().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_without_the_consistent_hash_plugin_stops_start_up_naming_the_command() {
+    // A private node with no plugin at all (the machine's own broker has
+    // it enabled, and is never reconfigured by a test).
+    let dir = crate::harness::services::scratch_dir("no-plugins");
+    let rabbit = crate::harness::services::PrivateRabbit::prepare(&dir, "noplugins", |port| {
+        format!("listeners.tcp.local = 127.0.0.1:{port}\n")
+    });
+    std::fs::write(dir.join("enabled_plugins"), "[].\n").unwrap();
+    rabbit.launch();
+    let mut env = TestEnv::new();
+    env.set("AMQP_URL", &rabbit.url());
+    let out = tokio::task::spawn_blocking({
+        let env = env.env.clone();
+        move || {
+            std::process::Command::new(BIN)
+                .arg("run")
+                .envs(env)
+                .env("SENDGATE__HTTP__LISTEN", "127.0.0.1:0")
+                .output()
+                .unwrap()
+        }
+    })
+    .await
+    .unwrap();
+    let stopped = std::process::Command::new("rabbitmqctl")
+        .args(["-q", "-n", &rabbit.node, "stop"])
+        .status();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("rabbitmq-plugins enable rabbitmq_consistent_hash_exchange"),
+        "{stderr}"
+    );
+    assert!(stopped.is_ok_and(|s| s.success()));
+    env.cleanup().await;
+}
