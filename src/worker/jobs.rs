@@ -173,6 +173,29 @@ impl Worker for JobsWorker {
     }
 }
 
+/// What a delivery is, before deciding: properties over their bound or a
+/// body that does not parse are invalid; a job in the deferral ladder
+/// before its day (as of `arrived`) only takes its next step.
+fn classify(
+    received: &Received,
+    arrived: DateTime<Utc>,
+    max_body: usize,
+    max_headers: usize,
+) -> Incoming {
+    let properties = &received.delivery.properties;
+    if let Some(detail) = message::oversized(properties, max_headers) {
+        return Incoming::Invalid(InvalidJob(detail));
+    }
+    let until = message::deferred_until(properties).filter(|u| *u > arrived);
+    match Job::parse(&received.delivery.data, received.message_id(), max_body) {
+        Ok(job) => match until {
+            Some(until) => Incoming::Deferred(job.into_key(), until),
+            None => Incoming::Job(job),
+        },
+        Err(invalid) => Incoming::Invalid(invalid),
+    }
+}
+
 /// One stream of (channel index, delivery) from every consumer; a consumer
 /// that ends (cancelled by the broker, channel closed) ends the stream with
 /// `None`, which ends the session.
@@ -295,27 +318,11 @@ impl JobsWorker {
         metrics::jobs_received(batch.len());
         metrics::partitions_drawn(&self.per_queue(batch.iter().map(|r| r.channel)));
         let shared = &*self.shared;
-        let (max_body, max_headers) = (
-            shared.settings.jobs.max_body_bytes,
-            shared.settings.jobs.max_header_bytes,
-        );
+        let limits = &shared.settings.jobs;
         let arrived = shared.clock.now();
         let parsed: Vec<Incoming> = batch
             .iter()
-            .map(|received| {
-                let properties = &received.delivery.properties;
-                if let Some(detail) = message::oversized(properties, max_headers) {
-                    return Incoming::Invalid(InvalidJob(detail));
-                }
-                let until = message::deferred_until(properties).filter(|u| *u > arrived);
-                match Job::parse(&received.delivery.data, received.message_id(), max_body) {
-                    Ok(job) => match until {
-                        Some(until) => Incoming::Deferred(job.into_key(), until),
-                        None => Incoming::Job(job),
-                    },
-                    Err(invalid) => Incoming::Invalid(invalid),
-                }
-            })
+            .map(|r| classify(r, arrived, limits.max_body_bytes, limits.max_header_bytes))
             .collect();
         let jobs: Vec<Job> = parsed
             .iter()
@@ -341,14 +348,7 @@ impl JobsWorker {
         let mut refused_by_database = Vec::new();
         let mut decisions = decisions.into_iter().map(|decided| match decided {
             Ok(decision) => (decision, false),
-            Err(err) => {
-                error!(worker = self.id, error = %err, "the database refused a job; dead-lettering it");
-                let decision = Decision::dead_letter(
-                    Reason::InvalidJob,
-                    format!("the database refused this job: {err}"),
-                );
-                (decision, true)
-            }
+            Err(err) => (self.refused_by_database(&err), true),
         });
         let mut slots = Vec::with_capacity(batch.len());
         for (received, parsed) in batch.into_iter().zip(parsed) {
@@ -382,25 +382,7 @@ impl JobsWorker {
                     }),
                 ),
             };
-            let message_id = key
-                .as_ref()
-                .map(|k| k.idempotency_key.as_str())
-                .or(received.message_id());
-            let outgoing = message::outgoing(
-                &shared.settings.amqp,
-                &message::bounded(&received.delivery.properties, max_headers),
-                message_id,
-                key.as_ref().map(|k| k.account_id.as_str()),
-                &decision,
-                now,
-            );
-            slots.push(Slot {
-                received,
-                key,
-                decision,
-                outgoing,
-                step,
-            });
+            slots.push(self.slot(received, key, decision, step, now));
         }
         self.record_refusals(&refused_by_database).await;
         Ok(DecidedBatch {
@@ -409,6 +391,47 @@ impl JobsWorker {
             forward_batches: forward_batches.into_iter().flatten().collect(),
             _in_flight: in_flight,
         })
+    }
+
+    /// The dead letter for a job the database refused (a value it cannot
+    /// store): logged, and recorded by the caller on its own.
+    fn refused_by_database(&self, err: &impl std::fmt::Display) -> Decision {
+        error!(worker = self.id, error = %err, "the database refused a job; dead-lettering it");
+        Decision::dead_letter(
+            Reason::InvalidJob,
+            format!("the database refused this job: {err}"),
+        )
+    }
+
+    /// A decided delivery with the message that carries its decision.
+    fn slot(
+        &self,
+        received: Received,
+        key: Option<JobKey>,
+        decision: Decision,
+        step: bool,
+        now: DateTime<Utc>,
+    ) -> Slot {
+        let message_id = key
+            .as_ref()
+            .map(|k| k.idempotency_key.as_str())
+            .or(received.message_id());
+        let max_headers = self.shared.settings.jobs.max_header_bytes;
+        let outgoing = message::outgoing(
+            &self.shared.settings.amqp,
+            &message::bounded(&received.delivery.properties, max_headers),
+            message_id,
+            key.as_ref().map(|k| k.account_id.as_str()),
+            &decision,
+            now,
+        );
+        Slot {
+            received,
+            key,
+            decision,
+            outgoing,
+            step,
+        }
     }
 
     /// Logs and counts a bug found in handling a batch; the error that
