@@ -12,9 +12,9 @@ use sqlx::postgres::PgRow;
 use sqlx::{PgConnection, Row};
 use uuid::Uuid;
 
-use super::jobs::{bind_refusals, record_refusals_on, refusals_of};
+use super::jobs::{record_refusals_on, refusals_of};
 use super::rows::{self, distinct_accounts, key_arrays};
-use super::{Query, Store, StoreError, bind_changes, events, sql, usage};
+use super::{Store, StoreError, events, sql, usage};
 use crate::domain::decision::{
     AccountState, Decision, Effects, Lease, NewReservation, PriorReservation, decide_batch,
 };
@@ -174,12 +174,14 @@ impl Store {
             }));
         }
         let batch = Uuid::now_v7();
-        let insert = bind_reservations(sqlx::query(sql::RECORD_UNMETERED), &effects.reservations)
-            .bind(batch)
-            .bind(usage::bucket(now))
-            .bind(usage::campaigns(jobs, &effects.reservations));
-        let insert = bind_refusals(insert, &refusals);
-        match insert.execute(&mut *conn).await {
+        let insert = sql::RecordUnmetered {
+            reservations: &effects.reservations,
+            batch,
+            bucket: usage::bucket(now),
+            campaigns: usage::campaigns(jobs, &effects.reservations),
+            refusals: &refusals,
+        };
+        match insert.bind().execute(&mut *conn).await {
             Ok(_) => Ok(Unlocked::Done(Recorded {
                 decisions,
                 batch: Some(batch),
@@ -218,14 +220,15 @@ impl Store {
         }
         if let Some(batch) = batch {
             remove_released(&mut tx, &effects.reservations, &loaded.prior).await?;
-            let record = self
-                .record_metered(&effects, batch)
-                .bind(usage::bucket(now))
-                .bind(usage::campaigns(jobs, &effects.reservations));
-            let inserted: i64 = bind_refusals(record, &refusals)
-                .fetch_one(&mut *tx)
-                .await?
-                .try_get(0)?;
+            let record = sql::RecordMetered {
+                effects: &effects,
+                daily_limit: i32::try_from(self.limits.daily_sends).unwrap_or(i32::MAX),
+                batch,
+                bucket: usage::bucket(now),
+                campaigns: usage::campaigns(jobs, &effects.reservations),
+                refusals: &refusals,
+            };
+            let inserted: i64 = record.bind().fetch_one(&mut *tx).await?.try_get(0)?;
             if inserted != effects.reservations.len() as i64 {
                 tx.rollback().await?;
                 return Ok(None);
@@ -246,23 +249,6 @@ impl Store {
         tx.commit().await?;
         self.events_committed(&written);
         Ok(Some(Recorded { decisions, batch }))
-    }
-
-    /// [`sql::RECORD_METERED`] with a batch's effects bound.
-    fn record_metered<'q>(&self, effects: &'q Effects, batch: Uuid) -> Query<'q> {
-        let l = &effects.ledger;
-        let query = bind_reservations(sqlx::query(sql::RECORD_METERED), &effects.reservations)
-            .bind(l.iter().map(|x| x.account_id.as_str()).collect::<Vec<_>>())
-            .bind(l.iter().map(|x| x.balance_after).collect::<Vec<_>>())
-            .bind(
-                l.iter()
-                    .map(|x| x.idempotency_key.as_str())
-                    .collect::<Vec<_>>(),
-            )
-            .bind(l.iter().map(|x| x.reservation_id).collect::<Vec<_>>());
-        bind_changes(query, &effects.balances, &effects.usage)
-            .bind(i32::try_from(self.limits.daily_sends).unwrap_or(i32::MAX))
-            .bind(batch)
     }
 }
 
@@ -395,25 +381,4 @@ async fn take_leases(conn: &mut PgConnection, leases: &[Lease]) -> Result<bool, 
         .await?
         .rows_affected();
     Ok(taken == leases.len() as u64)
-}
-
-/// Binds new reservations as parameters $1 to $8 (parallel arrays).
-fn bind_reservations<'q>(query: Query<'q>, r: &'q [NewReservation]) -> Query<'q> {
-    query
-        .bind(r.iter().map(|x| x.id).collect::<Vec<_>>())
-        .bind(r.iter().map(|x| x.account_id.as_str()).collect::<Vec<_>>())
-        .bind(
-            r.iter()
-                .map(|x| x.idempotency_key.as_str())
-                .collect::<Vec<_>>(),
-        )
-        .bind(
-            r.iter()
-                .map(|x| x.payload_digest.to_vec())
-                .collect::<Vec<_>>(),
-        )
-        .bind(r.iter().map(|x| x.plan.as_str()).collect::<Vec<_>>())
-        .bind(r.iter().map(|x| x.charge.as_str()).collect::<Vec<_>>())
-        .bind(r.iter().map(|x| x.usage_day).collect::<Vec<_>>())
-        .bind(r.iter().map(|x| x.remaining).collect::<Vec<_>>())
 }

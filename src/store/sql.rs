@@ -8,6 +8,17 @@
 //! statements probe each key through the primary key (LATERAL subqueries,
 //! fenced by `OFFSET 0` so the planner cannot turn them into joins), and the
 //! cold ones that must join are planned at every run ([`BEGIN_PLANNED`]).
+//!
+//! The two statements with most parameters, [`RECORD_METERED`] and
+//! [`RECORD_UNMETERED`], are bound only through their parameter structs
+//! here ([`RecordMetered`], [`RecordUnmetered`]), in placeholder order.
+
+use chrono::{DateTime, Utc};
+use uuid::Uuid;
+
+use super::jobs::bind_refusals;
+use super::{Query, Refusal, bind_changes};
+use crate::domain::decision::{Effects, NewReservation};
 
 /// Begins a transaction whose statements are planned at every run, with
 /// the batch's own arrays and the tables as they are now. Used by settling
@@ -252,6 +263,27 @@ pub const RECORD_UNMETERED: &str = concat!(
     insert_reservations!("$9")
 );
 
+/// The parameters of [`RECORD_UNMETERED`], bound in the order of its
+/// placeholders by [`RecordUnmetered::bind`].
+pub(super) struct RecordUnmetered<'q> {
+    pub reservations: &'q [NewReservation],
+    pub batch: Uuid,
+    pub bucket: DateTime<Utc>,
+    pub campaigns: Vec<String>,
+    pub refusals: &'q [Refusal],
+}
+
+impl<'q> RecordUnmetered<'q> {
+    pub fn bind(self) -> Query<'q> {
+        let query = sqlx::query(RECORD_UNMETERED);
+        let query = bind_reservations(query, self.reservations) // $1-$8
+            .bind(self.batch) // $9
+            .bind(self.bucket) // $10
+            .bind(self.campaigns); // $11
+        bind_refusals(query, self.refusals) // $12-$18
+    }
+}
+
 /// Takes out the released reservations of keys ($1 accounts, $2 keys)
 /// about to be charged afresh, before the charge is written: the new charge
 /// may belong in another slot than the old one (a key released in an
@@ -310,6 +342,62 @@ pub const RECORD_METERED: &str = concat!(
     )
     SELECT count(*) FROM new_reservations"
 );
+
+/// The parameters of [`RECORD_METERED`], bound in the order of its
+/// placeholders by [`RecordMetered::bind`]: one wrong index would be a
+/// silent wrong charge, so they are bound here and nowhere else.
+pub(super) struct RecordMetered<'q> {
+    pub effects: &'q Effects,
+    /// The Pro daily limit the usage rows record.
+    pub daily_limit: i32,
+    pub batch: Uuid,
+    pub bucket: DateTime<Utc>,
+    pub campaigns: Vec<String>,
+    pub refusals: &'q [Refusal],
+}
+
+impl<'q> RecordMetered<'q> {
+    pub fn bind(self) -> Query<'q> {
+        let (e, l) = (self.effects, &self.effects.ledger);
+        let query = sqlx::query(RECORD_METERED);
+        let query = bind_reservations(query, &e.reservations) // $1-$8
+            .bind(l.iter().map(|x| x.account_id.as_str()).collect::<Vec<_>>()) // $9
+            .bind(l.iter().map(|x| x.balance_after).collect::<Vec<_>>()) // $10
+            .bind(
+                l.iter()
+                    .map(|x| x.idempotency_key.as_str())
+                    .collect::<Vec<_>>(),
+            ) // $11
+            .bind(l.iter().map(|x| x.reservation_id).collect::<Vec<_>>()); // $12
+        let query = bind_changes(query, &e.balances, &e.usage) // $13-$17
+            .bind(self.daily_limit) // $18
+            .bind(self.batch) // $19
+            .bind(self.bucket) // $20
+            .bind(self.campaigns); // $21
+        bind_refusals(query, self.refusals) // $22-$28
+    }
+}
+
+/// Binds new reservations as parameters $1 to $8 (parallel arrays).
+pub(super) fn bind_reservations<'q>(query: Query<'q>, r: &'q [NewReservation]) -> Query<'q> {
+    query
+        .bind(r.iter().map(|x| x.id).collect::<Vec<_>>())
+        .bind(r.iter().map(|x| x.account_id.as_str()).collect::<Vec<_>>())
+        .bind(
+            r.iter()
+                .map(|x| x.idempotency_key.as_str())
+                .collect::<Vec<_>>(),
+        )
+        .bind(
+            r.iter()
+                .map(|x| x.payload_digest.to_vec())
+                .collect::<Vec<_>>(),
+        )
+        .bind(r.iter().map(|x| x.plan.as_str()).collect::<Vec<_>>())
+        .bind(r.iter().map(|x| x.charge.as_str()).collect::<Vec<_>>())
+        .bind(r.iter().map(|x| x.usage_day).collect::<Vec<_>>())
+        .bind(r.iter().map(|x| x.remaining).collect::<Vec<_>>())
+}
 
 /// The reservations named by reports ($1 accounts, $2 keys), locked, with
 /// the Pro usage of their day (columns of [`super::rows::held`]).
