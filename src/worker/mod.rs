@@ -126,17 +126,24 @@ pub(crate) async fn run(worker: impl Worker, stop: CancellationToken) {
     let mut connected_before = false;
     let mut pause = worker.pausable().then(|| shared.health.pause_requests());
     let queues = worker.queues();
+    // Whether readiness counts this worker as paused. A paused worker is
+    // ready (it is paused on purpose); it stays counted so from before its
+    // session closes until its next session is open, so a pause or a
+    // resume never shows as a lost broker on /readyz.
+    let mut counted_paused = false;
     while !stop.is_cancelled() {
         if let Some(pause) = &mut pause
             && *pause.borrow_and_update()
         {
-            shared.health.worker_paused(true);
+            if !counted_paused {
+                shared.health.worker_paused(true);
+                counted_paused = true;
+            }
             info!(worker = id, "paused: taking no jobs until resumed");
             tokio::select! {
                 _ = stop.cancelled() => {}
                 _ = pause.wait_for(|paused| !paused) => {}
             }
-            shared.health.worker_paused(false);
             if stop.is_cancelled() {
                 return;
             }
@@ -146,6 +153,13 @@ pub(crate) async fn run(worker: impl Worker, stop: CancellationToken) {
             _ = stop.cancelled() => return,
             opened = shared.broker.open_session(&queues, worker.channels(), &tag) => opened,
         };
+        if opened.is_ok() {
+            shared.health.broker_connected();
+        }
+        if counted_paused {
+            shared.health.worker_paused(false);
+            counted_paused = false;
+        }
         let mut session = match opened {
             Ok(session) => session,
             Err(err) => {
@@ -166,7 +180,6 @@ pub(crate) async fn run(worker: impl Worker, stop: CancellationToken) {
         }
         connected_before = true;
         backoff.reset();
-        shared.health.broker_connected();
         let consumers = std::mem::take(&mut session.consumers);
         // A pause ends the session the way a stop does: the batches in hand
         // are finished, and what is still prefetched goes back to the queue.
@@ -185,8 +198,13 @@ pub(crate) async fn run(worker: impl Worker, stop: CancellationToken) {
         if let Some(watch) = pause_watch {
             watch.abort();
         }
+        let paused = result.is_ok() && !stop.is_cancelled();
+        if paused {
+            shared.health.worker_paused(true);
+            counted_paused = true;
+        }
         shared.health.broker_disconnected();
-        if result.is_ok() && !stop.is_cancelled() {
+        if paused {
             session.close("sendgate paused").await;
             continue;
         }

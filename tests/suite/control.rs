@@ -3,6 +3,7 @@
 //! reports keep being applied. The real binary, Postgres and RabbitMQ.
 
 use std::process::Output;
+use std::time::Duration;
 
 use crate::harness::*;
 use sendgate::domain::plan::Plan;
@@ -125,4 +126,55 @@ async fn pausing_stops_taking_jobs_until_resumed_while_reports_still_settle() {
 
 fn json(text: &str) -> serde_json::Value {
     serde_json::from_str(text).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readiness_holds_through_pauses_and_resumes() {
+    // A pause or a resume is not a lost broker: /readyz answers 200 all
+    // along, also while the jobs worker closes its session and while it
+    // opens a new one on every job queue.
+    let mut env = TestEnv::new();
+    env.set("SENDGATE__API__TOKEN", ADMIN);
+    let sendgate = Process::spawn(&env, false);
+    sendgate.wait_ready(WAIT).await;
+    let addr = sendgate.addr();
+    let done = tokio_util::sync::CancellationToken::new();
+    let watcher = tokio::spawn({
+        let done = done.clone();
+        async move {
+            let (mut probes, mut not_ready) = (0, Vec::new());
+            while !done.is_cancelled() {
+                match http_get(addr, "/readyz").await {
+                    Ok((200, _)) => {}
+                    other => not_ready.push(format!("{other:?}")),
+                }
+                probes += 1;
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+            (probes, not_ready)
+        }
+    });
+    for _ in 0..5 {
+        for (action, expected) in [("pause", "paused"), ("resume", "consuming")] {
+            let out = ctl(&env, &sendgate, ADMIN, &[action]);
+            assert!(out.status.success(), "{out:?}");
+            let sendgate = &sendgate;
+            let env = &env;
+            eventually(
+                WAIT,
+                || async move { state(env, sendgate)["state"] == expected },
+            )
+            .await;
+        }
+    }
+    done.cancel();
+    let (probes, not_ready) = watcher.await.unwrap();
+    assert!(probes > 50, "only {probes} probes");
+    assert!(
+        not_ready.is_empty(),
+        "{} of {probes}: {not_ready:?}",
+        not_ready.len()
+    );
+    drop(sendgate);
+    env.cleanup().await;
 }
