@@ -170,14 +170,7 @@ pub(crate) async fn write_results(bench: &Bench, s: &Samples) -> anyhow::Result<
     let (p, g, h, h_m) = (median(&s.p), median(&s.g), median(&s.h), median(&s.h_m));
     let rss = s.rss_mib.iter().copied().fold(0.0, f64::max);
     let lat_diff = median(&s.lat_g_p99) - median(&s.lat_p_p99);
-    let (cpu_p, cpu_g, cpu_h, cpu_h_m, cpu_lp, cpu_l) = (
-        Cpu::median(&s.cpu_p),
-        Cpu::median(&s.cpu_g),
-        Cpu::median(&s.cpu_h),
-        Cpu::median(&s.cpu_h_m),
-        Cpu::median(&s.cpu_latency_p),
-        Cpu::median(&s.cpu_latency_g),
-    );
+    let (cpu_p, cpu_g, cpu_h, cpu_h_m, cpu_lp, cpu_l) = cpu_medians(s);
     let cpu_rows = cpu_rows(s);
     let (st_g, st_h, st_h_m) = (
         Storage::median(&s.storage_g),
@@ -225,14 +218,7 @@ pub(crate) async fn write_results(bench: &Bench, s: &Samples) -> anyhow::Result<
 
 /// The CPU table's rows, medians per 1,000 jobs.
 fn cpu_rows(s: &Samples) -> String {
-    let (cpu_p, cpu_g, cpu_h, cpu_h_m, cpu_lp, cpu_l) = (
-        Cpu::median(&s.cpu_p),
-        Cpu::median(&s.cpu_g),
-        Cpu::median(&s.cpu_h),
-        Cpu::median(&s.cpu_h_m),
-        Cpu::median(&s.cpu_latency_p),
-        Cpu::median(&s.cpu_latency_g),
-    );
+    let (cpu_p, cpu_g, cpu_h, cpu_h_m, cpu_lp, cpu_l) = cpu_medians(s);
     let rate = s.latency_rate;
     [
         ("P, full load".to_owned(), cpu_p, false),
@@ -356,5 +342,18 @@ CPU time per 1,000 jobs, medians, in ms, summed over the machine's cores:\n\n\
         pl99 = median(&s.lat_p_p99),
         gl50 = median(&s.lat_g_p50),
         gl99 = median(&s.lat_g_p99),
+    )
+}
+
+/// The medians of CPU per 1,000 jobs: P, G, H, H_m at full load, then P and
+/// G in the latency runs.
+fn cpu_medians(s: &Samples) -> (Cpu, Cpu, Cpu, Cpu, Cpu, Cpu) {
+    (
+        Cpu::median(&s.cpu_p),
+        Cpu::median(&s.cpu_g),
+        Cpu::median(&s.cpu_h),
+        Cpu::median(&s.cpu_h_m),
+        Cpu::median(&s.cpu_latency_p),
+        Cpu::median(&s.cpu_latency_g),
     )
 }

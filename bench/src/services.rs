@@ -156,44 +156,35 @@ impl Bench {
         route: Route,
         jobs: &[(String, Vec<u8>)],
     ) -> anyhow::Result<()> {
-        for chunk in jobs.chunks(500) {
-            let mut confirms = Vec::with_capacity(chunk.len());
-            for (account, b) in chunk {
-                let (exchange, key) = match route {
-                    Route::Queue => ("", self.names.send.as_str()),
-                    Route::Exchange => (self.names.jobs.as_str(), account.as_str()),
-                };
-                confirms.push(
-                    self.channel
-                        .basic_publish(
-                            exchange.into(),
-                            key.into(),
-                            BasicPublishOptions::default(),
-                            b,
-                            persistent(),
-                        )
-                        .await?,
-                );
-            }
-            for c in confirms {
-                ensure!(c.await?.is_ack(), "preload publish was nacked");
-            }
-        }
-        Ok(())
+        let routed = jobs.iter().map(|(account, body)| {
+            let (exchange, key) = match route {
+                Route::Queue => ("", self.names.send.as_str()),
+                Route::Exchange => (self.names.jobs.as_str(), account.as_str()),
+            };
+            (exchange, key, body.as_slice())
+        });
+        self.publish_confirmed(routed.collect()).await
     }
 
-    /// Publishes bodies with confirms, 500 in flight at a time.
+    /// Publishes bodies to `queue` with confirms, 500 in flight at a time.
     pub(crate) async fn preload(&self, queue: &str, bodies: &[Vec<u8>]) -> anyhow::Result<()> {
-        for chunk in bodies.chunks(500) {
+        let routed = bodies.iter().map(|body| ("", queue, body.as_slice()));
+        self.publish_confirmed(routed.collect()).await
+    }
+
+    /// Publishes `(exchange, routing key, body)` messages persistent, with
+    /// confirms, 500 in flight at a time.
+    async fn publish_confirmed(&self, messages: Vec<(&str, &str, &[u8])>) -> anyhow::Result<()> {
+        for chunk in messages.chunks(500) {
             let mut confirms = Vec::with_capacity(chunk.len());
-            for b in chunk {
+            for (exchange, key, body) in chunk {
                 confirms.push(
                     self.channel
                         .basic_publish(
-                            "".into(),
-                            queue.into(),
+                            (*exchange).into(),
+                            (*key).into(),
                             BasicPublishOptions::default(),
-                            b,
+                            body,
                             persistent(),
                         )
                         .await?,

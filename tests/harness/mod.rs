@@ -422,33 +422,29 @@ impl Broker {
     /// jobs `exchange` with its account as routing key, waiting for the
     /// broker's confirm.
     pub async fn publish_for(&self, exchange: &str, account: &str, body: &[u8]) {
-        let confirmation = self
-            .channel
-            .basic_publish(
-                exchange.into(),
-                account.into(),
-                BasicPublishOptions {
-                    mandatory: true,
-                    ..BasicPublishOptions::default()
-                },
-                body,
-                job_properties(),
-            )
-            .await
-            .unwrap()
-            .await
-            .unwrap();
-        assert!(confirmation.is_ack(), "job was not accepted by the broker");
-        assert!(confirmation.take_message().is_none(), "job was unroutable");
+        self.publish_through(exchange, account, body, job_properties())
+            .await;
     }
 
     /// Publishes with the given properties, waiting for the broker's confirm.
     pub async fn publish_with(&self, queue: &str, body: &[u8], properties: BasicProperties) {
+        self.publish_through("", queue, body, properties).await;
+    }
+
+    /// Publishes mandatory to `exchange` with `routing_key`, waiting for
+    /// the broker's confirm; panics when it is refused or unroutable.
+    async fn publish_through(
+        &self,
+        exchange: &str,
+        routing_key: &str,
+        body: &[u8],
+        properties: BasicProperties,
+    ) {
         let confirmation = self
             .channel
             .basic_publish(
-                "".into(),
-                queue.into(),
+                exchange.into(),
+                routing_key.into(),
                 BasicPublishOptions {
                     mandatory: true,
                     ..BasicPublishOptions::default()
