@@ -266,6 +266,13 @@ mod tests {
                 .contains("control character")
         );
         assert!(detail(br#"{"account_id":"a"}"#, Some("key-\u{fffd}")).contains("not valid UTF-8"));
+        assert_eq!(
+            detail(
+                br#"{"account_id":{"$serde_json::private::RawValue":"\"a\""},"idempotency_key":"k"}"#,
+                None
+            ),
+            "body has the key `$serde_json::private::RawValue`, which serde_json reserves for its own use"
+        );
     }
 
     #[test]

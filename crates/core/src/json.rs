@@ -7,6 +7,15 @@
 //! Only the top level is read this way: it is the only level sendgate reads
 //! (jobs and delivery reports are flat objects); the values below it are
 //! kept as [`serde_json::Value`]s and forwarded as the bytes they came in.
+//!
+//! No key at any level may be one of serde_json's private markers
+//! (`$serde_json::private::RawValue`, `…::Number`). With serde_json's
+//! `raw_value` feature on (axum and sqlx turn it on in the gate's build) its
+//! `Value` reads `{"$serde_json::private::RawValue":"\"a\""}` as the string
+//! `"a"`: a job could name its account in a way one reader takes as a
+//! string and another as an object. The values here are read as plain JSON
+//! (a marker is an ordinary key to them), and a body holding a marker is
+//! refused.
 
 use std::fmt;
 
@@ -22,6 +31,10 @@ pub enum NotAnObject {
     Syntax(String),
     #[error("body has the key `{0}` more than once")]
     DuplicateKey(String),
+    /// A key some JSON readers take as an instruction (serde_json's private
+    /// markers), at any level.
+    #[error("body has the key `{0}`, which serde_json reserves for its own use")]
+    ReservedKey(String),
     /// JSON, but of this other kind.
     #[error("body is a JSON {0}, not an object")]
     Kind(&'static str),
@@ -35,10 +48,7 @@ pub fn strict_object(body: &[u8]) -> Result<Map<String, Value>, NotAnObject> {
     match serde_json::from_slice::<Top>(body) {
         Ok(Top::Object(fields)) => Ok(fields),
         Ok(Top::Other(kind)) => Err(NotAnObject::Kind(kind)),
-        Err(err) => match duplicate_key(&err) {
-            Some(key) => Err(NotAnObject::DuplicateKey(key)),
-            None => Err(NotAnObject::Syntax(err.to_string())),
-        },
+        Err(err) => Err(refusal(&err)),
     }
 }
 
@@ -54,16 +64,37 @@ pub fn kind(value: &Value) -> &'static str {
     }
 }
 
-/// The marker [`TopVisitor`] puts in front of a repeated key's name, so the
-/// key can be told apart from serde_json's own syntax errors.
+/// The markers [`TopVisitor`] and [`PlainVisitor`] put in front of a
+/// refused key's name, so the refusal can be told apart from serde_json's
+/// own syntax errors.
 const DUPLICATE: &str = "sendgate-duplicate-key:";
+const RESERVED: &str = "sendgate-reserved-key:";
 
-fn duplicate_key(err: &serde_json::Error) -> Option<String> {
+/// The prefix of serde_json's private marker keys.
+const SERDE_JSON_PRIVATE: &str = "$serde_json::private::";
+
+fn refusal(err: &serde_json::Error) -> NotAnObject {
     let text = err.to_string();
-    let rest = text.strip_prefix(DUPLICATE)?;
     // serde_json appends " at line L column C" to a custom error.
-    let key = rest.rsplit_once(" at line ").map_or(rest, |(key, _)| key);
-    Some(key.to_owned())
+    let key = |rest: &str| {
+        rest.rsplit_once(" at line ")
+            .map_or(rest, |(key, _)| key)
+            .to_owned()
+    };
+    if let Some(rest) = text.strip_prefix(DUPLICATE) {
+        NotAnObject::DuplicateKey(key(rest))
+    } else if let Some(rest) = text.strip_prefix(RESERVED) {
+        NotAnObject::ReservedKey(key(rest))
+    } else {
+        NotAnObject::Syntax(text)
+    }
+}
+
+fn check_key<E: de::Error>(key: &str) -> Result<(), E> {
+    if key.starts_with(SERDE_JSON_PRIVATE) {
+        return Err(E::custom(format_args!("{RESERVED}{key}")));
+    }
+    Ok(())
 }
 
 enum Top {
@@ -89,10 +120,11 @@ impl<'de> Visitor<'de> for TopVisitor {
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Top, A::Error> {
         let mut fields = Map::new();
         while let Some(key) = map.next_key::<String>()? {
+            check_key(&key)?;
             if fields.contains_key(&key) {
                 return Err(de::Error::custom(format_args!("{DUPLICATE}{key}")));
             }
-            let value: Value = map.next_value()?;
+            let Plain(value) = map.next_value()?;
             fields.insert(key, value);
         }
         Ok(Top::Object(fields))
@@ -125,6 +157,76 @@ impl<'de> Visitor<'de> for TopVisitor {
 
     fn visit_unit<E: de::Error>(self) -> Result<Top, E> {
         Ok(Top::Other("null"))
+    }
+}
+
+/// A JSON value read as plain JSON: objects, arrays, strings, numbers,
+/// booleans and null, with no key given a meaning (serde_json's own
+/// `Value` honours its markers when a feature asks it to). A repeated key
+/// below the top level keeps the last, as `Value` does.
+struct Plain(Value);
+
+impl<'de> Deserialize<'de> for Plain {
+    fn deserialize<D: de::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        deserializer.deserialize_any(PlainVisitor).map(Plain)
+    }
+}
+
+struct PlainVisitor;
+
+impl<'de> Visitor<'de> for PlainVisitor {
+    type Value = Value;
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("a JSON value")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Value, A::Error> {
+        let mut fields = Map::new();
+        while let Some(key) = map.next_key::<String>()? {
+            check_key(&key)?;
+            let Plain(value) = map.next_value()?;
+            fields.insert(key, value);
+        }
+        Ok(Value::Object(fields))
+    }
+
+    fn visit_seq<A: de::SeqAccess<'de>>(self, mut seq: A) -> Result<Value, A::Error> {
+        let mut items = Vec::new();
+        while let Some(Plain(item)) = seq.next_element()? {
+            items.push(item);
+        }
+        Ok(Value::Array(items))
+    }
+
+    fn visit_str<E: de::Error>(self, s: &str) -> Result<Value, E> {
+        Ok(Value::String(s.to_owned()))
+    }
+
+    fn visit_string<E: de::Error>(self, s: String) -> Result<Value, E> {
+        Ok(Value::String(s))
+    }
+
+    fn visit_bool<E: de::Error>(self, b: bool) -> Result<Value, E> {
+        Ok(Value::Bool(b))
+    }
+
+    fn visit_i64<E: de::Error>(self, n: i64) -> Result<Value, E> {
+        Ok(Value::from(n))
+    }
+
+    fn visit_u64<E: de::Error>(self, n: u64) -> Result<Value, E> {
+        Ok(Value::from(n))
+    }
+
+    fn visit_f64<E: de::Error>(self, n: f64) -> Result<Value, E> {
+        // As serde_json's own `Value`: a number JSON text cannot hold
+        // (never produced by its reader) would be null.
+        Ok(Value::from(n))
+    }
+
+    fn visit_unit<E: de::Error>(self) -> Result<Value, E> {
+        Ok(Value::Null)
     }
 }
 
@@ -167,6 +269,47 @@ mod tests {
             strict_object(br#"{"a":1} x"#),
             Err(NotAnObject::Syntax(_))
         ));
+    }
+
+    #[test]
+    fn serde_json_markers_are_refused_at_any_level() {
+        // The core's tests build serde_json with `raw_value` on, as the
+        // gate's build has it (see Cargo.toml): this job would name account
+        // `a` to serde_json's `Value` and an object to other readers.
+        let marker = "$serde_json::private::RawValue";
+        let nested = format!(r#"{{"account_id":{{"{marker}":"\"a\""}},"x":1}}"#);
+        let raw: Value = serde_json::from_str(&nested).expect("serde_json reads it");
+        assert_eq!(
+            raw["account_id"], "a",
+            "the build this test runs in honours the marker"
+        );
+        assert_eq!(
+            strict_object(nested.as_bytes()),
+            Err(NotAnObject::ReservedKey(marker.to_owned()))
+        );
+        for body in [
+            format!(r#"{{"{marker}":"99"}}"#),
+            r#"{"a":1,"$serde_json::private::Number":"1"}"#.to_owned(),
+            format!(r#"{{"a":[{{"b":{{"{marker}":"1"}}}}]}}"#),
+            // An escape spells the same key.
+            r#"{"a":{"\u0024serde_json::private::RawValue":"1"}}"#.to_owned(),
+        ] {
+            assert!(
+                matches!(
+                    strict_object(body.as_bytes()),
+                    Err(NotAnObject::ReservedKey(_))
+                ),
+                "{body}"
+            );
+        }
+        // Keys are plain below the top level too: the values read are the
+        // ones serde_json reads where no marker is involved.
+        let plain = br#"{"m":{"k":[1,-2,2.5,"s",null,true,{"x":{}}]}}"#;
+        let fields = strict_object(plain).expect("an object");
+        let Value::Object(expected) = serde_json::from_slice::<Value>(plain).expect("JSON") else {
+            panic!("an object")
+        };
+        assert_eq!(fields, expected);
     }
 
     #[test]
