@@ -121,6 +121,14 @@ impl App {
             shared.store.clone(),
             stop.clone(),
         ));
+        let audit = shared.settings.audit.interval().map(|interval| {
+            tokio::spawn(worker::audit::run(
+                shared.store.clone(),
+                worker::audit::rules(&shared.settings),
+                interval,
+                stop.clone(),
+            ))
+        });
 
         stop.cancelled().await;
         shared.health.set_draining();
@@ -139,6 +147,9 @@ impl App {
         shared.broker.close().await;
         let _ = sweeper.await;
         let _ = rollup.await;
+        if let Some(audit) = audit {
+            let _ = audit.await;
+        }
         background.stop().await?;
         shared.store.close().await;
         info!("stopped");

@@ -68,6 +68,22 @@ pub struct Settings {
     pub reservations: ReservationSettings,
     pub api: ApiSettings,
     pub events: EventSettings,
+    pub audit: AuditSettings,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuditSettings {
+    /// How often each process audits the money's invariants (0: never;
+    /// `sendgate audit` still does on demand).
+    pub interval_secs: u64,
+}
+
+impl AuditSettings {
+    /// `None`: no background audit.
+    pub fn interval(&self) -> Option<Duration> {
+        (self.interval_secs > 0).then(|| Duration::from_secs(self.interval_secs))
+    }
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -723,7 +739,8 @@ impl Settings {
     fn validate_durations(&self) -> Result<(), ConfigError> {
         const MINUTE_MS: u64 = 60_000;
         const DAY_SECS: u64 = 86_400;
-        let bounds: [(&'static str, u64, u64, u64); 18] = [
+        let bounds: [(&'static str, u64, u64, u64); 19] = [
+            ("audit.interval_secs", self.audit.interval_secs, 0, DAY_SECS),
             (
                 "events.relay_interval_ms",
                 self.events.relay_interval_ms,

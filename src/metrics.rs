@@ -48,6 +48,10 @@ pub const SLOT_AGE: &str = "sendgate_reservation_slot_age_seconds";
 pub const SLOTS_EMPTIED: &str = "sendgate_reservation_slots_emptied_total";
 pub const INTERNAL_ERRORS: &str = "sendgate_internal_errors_total";
 pub const HTTP_CONNECTIONS_REFUSED: &str = "sendgate_http_connections_refused_total";
+pub const AUDIT_VIOLATIONS: &str = "sendgate_audit_violations";
+pub const AUDIT_LAST_COMPLETED: &str = "sendgate_audit_last_completed_timestamp_seconds";
+pub const AUDIT_DURATION: &str = "sendgate_audit_duration_seconds";
+pub const AUDIT_FAILURES: &str = "sendgate_audit_failures_total";
 
 /// What kind of series a metric is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -261,6 +265,37 @@ pub const CATALOGUE: &[MetricDoc] = &[
         labels: &[],
         unit: "reservations",
         help: "Held reservations committed by the sweep because no outcome came within the hold time.",
+    },
+    MetricDoc {
+        name: AUDIT_VIOLATIONS,
+        kind: Kind::Gauge,
+        labels: &[(
+            "check",
+            "ledger_balance, credits_spent, daily_limit, usage_counts, holds_expire",
+        )],
+        unit: "accounts",
+        help: "Accounts the last completed self-audit found breaking the check (docs/runbook.md#self-audit); 0 when it found none.",
+    },
+    MetricDoc {
+        name: AUDIT_LAST_COMPLETED,
+        kind: Kind::Gauge,
+        labels: &[],
+        unit: "seconds",
+        help: "When this process last completed a self-audit (Unix time); absent until the first.",
+    },
+    MetricDoc {
+        name: AUDIT_DURATION,
+        kind: Kind::Gauge,
+        labels: &[],
+        unit: "seconds",
+        help: "How long the last completed self-audit took.",
+    },
+    MetricDoc {
+        name: AUDIT_FAILURES,
+        kind: Kind::Counter,
+        labels: &[],
+        unit: "audits",
+        help: "Self-audits that could not finish (the database failed); tried again next interval.",
     },
     MetricDoc {
         name: DEDUP_WINDOW,
@@ -488,6 +523,7 @@ fn describe() {
     counter!(PUBLISH_FAILURES).absolute(0);
     counter!(HOLDS_EXPIRED).absolute(0);
     counter!(SLOTS_EMPTIED).absolute(0);
+    counter!(AUDIT_FAILURES).absolute(0);
     counter!(HTTP_CONNECTIONS_REFUSED).absolute(0);
     for stage in ["jobs", "outcomes"] {
         counter!(INTERNAL_ERRORS, "stage" => stage).absolute(0);
@@ -616,6 +652,21 @@ pub fn outcome(result: &'static str) {
 
 pub fn holds_expired(n: u64) {
     counter!(HOLDS_EXPIRED).increment(n);
+}
+
+/// A completed self-audit: its findings per check, when and how long.
+pub fn audit_completed(report: &crate::store::AuditReport) {
+    for (check, n) in &report.counts {
+        gauge!(AUDIT_VIOLATIONS, "check" => check.as_str()).set(*n as f64);
+    }
+    let finished = report.finished_at.timestamp_millis() as f64 / 1000.0;
+    gauge!(AUDIT_LAST_COMPLETED).set(finished);
+    gauge!(AUDIT_DURATION).set(report.took.as_secs_f64());
+}
+
+/// A self-audit that could not finish.
+pub fn audit_failed() {
+    counter!(AUDIT_FAILURES).increment(1);
 }
 
 /// The dedup window in force (`None`: charges are kept forever).

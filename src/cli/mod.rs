@@ -3,6 +3,7 @@
 //! `service`). Each group's file holds one function per subcommand.
 
 mod accounts;
+mod audit;
 mod ctl;
 mod dead_letters;
 pub mod exit;
@@ -38,6 +39,14 @@ pub enum Command {
     /// Create, change and inspect accounts.
     #[command(subcommand)]
     Accounts(AccountsCommand),
+    /// Check the money's invariants against the database (balances and
+    /// ledger, credits spent, Pro days, usage counts, held charges); exit 1
+    /// when any is broken, naming the account and the check.
+    Audit {
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Print the effective configuration as JSON (passwords redacted).
     Config,
     /// Control a running sendgate over its admin API: pause or resume
@@ -275,6 +284,7 @@ pub async fn execute(command: Command, settings: Settings) -> anyhow::Result<()>
         Command::Run => service::run(settings).await,
         Command::Migrate => service::migrate(&settings).await,
         Command::Config => service::print_config(&settings),
+        Command::Audit { json } => audit::execute(&settings, json).await,
         Command::Accounts(command) => accounts::execute(command, &settings).await,
         Command::Ctl(command) => ctl::execute(command, &settings).await,
         Command::DeadLetters(command) => dead_letters::execute(command, &settings).await,

@@ -12,6 +12,7 @@
 //! - [`jobs`]: what happened to a job, and an account's held charges;
 //! - [`usage`]: usage counts, rolled up and read per hour, day or campaign;
 //! - [`retention`]: the sweep's removals of what outlived its window;
+//! - [`audit`]: the self-audit of the money's invariants;
 //! - [`primary`]: finding the writable primary among the database hosts.
 //!
 //! A batch of jobs is decided in one transaction: lock the batch's metered
@@ -23,6 +24,7 @@
 
 mod accounts;
 mod adjust;
+mod audit;
 mod decide;
 mod error;
 mod events;
@@ -46,6 +48,7 @@ use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 
 pub use accounts::{AccountSummary, Created};
 pub use adjust::{Adjusted, Adjustment};
+pub use audit::{AuditReport, AuditRules, Check, MAX_LISTED, Violation};
 pub use decide::Recorded;
 pub use error::StoreError;
 pub use events::{Backlog, Claimed, EventRules, OutboxEvent};

@@ -8,12 +8,14 @@
 //! - [`record`]: a decided job's log line and metrics, as one event;
 //! - [`sweep`]: the database's upkeep: expired holds committed, the
 //!   reservation ring rotated, rows past their retention removed;
-//! - [`events`]: the outbox's threshold events relayed to the broker.
+//! - [`events`]: the outbox's threshold events relayed to the broker;
+//! - [`audit`]: the self-audit of the money's invariants, every interval.
 //!
 //! This module is the session loop both workers share: connect, consume,
 //! and reconnect with backoff whenever the session fails. A worker that
 //! loses its broker connection drops its batch (the broker redelivers it).
 
+pub mod audit;
 pub mod batcher;
 pub mod events;
 pub mod fair;

@@ -7,6 +7,7 @@
 #![allow(clippy::unwrap_used)]
 
 mod api;
+mod audit;
 mod binary;
 mod control;
 mod events;

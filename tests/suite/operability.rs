@@ -55,6 +55,8 @@ impl Running {
     async fn start_with_traffic() -> Running {
         let mut env = TestEnv::new();
         env.set("SENDGATE__AMQP__DEPTH_POLL_SECS", "1");
+        // An audit a second, so its gauges are there to be read.
+        env.set("SENDGATE__AUDIT__INTERVAL_SECS", "1");
         let store = env.store().await;
         store
             .create_account(&id("ops"), sendgate::domain::plan::Plan::Free, "UTC")
@@ -71,7 +73,15 @@ impl Running {
         }
         broker.take(&env.delivery_queue(), 20, WAIT).await;
         broker.take(&env.dead_queue(), 1, WAIT).await;
-        Running { env, sendgate }
+        let running = Running { env, sendgate };
+        eventually(WAIT, || async {
+            running
+                .metrics()
+                .await
+                .contains("sendgate_audit_last_completed_timestamp_seconds")
+        })
+        .await;
+        running
     }
 
     fn addr(&self) -> std::net::SocketAddr {
