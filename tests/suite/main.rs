@@ -15,6 +15,7 @@ mod gate;
 mod hardening;
 #[path = "../harness/mod.rs"]
 mod harness;
+mod kubernetes;
 mod lifecycle;
 mod operability;
 mod partitions;
