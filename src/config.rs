@@ -69,6 +69,28 @@ pub struct Settings {
     pub api: ApiSettings,
     pub events: EventSettings,
     pub audit: AuditSettings,
+    pub telemetry: TelemetrySettings,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct TelemetrySettings {
+    /// The OTLP/HTTP collector's base URL (`/v1/traces` is added); empty:
+    /// no traces are made or exported.
+    pub otlp_endpoint: String,
+    /// `service.name` of the exported spans.
+    pub service_name: String,
+    /// The share of traces started here (jobs published without trace
+    /// context) that are sampled; a publisher's decision is followed.
+    pub sample_ratio: f64,
+}
+
+impl TelemetrySettings {
+    /// Where spans are exported, if anywhere.
+    pub fn traces_url(&self) -> Option<String> {
+        (!self.otlp_endpoint.is_empty())
+            .then(|| format!("{}/v1/traces", self.otlp_endpoint.trim_end_matches('/')))
+    }
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -662,6 +684,7 @@ impl Settings {
         self.validate_connections()?;
         self.validate_amqp()?;
         self.validate_durations()?;
+        self.validate_telemetry()?;
         let r = &self.reservations;
         if r.dedup_window_secs > 0
             && r.dedup_window_secs < r.hold_secs.saturating_add(r.sweep_interval_secs)
@@ -838,6 +861,37 @@ impl Settings {
             ),
         ];
         within_bounds(&bounds)
+    }
+
+    fn validate_telemetry(&self) -> Result<(), ConfigError> {
+        let telemetry = &self.telemetry;
+        if !telemetry.otlp_endpoint.is_empty() {
+            match url::Url::parse(&telemetry.otlp_endpoint) {
+                Ok(url) if ["http", "https"].contains(&url.scheme()) => {}
+                Ok(url) => {
+                    return Err(invalid(
+                        "telemetry.otlp_endpoint",
+                        format!(
+                            "has scheme `{}`, expected http or https (OTLP over HTTP)",
+                            url.scheme()
+                        ),
+                    ));
+                }
+                Err(err) => {
+                    return Err(invalid(
+                        "telemetry.otlp_endpoint",
+                        format!("is not a URL: {err}"),
+                    ));
+                }
+            }
+        }
+        if telemetry.service_name.trim().is_empty() {
+            return Err(invalid("telemetry.service_name", "must not be empty"));
+        }
+        if !(0.0..=1.0).contains(&telemetry.sample_ratio) {
+            return Err(invalid("telemetry.sample_ratio", "must be between 0 and 1"));
+        }
+        Ok(())
     }
 
     fn validate_connections(&self) -> Result<(), ConfigError> {

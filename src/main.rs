@@ -57,7 +57,20 @@ fn main() -> ExitCode {
             return ExitCode::from(exit::CONFIG);
         }
     };
-    sendgate::telemetry::init(&settings.log);
+    // `run` exports its spans when [telemetry] otlp_endpoint is set; the
+    // exporter sends what is left when `traces` is dropped, at the end.
+    let traces = if matches!(cli.command, Command::Run) {
+        match sendgate::telemetry::init_with_traces(&settings.log, &settings.telemetry) {
+            Ok(traces) => traces,
+            Err(err) => {
+                eprintln!("sendgate: configuration: {err}");
+                return ExitCode::from(exit::CONFIG);
+            }
+        }
+    } else {
+        sendgate::telemetry::init(&settings.log);
+        None
+    };
     let json_logs = settings.log.format == LogFormat::Json;
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(runtime) => runtime,
@@ -66,7 +79,9 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(cli::execute(cli.command, settings)) {
+    let done = runtime.block_on(cli::execute(cli.command, settings));
+    drop(traces);
+    match done {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
             // One line either way; JSON when log pipelines read stderr.

@@ -16,6 +16,7 @@ pub mod message;
 pub mod redrive;
 pub mod session;
 pub mod topology;
+pub mod trace;
 
 use std::str::FromStr;
 

@@ -28,15 +28,39 @@ pub enum SessionError {
     Internal(String),
 }
 
-/// A delivery, when it arrived, and which of the session's channels it
-/// came on.
+/// A delivery, when it arrived, which of the session's channels it came
+/// on, and its span when traces are exported ([`super::trace`]), which
+/// ends when the delivery is dropped (after its ack).
 pub struct Received {
     pub delivery: Delivery,
     pub at: Instant,
     pub channel: usize,
+    pub span: Option<tracing::Span>,
 }
 
 impl Received {
+    /// A job, arrived now.
+    pub fn job(delivery: Delivery, channel: usize) -> Received {
+        let span = super::trace::job_span(&delivery.properties);
+        Received {
+            delivery,
+            at: Instant::now(),
+            channel,
+            span,
+        }
+    }
+
+    /// A delivery report, arrived now.
+    pub fn report(delivery: Delivery) -> Received {
+        let span = super::trace::settle_span(&delivery.properties);
+        Received {
+            delivery,
+            at: Instant::now(),
+            channel: 0,
+            span,
+        }
+    }
+
     /// The delivery's `message_id` property, if it has one.
     pub fn message_id(&self) -> Option<&str> {
         self.delivery

@@ -35,7 +35,7 @@ use lapin::options::BasicCancelOptions;
 use lapin::{Channel, Consumer};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, error, warn};
+use tracing::{Instrument, debug, error, warn};
 use uuid::Uuid;
 
 use super::batcher::{Batcher, Sizes};
@@ -45,6 +45,7 @@ use super::{InFlight, Shared, Worker, held, isolate};
 use crate::amqp::confirm::{self, Confirms, Publication};
 use crate::amqp::message::{self, Outgoing};
 use crate::amqp::session::{Received, SessionError};
+use crate::amqp::trace;
 use crate::domain::decision::{DeadLetter, Decision};
 use crate::domain::ids::JobKey;
 use crate::domain::job::{InvalidJob, Job};
@@ -258,7 +259,7 @@ impl JobsWorker {
                 }
                 next = deliveries.next(), if !stopping && batcher.has_room() => {
                     let (channel, delivery) = next.flatten().ok_or(SessionError::ConsumerEnded)?;
-                    batcher.push(Received { delivery: delivery?, at: Instant::now(), channel });
+                    batcher.push(Received::job(delivery?, channel));
                 }
                 _ = tokio::time::sleep_until(due.unwrap_or_else(tokio::time::Instant::now)), if due.is_some() => {}
             }
@@ -332,6 +333,7 @@ impl JobsWorker {
             })
             .collect();
         let started = Instant::now();
+        let traced = trace::batch_span(batch.iter().filter_map(|r| r.span.as_ref()), jobs.len());
         let (decisions, forward_batches) = isolate(jobs.len(), |range| async {
             let part = &jobs[range];
             let recorded = shared
@@ -339,6 +341,7 @@ impl JobsWorker {
                 .await?;
             Ok((recorded.decisions, recorded.batch))
         })
+        .instrument(traced.unwrap_or_else(tracing::Span::none))
         .await
         .map_err(|missing| self.held("jobs", missing))?;
         metrics::batch_decided(jobs.len(), started.elapsed());
@@ -417,14 +420,21 @@ impl JobsWorker {
             .map(|k| k.idempotency_key.as_str())
             .or(received.message_id());
         let max_headers = self.shared.settings.jobs.max_header_bytes;
-        let outgoing = message::outgoing(
+        let account = key.as_ref().map(|k| k.account_id.as_str());
+        let mut outgoing = message::outgoing(
             &self.shared.settings.amqp,
             &message::bounded(&received.delivery.properties, max_headers),
             message_id,
-            key.as_ref().map(|k| k.account_id.as_str()),
+            account,
             &decision,
             now,
         );
+        if let Some(span) = &received.span {
+            trace::decided(span, account, message_id, &decision);
+            if let Some(out) = outgoing.as_mut() {
+                out.properties = trace::carry(out.properties.clone(), span);
+            }
+        }
         Slot {
             received,
             key,

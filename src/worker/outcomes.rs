@@ -4,7 +4,6 @@
 //! then the batch is acked, after those dead letters are confirmed.
 
 use std::sync::Arc;
-use std::time::Instant;
 
 use futures_util::StreamExt;
 use lapin::options::BasicCancelOptions;
@@ -16,6 +15,7 @@ use super::{Shared, Worker, held, isolate};
 use crate::amqp::confirm::{self, Publication};
 use crate::amqp::message::{self, Outgoing};
 use crate::amqp::session::{Received, SessionError};
+use crate::amqp::trace;
 use crate::domain::decision::Decision;
 use crate::domain::plan::Reason;
 use crate::domain::settle::{InvalidReport, Report, Settled};
@@ -88,11 +88,7 @@ impl OutcomesWorker {
             next = consumer.next() => next,
         };
         let received = |next: Option<lapin::Result<lapin::message::Delivery>>| {
-            Ok::<_, SessionError>(Received {
-                delivery: next.ok_or(SessionError::ConsumerEnded)??,
-                at: Instant::now(),
-                channel: 0,
-            })
+            Ok::<_, SessionError>(Received::report(next.ok_or(SessionError::ConsumerEnded)??))
         };
         let mut batch = vec![received(first)?];
         let deadline = tokio::time::Instant::now() + gate.batch_wait();
@@ -212,7 +208,7 @@ impl OutcomesWorker {
                 Some(Ok(other)) => (other.as_str(), None),
             },
         };
-        let outgoing = refusal.and_then(|decision| {
+        let mut outgoing = refusal.and_then(|decision| {
             let (settings, now) = (&self.shared.settings.amqp, self.shared.clock.now());
             let max_headers = self.shared.settings.jobs.max_header_bytes;
             message::outgoing(
@@ -224,6 +220,12 @@ impl OutcomesWorker {
                 now,
             )
         });
+        if let Some(span) = &received.span {
+            span.record("sendgate.result", result);
+            if let Some(out) = outgoing.as_mut() {
+                out.properties = trace::carry(out.properties.clone(), span);
+            }
+        }
         Ok(Verdict { result, outgoing })
     }
 }

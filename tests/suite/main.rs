@@ -24,4 +24,5 @@ mod retention;
 mod roles;
 mod store;
 mod tls;
+mod traces;
 mod trust;
