@@ -162,18 +162,24 @@ const LEDGER_READ: &str = "
         WHERE account_id = a.id AND slot = 0 AND charge = 'credit' AND state <> 'released'
     ) c";
 
-/// One page's Pro days from $2 on (all with NULL), with their standing
-/// daily-slot charges.
+/// One page's Pro days from $2 on (all with NULL): the days counted and
+/// the days charged (each account's charges read once), either without the
+/// other included.
 const DAYS_READ: &str = "
-    SELECT d.account_id, d.day, d.used::int8, d.daily_limit::int8, c.charges
-    FROM daily_usage d
-    CROSS JOIN LATERAL (
-        SELECT count(*) AS charges FROM reservations r
-        WHERE r.account_id = d.account_id AND r.usage_day = d.day
-          AND r.charge = 'daily_slot' AND r.state <> 'released'
-    ) c
-    WHERE d.account_id = ANY($1::text[]) AND ($2::date IS NULL OR d.day >= $2)
-    ORDER BY d.account_id, d.day";
+    WITH charged AS (
+        SELECT account_id, usage_day AS day, count(*) AS charges
+        FROM reservations
+        WHERE account_id = ANY($1::text[]) AND charge = 'daily_slot' AND state <> 'released'
+          AND ($2::date IS NULL OR usage_day >= $2)
+        GROUP BY 1, 2
+    ), counted AS (
+        SELECT account_id, day, used::int8, daily_limit::int8 FROM daily_usage
+        WHERE account_id = ANY($1::text[]) AND ($2::date IS NULL OR day >= $2)
+    )
+    SELECT coalesce(d.account_id, c.account_id) AS account_id, coalesce(d.day, c.day) AS day,
+           coalesce(d.used, 0) AS used, d.daily_limit, coalesce(c.charges, 0) AS charges
+    FROM counted d FULL JOIN charged c ON c.account_id = d.account_id AND c.day = d.day
+    ORDER BY 1, 2";
 
 /// One page's Free and Pro accounts: their metered charges made from $3 on,
 /// and the charges their usage counts from $2 on (rolled up or not yet).
@@ -310,8 +316,13 @@ impl Store {
             let id: String = row.try_get("account_id")?;
             let day: NaiveDate = row.try_get("day")?;
             let used: i64 = row.try_get("used")?;
-            let limit: i64 = row.try_get("daily_limit")?;
+            let limit: Option<i64> = row.try_get("daily_limit")?;
             let charges: i64 = row.try_get("charges")?;
+            let Some(limit) = limit else {
+                let detail = format!("{charges} sends charged on {day}, but the day is not counted");
+                report.add(Check::DailyLimit, &id, detail);
+                continue;
+            };
             if charges > limit {
                 let detail = format!("{charges} sends charged on {day}, over its limit of {limit}");
                 report.add(Check::DailyLimit, &id, detail);
