@@ -274,7 +274,11 @@ async fn holds(
         writeln!(
             out,
             "{:<32}  {:<36}  {:<5}  {:<10}  {}",
-            hold.idempotency_key, hold.reservation_id, hold.plan, hold.charge, hold.charged_at
+            hold.idempotency_key,
+            hold.reservation_id,
+            hold.plan.as_str(),
+            hold.charge.as_str(),
+            hold.charged_at
         )?;
     }
     writeln!(out, "{} held charge(s) of {id}", holds.len())?;
@@ -292,12 +296,16 @@ async fn job(
     if json {
         return print_json(out, &status);
     }
-    writeln!(out, "{id} {key}: {}", status.status)?;
+    writeln!(out, "{id} {key}: {}", status.status.as_str())?;
     if let Some(charge) = &status.charge {
         write!(
             out,
             "  charge      {} ({} {}, reservation {}) at {}",
-            charge.state, charge.plan, charge.charge, charge.reservation_id, charge.charged_at
+            charge.state.as_str(),
+            charge.plan.as_str(),
+            charge.charge.as_str(),
+            charge.reservation_id,
+            charge.charged_at
         )?;
         if let (Some(at), Some(detail)) = (charge.settled_at, &charge.settle_detail) {
             write!(out, ", settled {at}: {detail}")?;

@@ -319,7 +319,8 @@ impl Store {
             let limit: Option<i64> = row.try_get("daily_limit")?;
             let charges: i64 = row.try_get("charges")?;
             let Some(limit) = limit else {
-                let detail = format!("{charges} sends charged on {day}, but the day is not counted");
+                let detail =
+                    format!("{charges} sends charged on {day}, but the day is not counted");
                 report.add(Check::DailyLimit, &id, detail);
                 continue;
             };

@@ -8,15 +8,15 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use serde::Serialize;
-use sqlx::Row;
 use uuid::Uuid;
 
-use super::rows::distinct_accounts;
+use super::rows::{self, distinct_accounts};
 use super::{Query, Store, StoreError, sql, usage};
 use crate::domain::decision::Decision;
 use crate::domain::ids::{AccountId, JobKey};
 use crate::domain::job::Job;
-use crate::domain::plan::Reason;
+use crate::domain::plan::{Charge, Plan, Reason};
+use crate::domain::settle::State;
 
 /// A job the gate refused: its key, why, and the detail.
 #[derive(Debug, Clone)]
@@ -34,13 +34,13 @@ pub struct ChargeStatus {
     pub reservation_id: Uuid,
     /// held (forwarded, awaiting its delivery report), committed or
     /// released (the delivery failed; the credit or slot came back).
-    #[schema(example = "held")]
-    pub state: String,
-    #[schema(example = "free")]
-    pub plan: String,
+    #[schema(value_type = String, example = "held")]
+    pub state: State,
+    #[schema(value_type = String, example = "free")]
+    pub plan: Plan,
     /// credit, daily_slot or unmetered.
-    #[schema(example = "credit")]
-    pub charge: String,
+    #[schema(value_type = String, example = "credit")]
+    pub charge: Charge,
     pub charged_at: DateTime<Utc>,
     #[schema(required = true)]
     pub settled_at: Option<DateTime<Utc>>,
@@ -54,11 +54,33 @@ pub struct ChargeStatus {
 #[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct RefusalStatus {
     /// The dead-letter reason (`out_of_credits`, `daily_limit_reached`, …).
-    #[schema(example = "out_of_credits")]
-    pub reason: String,
+    #[schema(value_type = String, example = "out_of_credits")]
+    pub reason: Reason,
     #[schema(example = "free plan: no credits left (20 granted at signup, none refresh)")]
     pub detail: String,
     pub refused_at: DateTime<Utc>,
+}
+
+/// What became of a key, all told.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum JobState {
+    /// Charged (see the charge's state), and not refused since.
+    Charged,
+    /// Its latest judgement was a refusal.
+    Refused,
+    /// Nothing recorded, or a refusal past retention.
+    Unknown,
+}
+
+impl JobState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JobState::Charged => "charged",
+            JobState::Refused => "refused",
+            JobState::Unknown => "unknown",
+        }
+    }
 }
 
 /// Everything recorded about a key.
@@ -70,8 +92,8 @@ pub struct JobStatus {
     pub idempotency_key: String,
     /// charged (see `charge.state`), refused (its latest judgement was a
     /// refusal) or unknown (nothing recorded, or a refusal past retention).
-    #[schema(example = "refused")]
-    pub status: String,
+    #[schema(value_type = String, example = "refused")]
+    pub status: JobState,
     #[schema(required = true)]
     pub charge: Option<ChargeStatus>,
     #[schema(required = true)]
@@ -83,8 +105,8 @@ pub struct JobStatus {
 pub struct Hold {
     pub idempotency_key: String,
     pub reservation_id: Uuid,
-    pub plan: String,
-    pub charge: String,
+    pub plan: Plan,
+    pub charge: Charge,
     pub charged_at: DateTime<Utc>,
 }
 
@@ -105,18 +127,7 @@ impl Store {
         .bind(limit)
         .fetch_all(&self.pool)
         .await?;
-        let holds = rows
-            .iter()
-            .map(|row| -> Result<Hold, sqlx::Error> {
-                Ok(Hold {
-                    idempotency_key: row.try_get("idempotency_key")?,
-                    reservation_id: row.try_get("id")?,
-                    plan: row.try_get("plan")?,
-                    charge: row.try_get("charge")?,
-                    charged_at: row.try_get("created_at")?,
-                })
-            })
-            .collect::<Result<_, _>>()?;
+        let holds = rows.iter().map(rows::hold).collect::<Result<_, _>>()?;
         Ok(holds)
     }
 
@@ -202,17 +213,8 @@ impl Store {
         .bind(key)
         .fetch_optional(&self.pool)
         .await?
-        .map(|row| -> Result<ChargeStatus, sqlx::Error> {
-            Ok(ChargeStatus {
-                reservation_id: row.try_get("id")?,
-                state: row.try_get("state")?,
-                plan: row.try_get("plan")?,
-                charge: row.try_get("charge")?,
-                charged_at: row.try_get("created_at")?,
-                settled_at: row.try_get("settled_at")?,
-                settle_detail: row.try_get("settle_detail")?,
-            })
-        })
+        .as_ref()
+        .map(rows::charge_status)
         .transpose()?;
         let last_refusal = sqlx::query(
             "SELECT reason, detail, refused_at FROM refusals
@@ -222,13 +224,8 @@ impl Store {
         .bind(key)
         .fetch_optional(&self.pool)
         .await?
-        .map(|row| -> Result<RefusalStatus, sqlx::Error> {
-            Ok(RefusalStatus {
-                reason: row.try_get("reason")?,
-                detail: row.try_get("detail")?,
-                refused_at: row.try_get("refused_at")?,
-            })
-        })
+        .as_ref()
+        .map(rows::refusal_status)
         .transpose()?;
         if charge.is_none() && last_refusal.is_none() {
             self.account_must_exist(account).await?;
@@ -236,15 +233,15 @@ impl Store {
         // Whichever came last: a key refused, then charged on a later
         // attempt (or charged, released, then refused) shows its latest fate.
         let status = match (&charge, &last_refusal) {
-            (Some(c), Some(r)) if r.refused_at > c.charged_at => "refused",
-            (Some(_), _) => "charged",
-            (None, Some(_)) => "refused",
-            (None, None) => "unknown",
+            (Some(c), Some(r)) if r.refused_at > c.charged_at => JobState::Refused,
+            (Some(_), _) => JobState::Charged,
+            (None, Some(_)) => JobState::Refused,
+            (None, None) => JobState::Unknown,
         };
         Ok(JobStatus {
             account_id: account.to_string(),
             idempotency_key: key.to_owned(),
-            status: status.to_owned(),
+            status,
             charge,
             last_refusal,
         })

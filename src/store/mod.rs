@@ -52,7 +52,7 @@ pub use audit::{AuditReport, AuditRules, Check, MAX_LISTED, Violation};
 pub use decide::Recorded;
 pub use error::StoreError;
 pub use events::{Backlog, Claimed, EventRules, OutboxEvent};
-pub use jobs::{ChargeStatus, Hold, JobStatus, Refusal, RefusalStatus};
+pub use jobs::{ChargeStatus, Hold, JobState, JobStatus, Refusal, RefusalStatus};
 pub use marks::ConfirmedForward;
 pub use rows::LedgerEntry;
 pub use usage::{

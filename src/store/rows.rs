@@ -13,7 +13,7 @@ use uuid::Uuid;
 use super::StoreError;
 use crate::domain::decision::{AccountState, PriorReservation};
 use crate::domain::ids::{AccountId, IdempotencyKey, JobKey};
-use crate::domain::plan::{Charge, Plan, local_day, parse_timezone};
+use crate::domain::plan::{Charge, Plan, Reason, local_day, parse_timezone};
 use crate::domain::settle::{Reservation, State};
 
 pub(super) fn plan(row: &PgRow, column: &str) -> Result<Plan, StoreError> {
@@ -181,4 +181,40 @@ pub(super) fn key_arrays<'a>(
     pairs.sort_unstable();
     pairs.dedup();
     pairs.into_iter().unzip()
+}
+
+/// A key's charge ([`super::jobs::ChargeStatus`]): `id, state, plan,
+/// charge, created_at, settled_at, settle_detail`.
+pub(super) fn charge_status(row: &PgRow) -> Result<super::ChargeStatus, StoreError> {
+    let state: String = row.try_get("state")?;
+    Ok(super::ChargeStatus {
+        reservation_id: row.try_get("id")?,
+        state: State::from_str(&state).map_err(|err| StoreError::corrupt("state", err))?,
+        plan: plan(row, "plan")?,
+        charge: charge(row)?,
+        charged_at: row.try_get("created_at")?,
+        settled_at: row.try_get("settled_at")?,
+        settle_detail: row.try_get("settle_detail")?,
+    })
+}
+
+/// A key's latest refusal: `reason, detail, refused_at`.
+pub(super) fn refusal_status(row: &PgRow) -> Result<super::RefusalStatus, StoreError> {
+    let reason: String = row.try_get("reason")?;
+    Ok(super::RefusalStatus {
+        reason: Reason::from_str(&reason).map_err(|err| StoreError::corrupt("reason", err))?,
+        detail: row.try_get("detail")?,
+        refused_at: row.try_get("refused_at")?,
+    })
+}
+
+/// A held charge: `idempotency_key, id, plan, charge, created_at`.
+pub(super) fn hold(row: &PgRow) -> Result<super::Hold, StoreError> {
+    Ok(super::Hold {
+        idempotency_key: row.try_get("idempotency_key")?,
+        reservation_id: row.try_get("id")?,
+        plan: plan(row, "plan")?,
+        charge: charge(row)?,
+        charged_at: row.try_get("created_at")?,
+    })
 }

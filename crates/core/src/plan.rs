@@ -142,6 +142,29 @@ impl Reason {
     }
 }
 
+/// Not one of the reasons.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown reason `{0}`")]
+pub struct UnknownReason(pub String);
+
+impl FromStr for Reason {
+    type Err = UnknownReason;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Reason::ALL
+            .into_iter()
+            .chain([Reason::UnknownReservation, Reason::InvalidOutcome])
+            .find(|reason| reason.as_str() == s)
+            .ok_or_else(|| UnknownReason(s.to_owned()))
+    }
+}
+
+impl serde::Serialize for Reason {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(self.as_str())
+    }
+}
+
 impl fmt::Display for Reason {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.as_str())
@@ -264,6 +287,17 @@ mod tests {
             assert_eq!(plan.as_str().parse::<Plan>(), Ok(plan));
         }
         assert!("gold".parse::<Plan>().is_err());
+    }
+
+    #[test]
+    fn reasons_round_trip_through_their_names() {
+        for reason in Reason::ALL
+            .into_iter()
+            .chain([Reason::UnknownReservation, Reason::InvalidOutcome])
+        {
+            assert_eq!(reason.as_str().parse::<Reason>(), Ok(reason));
+        }
+        assert!("bored".parse::<Reason>().is_err());
     }
 
     #[test]

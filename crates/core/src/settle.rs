@@ -101,7 +101,8 @@ fn checked_detail(detail: &str) -> Result<String, InvalidReport> {
 }
 
 /// A reservation's state.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
 pub enum State {
     Held,
     Committed,
