@@ -13,7 +13,7 @@ use serde::Serialize;
 use utoipa::ToSchema;
 
 use super::auth::Caller;
-use super::openapi::{Forbidden, Unauthorized};
+use super::error::{Forbidden, Unauthorized};
 use crate::clock::Clock;
 use crate::health::{ConsumingState, Health};
 use crate::worker::JOBS_WORKERS;

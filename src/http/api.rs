@@ -7,24 +7,22 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
+use axum::Json;
 use axum::extract::rejection::PathRejection;
 use axum::extract::{Extension, Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
-use axum::{Json, Router};
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 
-use super::admin;
 use super::auth::Caller;
-use super::auth::{Tokens, require_token};
-use super::openapi::{BadRequest, ErrorBody, Forbidden, NotFound, Unauthorized, Unavailable};
+use super::error::{
+    ApiError, BadRequest, ErrorBody, Forbidden, NotFound, Unauthorized, Unavailable, bad_request,
+};
 use crate::clock::Clock;
 use crate::domain::ids::AccountId;
 use crate::domain::plan::{Capacity, Plan, UnknownPlan, parse_timezone};
-use crate::health::Health;
 use crate::store::{
     Adjustment, Created, DEFAULT_CAMPAIGNS_PER_PAGE, Granularity, JobStatus, LedgerEntry,
     MAX_CAMPAIGNS_PER_PAGE, Store, StoreError, UsageReport,
@@ -32,69 +30,8 @@ use crate::store::{
 
 #[derive(Clone)]
 pub(super) struct ApiState {
-    store: Store,
-    clock: Arc<dyn Clock>,
-}
-
-/// The `/v1` routes, or none when no token is configured.
-pub fn router(store: Store, clock: Arc<dyn Clock>, health: Arc<Health>, tokens: Tokens) -> Router {
-    if tokens.is_empty() {
-        return Router::new();
-    }
-    let admin = Router::new()
-        .route("/v1/admin/consuming", get(admin::consuming))
-        .route("/v1/admin/pause", post(admin::pause))
-        .route("/v1/admin/resume", post(admin::resume))
-        .with_state(admin::AdminState {
-            health,
-            clock: clock.clone(),
-        });
-    Router::new()
-        .route("/v1/accounts/{id}", get(show).put(put))
-        .route("/v1/accounts/{id}/ledger", get(ledger))
-        .route("/v1/accounts/{id}/capacity", get(capacity))
-        .route("/v1/accounts/{id}/adjustments", post(adjust))
-        .route("/v1/accounts/{id}/jobs/{key}", get(job))
-        .route("/v1/accounts/{id}/usage", get(usage))
-        .with_state(ApiState { store, clock })
-        .merge(admin)
-        .layer(axum::middleware::from_fn_with_state(tokens, require_token))
-}
-
-/// An error as the API returns it: a status and `{"error": "..."}`.
-pub struct ApiError(pub StatusCode, pub String);
-
-impl IntoResponse for ApiError {
-    fn into_response(self) -> Response {
-        (self.0, Json(serde_json::json!({ "error": self.1 }))).into_response()
-    }
-}
-
-impl From<StoreError> for ApiError {
-    fn from(err: StoreError) -> Self {
-        match err {
-            StoreError::UnknownAccount(_) => ApiError(StatusCode::NOT_FOUND, err.to_string()),
-            StoreError::InvalidAccount(_) => ApiError(StatusCode::BAD_REQUEST, err.to_string()),
-            StoreError::AccountExists { .. } | StoreError::AdjustmentRefused(_) => {
-                ApiError(StatusCode::CONFLICT, err.to_string())
-            }
-            StoreError::Unavailable(_) | StoreError::Contention => ApiError(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "database unavailable; try again".to_owned(),
-            ),
-            _ => {
-                tracing::error!(error = %err, "account API failed");
-                ApiError(
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    "internal error".to_owned(),
-                )
-            }
-        }
-    }
-}
-
-fn bad_request(message: impl Into<String>) -> ApiError {
-    ApiError(StatusCode::BAD_REQUEST, message.into())
+    pub store: Store,
+    pub clock: Arc<dyn Clock>,
 }
 
 /// Today's usage, in the account's time zone.
@@ -153,19 +90,6 @@ pub(super) struct AccountIdParam {
 fn checked_id(id: Result<Path<String>, PathRejection>) -> Result<AccountId, ApiError> {
     let Path(id) = id.map_err(|err| bad_request(err.body_text()))?;
     AccountId::parse(id).map_err(|err| bad_request(err.0))
-}
-
-/// Any path the API does not serve: a JSON 404.
-pub async fn not_found() -> ApiError {
-    ApiError(StatusCode::NOT_FOUND, "no such resource".to_owned())
-}
-
-/// A method the path does not take: a JSON 405.
-pub async fn method_not_allowed() -> ApiError {
-    ApiError(
-        StatusCode::METHOD_NOT_ALLOWED,
-        "method not allowed here".to_owned(),
-    )
 }
 
 async fn view(state: &ApiState, id: &AccountId) -> Result<AccountView, ApiError> {

@@ -3,58 +3,10 @@
 //! copy a test keeps equal to it.
 
 use utoipa::openapi::security::{Http, HttpAuthScheme, SecurityScheme};
-use utoipa::{Modify, OpenApi, ToResponse, ToSchema};
+use utoipa::{Modify, OpenApi};
 
+use super::error::{BadRequest, ErrorBody, Forbidden, NotFound, Unauthorized, Unavailable};
 use super::{admin, api, ops, runbook};
-
-/// The body of every error response.
-#[derive(ToSchema)]
-#[schema(example = json!({"error": "no account `acme`"}))]
-pub struct ErrorBody {
-    /// What was wrong, in a sentence.
-    pub error: String,
-}
-
-/// Bad input: the account id, a body field, a query parameter or a path
-/// that is not UTF-8. The error says which.
-#[derive(ToResponse)]
-#[response(
-    description = "Bad input (account id, plan, time zone, paging); the error says which",
-    example = json!({"error": "`limit` must be an integer from 1 to 500"})
-)]
-pub struct BadRequest(pub ErrorBody);
-
-/// A missing or wrong bearer token.
-#[derive(ToResponse)]
-#[response(
-    description = "Missing or wrong bearer token",
-    example = json!({"error": "missing or invalid bearer token"})
-)]
-pub struct Unauthorized(pub ErrorBody);
-
-/// A token whose scope is too narrow for the call.
-#[derive(ToResponse)]
-#[response(
-    description = "The token has the read scope; the call needs admin",
-    example = json!({"error": "token `dashboard` has the read scope; this needs admin"})
-)]
-pub struct Forbidden(pub ErrorBody);
-
-/// No such account.
-#[derive(ToResponse)]
-#[response(
-    description = "No such account",
-    example = json!({"error": "no account `acme`"})
-)]
-pub struct NotFound(pub ErrorBody);
-
-/// The database did not answer; the call can be repeated.
-#[derive(ToResponse)]
-#[response(
-    description = "The database is unavailable; try again",
-    example = json!({"error": "database unavailable; try again"})
-)]
-pub struct Unavailable(pub ErrorBody);
 
 #[derive(OpenApi)]
 #[openapi(
