@@ -57,19 +57,12 @@ fn main() -> ExitCode {
             return ExitCode::from(exit::CONFIG);
         }
     };
-    // `run` exports its spans when [telemetry] otlp_endpoint is set; the
-    // exporter sends what is left when `traces` is dropped, at the end.
-    let traces = if matches!(cli.command, Command::Run) {
-        match sendgate::telemetry::init_with_traces(&settings.log, &settings.telemetry) {
-            Ok(traces) => traces,
-            Err(err) => {
-                eprintln!("sendgate: configuration: {err}");
-                return ExitCode::from(exit::CONFIG);
-            }
+    let traces = match logging(&cli.command, &settings) {
+        Ok(traces) => traces,
+        Err(err) => {
+            eprintln!("sendgate: configuration: {err}");
+            return ExitCode::from(exit::CONFIG);
         }
-    } else {
-        sendgate::telemetry::init(&settings.log);
-        None
     };
     let json_logs = settings.log.format == LogFormat::Json;
     let runtime = match tokio::runtime::Runtime::new() {
@@ -93,4 +86,20 @@ fn main() -> ExitCode {
             ExitCode::from(exit::code(&err))
         }
     }
+}
+
+/// Installs logging; `run` also exports its spans when `[telemetry]
+/// otlp_endpoint` is set (what is left is sent when the [`Traces`] is
+/// dropped, at the end).
+///
+/// [`Traces`]: sendgate::telemetry::Traces
+fn logging(
+    command: &Command,
+    settings: &Settings,
+) -> Result<Option<sendgate::telemetry::Traces>, sendgate::telemetry::TracesError> {
+    if matches!(command, Command::Run) {
+        return sendgate::telemetry::init_with_traces(&settings.log, &settings.telemetry);
+    }
+    sendgate::telemetry::init(&settings.log);
+    Ok(None)
 }

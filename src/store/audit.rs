@@ -21,6 +21,7 @@ use std::time::Duration;
 use chrono::{DateTime, NaiveDate, Utc};
 use serde::Serialize;
 use sqlx::Row;
+use sqlx::postgres::PgRow;
 
 use super::{Store, StoreError};
 
@@ -280,77 +281,15 @@ impl Store {
         report: &mut AuditReport,
     ) -> Result<(), StoreError> {
         let mut tx = self.pool.begin_with(BEGIN_AUDIT).await?;
-        for row in sqlx::query(LEDGER_READ)
-            .bind(page)
-            .fetch_all(&mut *tx)
-            .await?
-        {
-            let id: String = row.try_get("id")?;
-            let balance: i64 = row.try_get("credit_balance")?;
-            let total: i64 = row.try_get("total")?;
-            let last: Option<i64> = row.try_get("last_balance")?;
-            let (sends, releases): (i64, i64) = (row.try_get("sends")?, row.try_get("releases")?);
-            let charges: i64 = row.try_get("charges")?;
-            if total != balance {
-                let detail = format!("balance {balance}, but the ledger sums to {total}");
-                report.add(Check::LedgerBalance, &id, detail);
-            } else if let Some(last) = last.filter(|&last| last != balance) {
-                let detail = format!("balance {balance}, but the latest ledger row says {last}");
-                report.add(Check::LedgerBalance, &id, detail);
-            }
-            if charges != sends - releases {
-                let detail = format!(
-                    "{charges} credit charges stand, but the ledger spent {} credits \
-                     ({sends} sends, {releases} releases)",
-                    sends - releases
-                );
-                report.add(Check::CreditsSpent, &id, detail);
-            }
-        }
-        for row in sqlx::query(DAYS_READ)
-            .bind(page)
-            .bind(first_day)
-            .fetch_all(&mut *tx)
-            .await?
-        {
-            let id: String = row.try_get("account_id")?;
-            let day: NaiveDate = row.try_get("day")?;
-            let used: i64 = row.try_get("used")?;
-            let limit: Option<i64> = row.try_get("daily_limit")?;
-            let charges: i64 = row.try_get("charges")?;
-            let Some(limit) = limit else {
-                let detail =
-                    format!("{charges} sends charged on {day}, but the day is not counted");
-                report.add(Check::DailyLimit, &id, detail);
-                continue;
-            };
-            if charges > limit {
-                let detail = format!("{charges} sends charged on {day}, over its limit of {limit}");
-                report.add(Check::DailyLimit, &id, detail);
-            } else if charges != used {
-                let detail =
-                    format!("{charges} sends charged on {day}, but the day counts {used} used");
-                report.add(Check::DailyLimit, &id, detail);
-            }
-        }
-        for row in sqlx::query(USAGE_READ)
+        let ledgers = sqlx::query(LEDGER_READ).bind(page).fetch_all(&mut *tx);
+        check_ledgers(&ledgers.await?, report)?;
+        let days = sqlx::query(DAYS_READ).bind(page).bind(first_day);
+        check_days(&days.fetch_all(&mut *tx).await?, report)?;
+        let usage = sqlx::query(USAGE_READ)
             .bind(page)
             .bind(usage_since)
-            .bind(usage_since + CLOCK_MARGIN)
-            .fetch_all(&mut *tx)
-            .await?
-        {
-            let id: String = row.try_get("id")?;
-            let charges: i64 = row.try_get("charges")?;
-            let counted: i64 = row.try_get("counted")?;
-            if charges > counted {
-                let detail = format!(
-                    "{charges} Free and Pro charges made since {}, but usage counts {counted}",
-                    (usage_since + CLOCK_MARGIN).to_rfc3339()
-                );
-                report.add(Check::UsageCounts, &id, detail);
-            }
-        }
+            .bind(usage_since + CLOCK_MARGIN);
+        check_usage(&usage.fetch_all(&mut *tx).await?, usage_since, report)?;
         tx.commit().await?;
         Ok(())
     }
@@ -378,4 +317,79 @@ impl Store {
         }
         Ok(())
     }
+}
+
+/// [`Check::LedgerBalance`] and [`Check::CreditsSpent`] over
+/// [`LEDGER_READ`]'s rows.
+fn check_ledgers(rows: &[PgRow], report: &mut AuditReport) -> Result<(), StoreError> {
+    for row in rows {
+        let id: String = row.try_get("id")?;
+        let balance: i64 = row.try_get("credit_balance")?;
+        let total: i64 = row.try_get("total")?;
+        let last: Option<i64> = row.try_get("last_balance")?;
+        let (sends, releases): (i64, i64) = (row.try_get("sends")?, row.try_get("releases")?);
+        let charges: i64 = row.try_get("charges")?;
+        if total != balance {
+            let detail = format!("balance {balance}, but the ledger sums to {total}");
+            report.add(Check::LedgerBalance, &id, detail);
+        } else if let Some(last) = last.filter(|&last| last != balance) {
+            let detail = format!("balance {balance}, but the latest ledger row says {last}");
+            report.add(Check::LedgerBalance, &id, detail);
+        }
+        if charges != sends - releases {
+            let detail = format!(
+                "{charges} credit charges stand, but the ledger spent {} credits \
+                 ({sends} sends, {releases} releases)",
+                sends - releases
+            );
+            report.add(Check::CreditsSpent, &id, detail);
+        }
+    }
+    Ok(())
+}
+
+/// [`Check::DailyLimit`] over [`DAYS_READ`]'s rows.
+fn check_days(rows: &[PgRow], report: &mut AuditReport) -> Result<(), StoreError> {
+    for row in rows {
+        let id: String = row.try_get("account_id")?;
+        let day: NaiveDate = row.try_get("day")?;
+        let used: i64 = row.try_get("used")?;
+        let limit: Option<i64> = row.try_get("daily_limit")?;
+        let charges: i64 = row.try_get("charges")?;
+        let Some(limit) = limit else {
+            let detail = format!("{charges} sends charged on {day}, but the day is not counted");
+            report.add(Check::DailyLimit, &id, detail);
+            continue;
+        };
+        if charges > limit {
+            let detail = format!("{charges} sends charged on {day}, over its limit of {limit}");
+            report.add(Check::DailyLimit, &id, detail);
+        } else if charges != used {
+            let detail =
+                format!("{charges} sends charged on {day}, but the day counts {used} used");
+            report.add(Check::DailyLimit, &id, detail);
+        }
+    }
+    Ok(())
+}
+
+/// [`Check::UsageCounts`] over [`USAGE_READ`]'s rows.
+fn check_usage(
+    rows: &[PgRow],
+    usage_since: DateTime<Utc>,
+    report: &mut AuditReport,
+) -> Result<(), StoreError> {
+    for row in rows {
+        let id: String = row.try_get("id")?;
+        let charges: i64 = row.try_get("charges")?;
+        let counted: i64 = row.try_get("counted")?;
+        if charges > counted {
+            let detail = format!(
+                "{charges} Free and Pro charges made since {}, but usage counts {counted}",
+                (usage_since + CLOCK_MARGIN).to_rfc3339()
+            );
+            report.add(Check::UsageCounts, &id, detail);
+        }
+    }
+    Ok(())
 }

@@ -51,7 +51,7 @@ use crate::domain::ids::JobKey;
 use crate::domain::job::{InvalidJob, Job};
 use crate::domain::plan::Reason;
 use crate::metrics;
-use crate::store::{ConfirmedForward, Refusal};
+use crate::store::{ConfirmedForward, Refusal, StoreError};
 
 /// Consumes the send queue on `[gate] consumers` channels, all feeding one
 /// batcher.
@@ -334,16 +334,10 @@ impl JobsWorker {
             .collect();
         let started = Instant::now();
         let traced = trace::batch_span(batch.iter().filter_map(|r| r.span.as_ref()), jobs.len());
-        let (decisions, forward_batches) = isolate(jobs.len(), |range| async {
-            let part = &jobs[range];
-            let recorded = shared
-                .with_database("jobs", || shared.store.decide(part, shared.clock.now()))
-                .await?;
-            Ok((recorded.decisions, recorded.batch))
-        })
-        .instrument(traced.unwrap_or_else(tracing::Span::none))
-        .await
-        .map_err(|missing| self.held("jobs", missing))?;
+        let (decisions, forward_batches) = self
+            .decide_jobs(&jobs)
+            .instrument(traced.unwrap_or_else(tracing::Span::none))
+            .await?;
         metrics::batch_decided(jobs.len(), started.elapsed());
         let now = shared.clock.now();
         // The store records the refusals it decides; the jobs the database
@@ -394,6 +388,26 @@ impl JobsWorker {
             forward_batches: forward_batches.into_iter().flatten().collect(),
             _in_flight: in_flight,
         })
+    }
+
+    /// Decides the valid jobs of a batch in one transaction (more, only
+    /// when the database refuses a job and the batch is split to find it):
+    /// a decision or the database's refusal for each, in order, and the
+    /// forward batches of the new charges.
+    async fn decide_jobs(
+        &self,
+        jobs: &[Job],
+    ) -> Result<(Vec<Result<Decision, StoreError>>, Vec<Option<Uuid>>), SessionError> {
+        let shared = &*self.shared;
+        isolate(jobs.len(), |range| async {
+            let part = &jobs[range];
+            let recorded = shared
+                .with_database("jobs", || shared.store.decide(part, shared.clock.now()))
+                .await?;
+            Ok((recorded.decisions, recorded.batch))
+        })
+        .await
+        .map_err(|missing| self.held("jobs", missing))
     }
 
     /// The dead letter for a job the database refused (a value it cannot

@@ -119,6 +119,43 @@ pub(crate) trait Worker {
     ) -> Result<(), SessionError>;
 }
 
+/// Waits while a pause is asked for, counted as paused for readiness;
+/// false when `stop` came first.
+async fn wait_out_pause(
+    shared: &Shared,
+    id: usize,
+    pause: &mut tokio::sync::watch::Receiver<bool>,
+    counted_paused: &mut bool,
+    stop: &CancellationToken,
+) -> bool {
+    if !*counted_paused {
+        shared.health.worker_paused(true);
+        *counted_paused = true;
+    }
+    info!(worker = id, "paused: taking no jobs until resumed");
+    tokio::select! {
+        _ = stop.cancelled() => {}
+        _ = pause.wait_for(|paused| !paused) => {}
+    }
+    if stop.is_cancelled() {
+        return false;
+    }
+    info!(worker = id, "resumed");
+    true
+}
+
+/// Ends a session (`session_stop`) when a pause is asked for.
+fn stop_on_pause(
+    mut pause: tokio::sync::watch::Receiver<bool>,
+    session_stop: CancellationToken,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        if pause.wait_for(|paused| *paused).await.is_ok() {
+            session_stop.cancel();
+        }
+    })
+}
+
 /// Runs `worker` until `stop` is cancelled: connect, consume, and reconnect
 /// whenever the session fails.
 pub(crate) async fn run(worker: impl Worker, stop: CancellationToken) {
@@ -136,20 +173,9 @@ pub(crate) async fn run(worker: impl Worker, stop: CancellationToken) {
     while !stop.is_cancelled() {
         if let Some(pause) = &mut pause
             && *pause.borrow_and_update()
+            && !wait_out_pause(shared, id, pause, &mut counted_paused, &stop).await
         {
-            if !counted_paused {
-                shared.health.worker_paused(true);
-                counted_paused = true;
-            }
-            info!(worker = id, "paused: taking no jobs until resumed");
-            tokio::select! {
-                _ = stop.cancelled() => {}
-                _ = pause.wait_for(|paused| !paused) => {}
-            }
-            if stop.is_cancelled() {
-                return;
-            }
-            info!(worker = id, "resumed");
+            return;
         }
         let opened = tokio::select! {
             _ = stop.cancelled() => return,
@@ -186,14 +212,9 @@ pub(crate) async fn run(worker: impl Worker, stop: CancellationToken) {
         // A pause ends the session the way a stop does: the batches in hand
         // are finished, and what is still prefetched goes back to the queue.
         let session_stop = stop.child_token();
-        let pause_watch = pause.clone().map(|mut pause| {
-            let session_stop = session_stop.clone();
-            tokio::spawn(async move {
-                if pause.wait_for(|paused| *paused).await.is_ok() {
-                    session_stop.cancel();
-                }
-            })
-        });
+        let pause_watch = pause
+            .clone()
+            .map(|pause| stop_on_pause(pause, session_stop.clone()));
         let result = worker
             .consume(&session.channels, consumers, &session_stop)
             .await;
