@@ -164,14 +164,23 @@ const LEDGER_READ: &str = "
     ) c";
 
 /// One page's Pro days from $2 on (all with NULL): the days counted and
-/// the days charged (each account's charges read once), either without the
-/// other included.
+/// the days charged, either without the other included. Only the charges
+/// of accounts on Pro now or with days counted are read (each account's
+/// once): a Scale account's charges, the bulk of any history, are not.
 const DAYS_READ: &str = "
-    WITH charged AS (
-        SELECT account_id, usage_day AS day, count(*) AS charges
-        FROM reservations
-        WHERE account_id = ANY($1::text[]) AND charge = 'daily_slot' AND state <> 'released'
-          AND ($2::date IS NULL OR usage_day >= $2)
+    WITH metered AS (
+        SELECT id FROM accounts WHERE id = ANY($1::text[]) AND plan = 'pro'
+        UNION
+        SELECT account_id FROM daily_usage
+        WHERE account_id = ANY($1::text[]) AND ($2::date IS NULL OR day >= $2)
+    ), charged AS (
+        SELECT r.account_id, r.usage_day AS day, count(*) AS charges
+        FROM metered m
+        JOIN LATERAL (
+            SELECT account_id, usage_day FROM reservations
+            WHERE account_id = m.id AND charge = 'daily_slot' AND state <> 'released'
+              AND ($2::date IS NULL OR usage_day >= $2)
+        ) r ON true
         GROUP BY 1, 2
     ), counted AS (
         SELECT account_id, day, used::int8, daily_limit::int8 FROM daily_usage
