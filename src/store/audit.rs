@@ -174,14 +174,17 @@ const DAYS_READ: &str = "
         SELECT account_id FROM daily_usage
         WHERE account_id = ANY($1::text[]) AND ($2::date IS NULL OR day >= $2)
     ), charged AS (
-        SELECT r.account_id, r.usage_day AS day, count(*) AS charges
+        -- Counted per account inside the lateral, so the planner cannot
+        -- turn it into a join over every partition's rows (it did, with
+        -- parallel sequential scans, on a 50-million history).
+        SELECT m.id AS account_id, c.day, c.charges
         FROM metered m
-        JOIN LATERAL (
-            SELECT account_id, usage_day FROM reservations
+        CROSS JOIN LATERAL (
+            SELECT usage_day AS day, count(*) AS charges FROM reservations
             WHERE account_id = m.id AND charge = 'daily_slot' AND state <> 'released'
               AND ($2::date IS NULL OR usage_day >= $2)
-        ) r ON true
-        GROUP BY 1, 2
+            GROUP BY usage_day
+        ) c
     ), counted AS (
         SELECT account_id, day, used::int8, daily_limit::int8 FROM daily_usage
         WHERE account_id = ANY($1::text[]) AND ($2::date IS NULL OR day >= $2)
