@@ -16,9 +16,7 @@ fn json(body: &str) -> Value {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_endpoint_needs_the_token_and_health_stays_open() {
-    let mut env = TestEnv::new();
-    env.set("SENDGATE__API__TOKEN", TOKEN);
-    let gate = env.start_gate(Arc::new(SystemClock)).await;
+    let (env, gate) = api_gate_with(&[]).await;
     let http = gate.http;
     for (method, path, body) in [
         ("GET", "/v1/accounts/a", None),
@@ -50,11 +48,18 @@ async fn every_endpoint_needs_the_token_and_health_stays_open() {
     env.cleanup().await;
 }
 
-/// A gate with the API on (Pro: one send a day), and a free account `ann`.
+/// A gate with the API on (Pro: one send a day).
 async fn api_gate() -> (TestEnv, RunningGate) {
+    api_gate_with(&[("SENDGATE__PLANS__PRO__DAILY_SENDS", "1")]).await
+}
+
+/// A gate with the API on under [`TOKEN`] and these settings.
+async fn api_gate_with(settings: &[(&str, &str)]) -> (TestEnv, RunningGate) {
     let mut env = TestEnv::new();
     env.set("SENDGATE__API__TOKEN", TOKEN);
-    env.set("SENDGATE__PLANS__PRO__DAILY_SENDS", "1");
+    for (key, value) in settings {
+        env.set(key, value);
+    }
     let gate = env.start_gate(Arc::new(SystemClock)).await;
     (env, gate)
 }
@@ -486,19 +491,19 @@ async fn the_bearer_scheme_is_read_in_any_case_and_big_bodies_are_refused() {
 /// name, never below 0, and never by a read token.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn adjustments_apply_once_per_key_and_never_take_the_balance_below_zero() {
-    let mut env = TestEnv::new();
-    env.set("SENDGATE__API__TOKEN", TOKEN);
-    env.set("SENDGATE__API__TOKENS__HELPDESK__SCOPE", "admin");
-    env.set(
-        "SENDGATE__API__TOKENS__HELPDESK__TOKEN",
-        "helpdesk-token-1234",
-    );
-    env.set("SENDGATE__API__TOKENS__AUDITOR__SCOPE", "read");
-    env.set(
-        "SENDGATE__API__TOKENS__AUDITOR__TOKEN",
-        "auditor-token-1234",
-    );
-    let gate = env.start_gate(Arc::new(SystemClock)).await;
+    let (env, gate) = api_gate_with(&[
+        ("SENDGATE__API__TOKENS__HELPDESK__SCOPE", "admin"),
+        (
+            "SENDGATE__API__TOKENS__HELPDESK__TOKEN",
+            "helpdesk-token-1234",
+        ),
+        ("SENDGATE__API__TOKENS__AUDITOR__SCOPE", "read"),
+        (
+            "SENDGATE__API__TOKENS__AUDITOR__TOKEN",
+            "auditor-token-1234",
+        ),
+    ])
+    .await;
     let http = gate.http;
     let store = env.store().await;
     put_account(http, "ada", r#"{"plan":"free"}"#).await;
@@ -675,10 +680,7 @@ async fn adjustments_apply_once_per_key_and_never_take_the_balance_below_zero() 
 /// one refused and then charged, and what retention leaves.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn job_status_tells_charged_refused_and_unknown_keys_apart() {
-    let mut env = TestEnv::new();
-    env.set("SENDGATE__API__TOKEN", TOKEN);
-    env.set("SENDGATE__PLANS__FREE__SIGNUP_CREDITS", "1");
-    let gate = env.start_gate(Arc::new(SystemClock)).await;
+    let (env, gate) = api_gate_with(&[("SENDGATE__PLANS__FREE__SIGNUP_CREDITS", "1")]).await;
     let (http, t) = (gate.http, Some(TOKEN));
     let store = env.store().await;
     let broker = env.broker().await;
@@ -764,10 +766,7 @@ async fn job_status_tells_charged_refused_and_unknown_keys_apart() {
 /// in the account's zone and per campaign, the CLI agreeing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn usage_counts_every_plan_per_day_and_per_campaign() {
-    let mut env = TestEnv::new();
-    env.set("SENDGATE__API__TOKEN", TOKEN);
-    env.set("SENDGATE__PLANS__FREE__SIGNUP_CREDITS", "1");
-    let gate = env.start_gate(Arc::new(SystemClock)).await;
+    let (env, gate) = api_gate_with(&[("SENDGATE__PLANS__FREE__SIGNUP_CREDITS", "1")]).await;
     let (http, t) = (gate.http, Some(TOKEN));
     let broker = env.broker().await;
     put_account(http, "sc", r#"{"plan":"scale","timezone":"Europe/Berlin"}"#).await;
