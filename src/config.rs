@@ -762,103 +762,29 @@ impl Settings {
     fn validate_durations(&self) -> Result<(), ConfigError> {
         const MINUTE_MS: u64 = 60_000;
         const DAY_SECS: u64 = 86_400;
+        #[rustfmt::skip]
         let bounds: [(&'static str, u64, u64, u64); 19] = [
             ("audit.interval_secs", self.audit.interval_secs, 0, DAY_SECS),
-            (
-                "events.relay_interval_ms",
-                self.events.relay_interval_ms,
-                10,
-                10 * MINUTE_MS,
-            ),
+            ("events.relay_interval_ms", self.events.relay_interval_ms, 10, 10 * MINUTE_MS),
             // At least two days: a day's `daily_limit.reached` is kept (and
             // so not made again) until the day is over everywhere.
-            (
-                "events.retention_days",
-                self.events.retention_days,
-                2,
-                3_650,
-            ),
+            ("events.retention_days", self.events.retention_days, 2, 3_650),
             ("gate.batch_wait_ms", self.gate.batch_wait_ms, 0, MINUTE_MS),
-            (
-                "http.header_read_timeout_secs",
-                self.http.header_read_timeout_secs,
-                1,
-                600,
-            ),
-            (
-                "gate.forward_lease_secs",
-                self.gate.forward_lease_secs,
-                1,
-                DAY_SECS,
-            ),
+            ("http.header_read_timeout_secs", self.http.header_read_timeout_secs, 1, 600),
+            ("gate.forward_lease_secs", self.gate.forward_lease_secs, 1, DAY_SECS),
             ("amqp.copy_wait_ms", self.amqp.copy_wait_ms, 10, MINUTE_MS),
-            (
-                "amqp.deferral_longest_step_secs",
-                self.amqp.deferral_longest_step_secs,
-                1,
-                DAY_SECS,
-            ),
-            (
-                "amqp.publish_timeout_ms",
-                self.amqp.publish_timeout_ms,
-                1,
-                10 * MINUTE_MS,
-            ),
-            (
-                "amqp.heartbeat_secs",
-                u64::from(self.amqp.heartbeat_secs),
-                0,
-                3_600,
-            ),
-            (
-                "amqp.depth_poll_secs",
-                self.amqp.depth_poll_secs,
-                0,
-                DAY_SECS,
-            ),
-            (
-                "database.acquire_timeout_ms",
-                self.database.acquire_timeout_ms,
-                1,
-                10 * MINUTE_MS,
-            ),
-            (
-                "database.statement_timeout_ms",
-                self.database.statement_timeout_ms,
-                0,
-                60 * MINUTE_MS,
-            ),
-            (
-                "reservations.hold_secs",
-                self.reservations.hold_secs,
-                1,
-                365 * DAY_SECS,
-            ),
-            (
-                "jobs.refusal_retention_days",
-                self.jobs.refusal_retention_days,
-                1,
-                3_650,
-            ),
+            ("amqp.deferral_longest_step_secs", self.amqp.deferral_longest_step_secs, 1, DAY_SECS),
+            ("amqp.publish_timeout_ms", self.amqp.publish_timeout_ms, 1, 10 * MINUTE_MS),
+            ("amqp.heartbeat_secs", u64::from(self.amqp.heartbeat_secs), 0, 3_600),
+            ("amqp.depth_poll_secs", self.amqp.depth_poll_secs, 0, DAY_SECS),
+            ("database.acquire_timeout_ms", self.database.acquire_timeout_ms, 1, 10 * MINUTE_MS),
+            ("database.statement_timeout_ms", self.database.statement_timeout_ms, 0, 60 * MINUTE_MS),
+            ("reservations.hold_secs", self.reservations.hold_secs, 1, 365 * DAY_SECS),
+            ("jobs.refusal_retention_days", self.jobs.refusal_retention_days, 1, 3_650),
             ("usage.retention_days", self.usage.retention_days, 1, 36_500),
-            (
-                "reservations.sweep_interval_secs",
-                self.reservations.sweep_interval_secs,
-                1,
-                DAY_SECS,
-            ),
-            (
-                "reservations.dedup_window_secs",
-                self.reservations.dedup_window_secs,
-                0,
-                100 * 365 * DAY_SECS,
-            ),
-            (
-                "shutdown.grace_period_secs",
-                self.shutdown.grace_period_secs,
-                0,
-                3_600,
-            ),
+            ("reservations.sweep_interval_secs", self.reservations.sweep_interval_secs, 1, DAY_SECS),
+            ("reservations.dedup_window_secs", self.reservations.dedup_window_secs, 0, 100 * 365 * DAY_SECS),
+            ("shutdown.grace_period_secs", self.shutdown.grace_period_secs, 0, 3_600),
         ];
         within_bounds(&bounds)
     }

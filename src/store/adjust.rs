@@ -101,22 +101,7 @@ impl Store {
         .fetch_optional(&mut *tx)
         .await?;
         if let Some(row) = earlier {
-            let entry = rows::ledger_entry(&row)?;
-            let same = entry.delta == adjustment.credits
-                && entry.note.as_deref() == Some(adjustment.reason.as_str());
-            if !same {
-                return Err(StoreError::AdjustmentRefused(format!(
-                    "key `{}` was used for another adjustment ({:+} credits: {})",
-                    adjustment.key,
-                    entry.delta,
-                    entry.note.unwrap_or_default()
-                )));
-            }
-            return Ok(Adjusted {
-                entry,
-                balance,
-                replayed: true,
-            });
+            return replayed(rows::ledger_entry(&row)?, adjustment, balance);
         }
         let after = balance + adjustment.credits;
         if after < 0 {
@@ -162,4 +147,28 @@ impl Store {
             replayed: false,
         })
     }
+}
+
+/// An adjustment whose key was used before: the row written then, if it was
+/// the same adjustment; refused if the key named another.
+fn replayed(
+    entry: LedgerEntry,
+    adjustment: &Adjustment,
+    balance: i64,
+) -> Result<Adjusted, StoreError> {
+    let same = entry.delta == adjustment.credits
+        && entry.note.as_deref() == Some(adjustment.reason.as_str());
+    if !same {
+        return Err(StoreError::AdjustmentRefused(format!(
+            "key `{}` was used for another adjustment ({:+} credits: {})",
+            adjustment.key,
+            entry.delta,
+            entry.note.unwrap_or_default()
+        )));
+    }
+    Ok(Adjusted {
+        entry,
+        balance,
+        replayed: true,
+    })
 }

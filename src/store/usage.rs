@@ -187,37 +187,7 @@ impl Store {
             .bind(i64::try_from(limit + 1).expect("a page of at most 1000 campaigns"))
             .fetch_all(&self.pool)
             .await?;
-        let mut grouped: BTreeMap<(Option<NaiveDateTime>, Option<String>), UsageRow> =
-            BTreeMap::new();
-        let mut totals = UsageRow::default();
-        for row in &fetched {
-            let start: Option<NaiveDateTime> = row.try_get("local_start")?;
-            let campaign: Option<String> = row.try_get("campaign_id")?;
-            let kind: String = row.try_get("kind")?;
-            let n: i64 = row.try_get("n")?;
-            let target = if row.try_get::<bool, _>("total")? {
-                &mut totals
-            } else {
-                grouped
-                    .entry((start, campaign.clone()))
-                    .or_insert_with(|| UsageRow {
-                        start: start.map(|local| {
-                            // The first instant of that wall-clock time (a
-                            // repeated hour of a DST change: its earlier one).
-                            tz.from_local_datetime(&local)
-                                .earliest()
-                                .map_or_else(|| local.to_string(), |at| at.to_rfc3339())
-                        }),
-                        campaign_id: campaign,
-                        ..UsageRow::default()
-                    })
-            };
-            match kind.as_str() {
-                "charged" => target.charged += n,
-                "released" => target.released += n,
-                reason => *target.refused.entry(reason.to_owned()).or_default() += n,
-            }
-        }
+        let (grouped, totals) = group(&fetched, tz)?;
         let mut rows: Vec<UsageRow> = grouped.into_values().collect();
         // One campaign more than the page was read: there is a next page.
         let next_after = match campaigns {
@@ -303,6 +273,48 @@ pub fn max_range(grouping: &Grouping) -> Duration {
         Grouping::Hour => Duration::days(31),
         Grouping::Day | Grouping::Campaign { .. } => Duration::days(366),
     }
+}
+
+/// Usage rows by their local start (hour or day) and campaign.
+type Grouped = BTreeMap<(Option<NaiveDateTime>, Option<String>), UsageRow>;
+
+/// The rows of [`sql::USAGE_READ`] summed per local start and campaign,
+/// and the totals row.
+fn group(
+    fetched: &[sqlx::postgres::PgRow],
+    tz: chrono_tz::Tz,
+) -> Result<(Grouped, UsageRow), StoreError> {
+    let mut grouped: BTreeMap<(Option<NaiveDateTime>, Option<String>), UsageRow> = BTreeMap::new();
+    let mut totals = UsageRow::default();
+    for row in fetched {
+        let start: Option<NaiveDateTime> = row.try_get("local_start")?;
+        let campaign: Option<String> = row.try_get("campaign_id")?;
+        let kind: String = row.try_get("kind")?;
+        let n: i64 = row.try_get("n")?;
+        let target = if row.try_get::<bool, _>("total")? {
+            &mut totals
+        } else {
+            grouped
+                .entry((start, campaign.clone()))
+                .or_insert_with(|| UsageRow {
+                    start: start.map(|local| {
+                        // The first instant of that wall-clock time (a
+                        // repeated hour of a DST change: its earlier one).
+                        tz.from_local_datetime(&local)
+                            .earliest()
+                            .map_or_else(|| local.to_string(), |at| at.to_rfc3339())
+                    }),
+                    campaign_id: campaign,
+                    ..UsageRow::default()
+                })
+        };
+        match kind.as_str() {
+            "charged" => target.charged += n,
+            "released" => target.released += n,
+            reason => *target.refused.entry(reason.to_owned()).or_default() += n,
+        }
+    }
+    Ok((grouped, totals))
 }
 
 #[cfg(test)]

@@ -56,73 +56,25 @@ impl Job {
         message_id: Option<&str>,
         max_body_bytes: usize,
     ) -> Result<Job, InvalidJob> {
-        let invalid = |detail: String| Err(InvalidJob(detail));
         if body.len() > max_body_bytes {
-            return invalid(format!(
+            return Err(InvalidJob(format!(
                 "body is {} bytes, over the limit of {max_body_bytes} bytes",
                 body.len()
-            ));
+            )));
         }
-        let text = match std::str::from_utf8(body) {
-            Ok(text) => text,
-            Err(err) => {
-                return invalid(format!(
-                    "body is not valid UTF-8 (invalid byte at offset {})",
-                    err.valid_up_to()
-                ));
-            }
+        let text = std::str::from_utf8(body).map_err(|err| {
+            InvalidJob(format!(
+                "body is not valid UTF-8 (invalid byte at offset {})",
+                err.valid_up_to()
+            ))
+        })?;
+        let fields = strict_object(text.as_bytes()).map_err(|err| InvalidJob(err.to_string()))?;
+        let account_id = match text_field(&fields, "account_id")? {
+            Some(id) => AccountId::parse(id).map_err(|e| InvalidJob(e.0))?,
+            None => return Err(InvalidJob("`account_id` is missing".to_owned())),
         };
-        let fields = match strict_object(text.as_bytes()) {
-            Ok(fields) => fields,
-            Err(err) => return invalid(err.to_string()),
-        };
-
-        let account_id = match fields.get("account_id") {
-            None => return invalid("`account_id` is missing".to_owned()),
-            Some(serde_json::Value::String(id)) => id,
-            Some(other) => {
-                return invalid(format!(
-                    "`account_id` must be a string, found a {}",
-                    json::kind(other)
-                ));
-            }
-        };
-        let account_id = AccountId::parse(account_id.as_str()).map_err(|e| InvalidJob(e.0))?;
-
-        let body_key = match fields.get("idempotency_key") {
-            None | Some(serde_json::Value::Null) => None,
-            Some(serde_json::Value::String(key)) => Some(key.as_str()),
-            Some(other) => {
-                return invalid(format!(
-                    "`idempotency_key` must be a string, found a {}",
-                    json::kind(other)
-                ));
-            }
-        };
-        let message_id = message_id.filter(|id| !id.is_empty());
-        if message_id.is_some_and(|id| id.contains(char::REPLACEMENT_CHARACTER)) {
-            // The AMQP reader puts U+FFFD where a `message_id` was not UTF-8.
-            return invalid(
-                "`message_id` is not valid UTF-8 (or holds U+FFFD, the replacement character)"
-                    .to_owned(),
-            );
-        }
-        let key = match (body_key, message_id) {
-            (None, None) => {
-                return invalid(
-                    "`idempotency_key` is missing from the body and there is no message_id"
-                        .to_owned(),
-                );
-            }
-            (Some(body_key), Some(message_id)) if body_key != message_id => {
-                return invalid(format!(
-                    "`idempotency_key` {body_key:?} differs from the message_id {message_id:?}"
-                ));
-            }
-            (Some(key), _) | (None, Some(key)) => key,
-        };
+        let key = job_key(text_field(&fields, "idempotency_key")?, message_id)?;
         let idempotency_key = IdempotencyKey::parse(key).map_err(|e| InvalidJob(e.0))?;
-
         let campaign_id = match fields.get("campaign_id") {
             Some(serde_json::Value::String(c))
                 if !c.is_empty()
@@ -151,6 +103,47 @@ impl Job {
             account_id: self.account_id,
             idempotency_key: self.idempotency_key,
         }
+    }
+}
+
+/// A string field of the job's object: `None` when absent or null, an
+/// error naming it when it is another kind.
+fn text_field<'a>(
+    fields: &'a serde_json::Map<String, serde_json::Value>,
+    name: &str,
+) -> Result<Option<&'a str>, InvalidJob> {
+    match fields.get(name) {
+        None | Some(serde_json::Value::Null) => Ok(None),
+        Some(serde_json::Value::String(text)) => Ok(Some(text)),
+        Some(other) => Err(InvalidJob(format!(
+            "`{name}` must be a string, found a {}",
+            json::kind(other)
+        ))),
+    }
+}
+
+/// The key a job is charged under: its body's `idempotency_key` or its
+/// `message_id` property, which agree when both are given.
+fn job_key<'a>(
+    body_key: Option<&'a str>,
+    message_id: Option<&'a str>,
+) -> Result<&'a str, InvalidJob> {
+    let message_id = message_id.filter(|id| !id.is_empty());
+    if message_id.is_some_and(|id| id.contains(char::REPLACEMENT_CHARACTER)) {
+        // The AMQP reader puts U+FFFD where a `message_id` was not UTF-8.
+        return Err(InvalidJob(
+            "`message_id` is not valid UTF-8 (or holds U+FFFD, the replacement character)"
+                .to_owned(),
+        ));
+    }
+    match (body_key, message_id) {
+        (None, None) => Err(InvalidJob(
+            "`idempotency_key` is missing from the body and there is no message_id".to_owned(),
+        )),
+        (Some(body_key), Some(message_id)) if body_key != message_id => Err(InvalidJob(format!(
+            "`idempotency_key` {body_key:?} differs from the message_id {message_id:?}"
+        ))),
+        (Some(key), _) | (None, Some(key)) => Ok(key),
     }
 }
 
