@@ -239,6 +239,16 @@ async fn a_running_sendgate_audits_every_interval_and_exports_what_it_found() {
         assert_eq!(status, 200);
         text
     };
+    let violations =
+        |text: &str, check: &str| series(text, "sendgate_audit_violations", &[("check", check)]);
+    let last_audit =
+        |text: &str| series(text, "sendgate_audit_last_completed_timestamp_seconds", &[]);
+    // The ledger check's finding, once an audit reports exactly `n`.
+    let ledger_finds = |n: f64| {
+        eventually(WAIT, move || async move {
+            violations(&metrics().await, "ledger_balance") == n
+        })
+    };
     // A first audit finds nothing.
     eventually(WAIT, || async {
         metrics()
@@ -247,52 +257,24 @@ async fn a_running_sendgate_audits_every_interval_and_exports_what_it_found() {
     })
     .await;
     let text = metrics().await;
-    assert_eq!(
-        series(
-            &text,
-            "sendgate_audit_violations",
-            &[("check", "ledger_balance")]
-        ),
-        0.0
-    );
-    let first = series(
-        &text,
-        "sendgate_audit_last_completed_timestamp_seconds",
-        &[],
-    );
+    assert_eq!(violations(&text, "ledger_balance"), 0.0);
+    let first = last_audit(&text);
 
     owner_runs(
         &store,
         "UPDATE accounts SET credit_balance = 7 WHERE id = 'free-a'",
     )
     .await;
-    eventually(WAIT, || async {
-        let text = metrics().await;
-        series(
-            &text,
-            "sendgate_audit_violations",
-            &[("check", "ledger_balance")],
-        ) == 1.0
-    })
-    .await;
+    ledger_finds(1.0).await;
     let text = metrics().await;
-    assert!(
-        series(
-            &text,
-            "sendgate_audit_last_completed_timestamp_seconds",
-            &[]
-        ) > first
-    );
+    assert!(last_audit(&text) > first);
     for check in [
         "credits_spent",
         "daily_limit",
         "usage_counts",
         "holds_expire",
     ] {
-        assert_eq!(
-            series(&text, "sendgate_audit_violations", &[("check", check)]),
-            0.0
-        );
+        assert_eq!(violations(&text, check), 0.0, "{check}");
     }
     // Put right, the next audit clears it.
     owner_runs(
@@ -300,15 +282,7 @@ async fn a_running_sendgate_audits_every_interval_and_exports_what_it_found() {
         "UPDATE accounts SET credit_balance = 20 WHERE id = 'free-a'",
     )
     .await;
-    eventually(WAIT, || async {
-        let text = metrics().await;
-        series(
-            &text,
-            "sendgate_audit_violations",
-            &[("check", "ledger_balance")],
-        ) == 0.0
-    })
-    .await;
+    ledger_finds(0.0).await;
     drop(process);
     env.cleanup().await;
 }
